@@ -1,0 +1,1 @@
+"""The metasent service: REST API and command line."""

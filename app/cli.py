@@ -1,0 +1,262 @@
+"""The ``metasent`` command line: ``train``, ``evaluate`` and ``serve``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="metasent: meta-train a BERT encoder with first-order MAML across sentiment domains, "
+    "evaluate it on few-shot tasks, and serve K-shot adaptation to new domains over REST.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+STANDARD_HELD_OUT = ["books", "dvd", "electronics", "kitchen_housewares", "gourmet_food", "grocery"]
+logger = logging.getLogger("metasent")
+
+
+def _setup(threads: int | None, log_level: str = "INFO") -> None:
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _split(values: str | None) -> list[str] | None:
+    return [v.strip() for v in values.split(",") if v.strip()] if values else None
+
+
+def _read_tasks(data: str, include: list[str] | None = None, exclude: list[str] | None = None):
+    from data.readers import read_arsc, read_table
+    from data.registry import TaskRegistry
+
+    path = Path(data)
+    tasks = read_arsc(path) if path.is_dir() and any(path.glob("*.t[245].*")) else read_table(data)
+    return TaskRegistry(tasks).select(include=include, exclude=exclude)
+
+
+@app.command()
+def train(
+    data: Annotated[
+        str, typer.Option(help="ARSC directory, or a JSONL/CSV/HF dataset with text,label,domain")
+    ],
+    output: Annotated[Path, typer.Option(help="Directory for the 'best' and 'last' checkpoints")],
+    exclude_domains: Annotated[
+        str, typer.Option(help="Comma-separated domains held out of meta-training")
+    ] = ",".join(STANDARD_HELD_OUT),
+    val_domains: Annotated[
+        str, typer.Option(help="Comma-separated domains validated on (their --val-split)")
+    ] = "music,video",
+    val_split: Annotated[str, typer.Option(help="Split of the validation domains")] = "dev",
+    encoder: Annotated[
+        str, typer.Option(help="Encoder name or path (default all-MiniLM-L6-v2, offline)")
+    ] = "sentence-transformers/all-MiniLM-L6-v2",
+    max_length: Annotated[int, typer.Option(help="Tokens per text")] = 128,
+    inner_steps: Annotated[int, typer.Option(help="Inner-loop SGD steps k")] = 5,
+    inner_lr: Annotated[float, typer.Option(help="Inner learning rate alpha")] = 0.05,
+    adapted_layers: Annotated[
+        int, typer.Option(help="Top encoder layers adapted in the inner loop (0: head only, -1: all)")
+    ] = 2,
+    n_way: int = 2,
+    k_shot: int = 5,
+    q_query: Annotated[int, typer.Option(help="Query examples per class")] = 8,
+    meta_batch_size: Annotated[int, typer.Option(help="Episodes per outer step")] = 4,
+    outer_steps: Annotated[int, typer.Option(help="Outer (meta-parameter) updates")] = 300,
+    outer_lr: Annotated[float, typer.Option(help="AdamW learning rate of the meta-parameters")] = 2e-5,
+    warmup_steps: int = 20,
+    eval_every: Annotated[int, typer.Option(help="Outer steps between validations")] = 25,
+    save_every: Annotated[int, typer.Option(help="Outer steps between periodic checkpoints")] = 25,
+    val_episodes: Annotated[int, typer.Option(help="Validation episodes per validation task")] = 2,
+    val_q_query: Annotated[int, typer.Option(help="Query examples per class in a validation episode")] = 16,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop after this many minutes")] = None,
+    seed: int = 0,
+    resume: Annotated[Path | None, typer.Option(help="Resume from a 'last' checkpoint directory")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+) -> None:
+    """Meta-train with first-order MAML: sample N-way K-shot episodes from the training domains,
+    adapt on each support set (inner loop), update the meta-parameters from the query loss at the
+    adapted parameters (outer loop, AdamW). Validates every --eval-every steps and keeps the best."""
+    _setup(threads)
+    from meta.checkpoint import load_checkpoint, load_training_state
+    from meta.config import CheckpointConfig, EncoderConfig, InnerLoopConfig, TrainConfig
+    from meta.fomaml import meta_train
+    from meta.model import MetaLearner, resolve_device
+
+    torch_device = resolve_device(device)
+    held_out = _split(exclude_domains) or []
+    val = _split(val_domains) or []
+    train_tasks = _read_tasks(data, exclude=held_out + val).select(require_split="train")
+    val_tasks = _read_tasks(data, include=val).select(require_split=val_split) if val else []
+    if resume is not None:
+        model, config = load_checkpoint(resume, torch_device)
+        state = load_training_state(resume)
+    else:
+        config = CheckpointConfig(
+            algorithm="fomaml",
+            encoder=EncoderConfig(name_or_path=encoder, max_length=max_length),
+            inner_loop=InnerLoopConfig(steps=inner_steps, lr=inner_lr, adapted_layers=adapted_layers),
+            training=TrainConfig(
+                data=str(data),
+                exclude_domains=held_out,
+                val_domains=val,
+                val_split=val_split,
+                n_way=n_way,
+                k_shot=k_shot,
+                q_query=q_query,
+                meta_batch_size=meta_batch_size,
+                outer_steps=outer_steps,
+                outer_lr=outer_lr,
+                warmup_steps=warmup_steps,
+                eval_every=eval_every,
+                save_every=save_every,
+                val_episodes=val_episodes,
+                val_q_query=val_q_query,
+                seed=seed,
+                max_minutes=max_minutes,
+            ),
+        )
+        model = MetaLearner.from_pretrained(config.encoder).to(torch_device)
+        state = None
+    logger.info("training tasks: %s", ", ".join(t.name for t in train_tasks))
+    final = meta_train(model, list(train_tasks), list(val_tasks), config, output, state, progress)
+    typer.echo(json.dumps({k: v for k, v in final.metrics.items() if k not in ("curve",)}, indent=2))
+
+
+@app.command()
+def evaluate(
+    data: Annotated[str, typer.Option(help="ARSC directory, or a JSONL/CSV/HF dataset")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoint directory; omit for the un-meta-trained encoder (baseline)"),
+    ] = None,
+    encoder: Annotated[
+        str | None, typer.Option(help="Encoder for the baseline (default all-MiniLM-L6-v2)")
+    ] = None,
+    domains: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated domains to evaluate (default: ARSC's 4 target domains)"),
+    ] = None,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="'fixed': support = --support-split file, query = --query-split file; "
+            "'sampled': K-shot episodes over --seeds"
+        ),
+    ] = "fixed",
+    support_split: str = "train",
+    query_split: str = "test",
+    k_shot: int = 5,
+    seeds: Annotated[int, typer.Option(help="Sampled episodes per task (seeds 0..n-1)")] = 5,
+    inner_steps: Annotated[int | None, typer.Option(help="Override the inner-loop steps")] = None,
+    inner_lr: Annotated[float | None, typer.Option(help="Override the inner learning rate")] = None,
+    adapted_layers: Annotated[int | None, typer.Option(help="Override the adapted layers")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Override tokens per text")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the results as JSON here")] = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    threads: int | None = None,
+) -> None:
+    """Meta-test: adapt on each task's support set with the checkpoint's inner loop and score
+    the query set. Prints per-task accuracy and macro-F1 (percent) and their mean, with 95%
+    confidence intervals for sampled episodes."""
+    _setup(threads)
+    from data.episodes import EpisodeSampler, fixed_episode
+    from data.readers import arsc_target_domains
+    from meta.checkpoint import load_model
+    from meta.evaluate import evaluate_episode, format_table, summarize
+    from meta.model import resolve_device
+
+    model, config = load_model(checkpoint, encoder, resolve_device(device))
+    inner = config.inner_loop.model_copy(
+        update={
+            k: v
+            for k, v in {"steps": inner_steps, "lr": inner_lr, "adapted_layers": adapted_layers}.items()
+            if v is not None
+        }
+    )
+    if max_length is not None:
+        model.config = model.config.model_copy(update={"max_length": max_length})
+    include = _split(domains) or (
+        arsc_target_domains(data) if Path(data, "workspace.target.list").exists() else None
+    )
+    tasks = list(_read_tasks(data, include=include))
+    results = []
+    for task in tasks:
+        if protocol == "fixed":
+            results.append(
+                evaluate_episode(
+                    model, fixed_episode(task, support_split, query_split), inner, None, batch_size
+                )
+            )
+            continue
+        for seed in range(seeds):
+            sampler = EpisodeSampler(
+                [task],
+                k_shot=k_shot,
+                q_query=None,
+                support_split=support_split,
+                query_split=query_split,
+                seed=seed,
+            )
+            results.append(evaluate_episode(model, sampler.sample(task), inner, seed, batch_size))
+        logger.info("%s done", task.name)
+    summary = summarize(results)
+    summary["config"] = {
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "algorithm": config.algorithm,
+        "encoder": config.encoder.name_or_path,
+        "max_length": model.max_length(),
+        "inner_loop": inner.model_dump(),
+        "protocol": protocol,
+        "support_split": support_split,
+        "query_split": query_split,
+        "k_shot": k_shot if protocol == "sampled" else None,
+        "seeds": seeds if protocol == "sampled" else None,
+    }
+    model_name = checkpoint or f"un-meta-trained {config.encoder.name_or_path}"
+    title = f"{model_name} ({protocol}, {support_split}->{query_split})"
+    typer.echo(format_table(summary, title))
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(summary, indent=2))
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (METASENT_HOST, default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (METASENT_PORT, default 8000)")] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoint directory (METASENT_CHECKPOINT); none: the un-meta-trained encoder"),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda (METASENT_DEVICE)")] = None,
+) -> None:
+    """Start the REST server: POST /v1/domains adapts a domain from a support set with the
+    checkpoint's inner loop; POST /v1/domains/{id}/classify classifies texts. Docs at /docs."""
+    import uvicorn
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    overrides = {"host": host, "port": port, "checkpoint": checkpoint, "device": device}
+    settings = Settings.model_validate({k: v for k, v in overrides.items() if v is not None})
+    _setup(settings.threads, settings.log_level)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower()
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

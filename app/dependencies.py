@@ -1,0 +1,27 @@
+"""Shared objects for route handlers, through ``Depends``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.service import DomainStore, ModelService
+from app.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_service(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+def get_store(request: Request) -> DomainStore:
+    return request.app.state.store
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ServiceDep = Annotated[ModelService, Depends(get_service)]
+StoreDep = Annotated[DomainStore, Depends(get_store)]

@@ -1,0 +1,66 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from app.errors import install_error_handlers
+from app.routers import domains, health
+from app.service import DomainStore, ModelService
+from app.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+
+def _load_service(settings: Settings) -> ModelService:
+    import torch
+
+    from meta.checkpoint import load_model
+    from meta.model import resolve_device
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
+    model, config = load_model(settings.checkpoint, settings.encoder, device)
+    logger.info(
+        "model loaded: algorithm=%s encoder=%s device=%s inner_loop=%s",
+        config.algorithm,
+        config.encoder.name_or_path,
+        device,
+        config.inner_loop.model_dump(),
+    )
+    return ModelService(model, config, settings.batch_size, settings.max_text_chars)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the metasent API. The lifespan loads the checkpoint (or, with none, the default
+    encoder) once; every domain shares that one base model.
+
+    Args:
+        settings (`Settings`, *optional*): defaults to the ``METASENT_*`` environment.
+    """
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.store = DomainStore()
+        app.state.service = await run_in_threadpool(_load_service, settings)
+        yield
+
+    app = FastAPI(
+        title="metasent",
+        version="0.1.0",
+        summary="Few-shot sentiment adaptation: post a small support set, get a classifier for that domain.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(domains.router)
+    return app

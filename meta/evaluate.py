@@ -1,0 +1,154 @@
+"""Meta-testing: adapt on each episode's support set, score the query set.
+
+Metrics are query accuracy and macro-F1 (ARSC's test sets are imbalanced: always answering
+``positive`` scores 78.1% mean accuracy on its 12 test tasks, so macro-F1 is reported beside it).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sklearn.metrics import f1_score
+
+from data.episodes import Episode
+from meta.config import InnerLoopConfig
+from meta.inner_loop import inner_loop, predict_proba
+from meta.model import MetaLearner
+
+
+@dataclass
+class EpisodeResult:
+    """Scores of one adapted episode.
+
+    Args:
+        task (`str`): task name.
+        seed (`int | None`): sampling seed (``None`` for fixed support/query files).
+        accuracy (`float`): query accuracy in [0, 1].
+        macro_f1 (`float`): query macro-F1 over the episode's labels, in [0, 1].
+        num_query (`int`): query examples.
+        adapt_seconds (`float`): inner-loop wall time, seconds.
+        support_accuracy (`float`): accuracy on the support set after adaptation.
+    """
+
+    task: str
+    seed: int | None
+    accuracy: float
+    macro_f1: float
+    num_query: int
+    adapt_seconds: float
+    support_accuracy: float
+
+
+def evaluate_episode(
+    model: MetaLearner,
+    episode: Episode,
+    inner_config: InnerLoopConfig,
+    seed: int | None = None,
+    batch_size: int = 32,
+) -> EpisodeResult:
+    """Adapt with :func:`meta.inner_loop.inner_loop` on ``episode.support`` and score
+    ``episode.query``."""
+    adaptation = inner_loop(
+        model,
+        [ex.text for ex in episode.support],
+        [ex.label for ex in episode.support],
+        inner_config,
+        label_names=episode.labels,
+    )
+    probs = predict_proba(model, adaptation.params, [ex.text for ex in episode.query], batch_size)
+    predicted = [adaptation.labels[i] for i in probs.argmax(-1).tolist()]
+    gold = [ex.label for ex in episode.query]
+    correct = sum(p == g for p, g in zip(predicted, gold, strict=True))
+    return EpisodeResult(
+        task=episode.task,
+        seed=seed,
+        accuracy=correct / max(len(gold), 1),
+        macro_f1=float(
+            f1_score(gold, predicted, labels=list(adaptation.labels), average="macro", zero_division=0)
+        ),
+        num_query=len(gold),
+        adapt_seconds=adaptation.seconds,
+        support_accuracy=adaptation.support_accuracy,
+    )
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of a 95% confidence interval (Student t; 0 for fewer than 2 values)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    from scipy.stats import t
+
+    half = float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, half
+
+
+def summarize(results: Iterable[EpisodeResult]) -> dict[str, Any]:
+    """Per-task and overall means of accuracy and macro-F1 (percent), with 95% CIs over episodes.
+
+    Returns:
+        `dict`: ``{"tasks": {task: {...}}, "mean": {...}, "episodes": [...]}``.
+    """
+    results = list(results)
+    by_task: dict[str, list[EpisodeResult]] = defaultdict(list)
+    for result in results:
+        by_task[result.task].append(result)
+
+    def block(rs: Sequence[EpisodeResult]) -> dict[str, float]:
+        acc, acc_ci = mean_ci95([100 * r.accuracy for r in rs])
+        f1, f1_ci = mean_ci95([100 * r.macro_f1 for r in rs])
+        return {
+            "accuracy": round(acc, 2),
+            "accuracy_ci95": round(acc_ci, 2),
+            "macro_f1": round(f1, 2),
+            "macro_f1_ci95": round(f1_ci, 2),
+            "episodes": len(rs),
+            "adapt_seconds": round(statistics.median(r.adapt_seconds for r in rs), 3),
+        }
+
+    tasks = {task: block(rs) for task, rs in sorted(by_task.items())}
+    # The mean weighs every task equally (the ARSC metric). Its CI is taken over all sampled
+    # episodes when tasks were sampled several times, else over the task means.
+    sampled = any(len(rs) > 1 for rs in by_task.values())
+    acc, acc_ci = mean_ci95([t["accuracy"] for t in tasks.values()])
+    f1, f1_ci = mean_ci95([t["macro_f1"] for t in tasks.values()])
+    if sampled:
+        everything = block(results)
+        acc_ci, f1_ci = everything["accuracy_ci95"], everything["macro_f1_ci95"]
+    overall = {
+        "accuracy": round(acc, 2),
+        "accuracy_ci95": round(acc_ci, 2),
+        "macro_f1": round(f1, 2),
+        "macro_f1_ci95": round(f1_ci, 2),
+        "tasks": len(tasks),
+        "episodes": len(results),
+        "adapt_seconds": round(statistics.median(r.adapt_seconds for r in results), 3),
+    }
+    return {"tasks": tasks, "mean": overall, "episodes": [asdict(r) for r in results]}
+
+
+def format_table(summary: dict[str, Any], title: str = "") -> str:
+    """A plain-text table of :func:`summarize`'s output (percent, ± 95% CI where sampled)."""
+
+    def cell(row: dict[str, Any], key: str) -> str:
+        ci = row.get(f"{key}_ci95", 0.0)
+        return f"{row[key]:6.2f} ± {ci:5.2f}" if ci else f"{row[key]:6.2f}"
+
+    lines = [title] if title else []
+    lines.append(f"{'task':28s} {'accuracy':>16s} {'macro-F1':>16s} {'episodes':>8s} {'adapt s':>8s}")
+    for task, row in summary["tasks"].items():
+        lines.append(
+            f"{task:28s} {cell(row, 'accuracy'):>16s} {cell(row, 'macro_f1'):>16s} "
+            f"{row['episodes']:8d} {row['adapt_seconds']:8.3f}"
+        )
+    mean = summary["mean"]
+    lines.append(
+        f"{'MEAN (' + str(mean['tasks']) + ' tasks)':28s} {cell(mean, 'accuracy'):>16s} "
+        f"{cell(mean, 'macro_f1'):>16s} {mean['episodes']:8d} {mean['adapt_seconds']:8.3f}"
+    )
+    return "\n".join(lines)

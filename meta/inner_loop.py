@@ -1,0 +1,181 @@
+"""The inner loop: adapt a few parameters to a task's support set with SGD.
+
+This one function is used by meta-training (:mod:`meta.fomaml`), evaluation and the server, so
+that what the service does at adaptation time is exactly what the meta-parameters were trained
+for (Finn et al. 2017, "Model-Agnostic Meta-Learning", Algorithm 1, inner update).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from meta.config import InnerLoopConfig
+from meta.model import MetaLearner, Params, prototype_head
+
+
+@dataclass
+class Adaptation:
+    """The result of the inner loop on one support set.
+
+    Args:
+        params (`dict[str, Tensor]`): the adapted tensors only (head and adapted encoder layers),
+            detached; every other tensor is the base model's.
+        labels (`tuple[str, ...]`): class names; class id ``i`` is ``labels[i]``.
+        support_losses (`list[float]`): support cross-entropy before each step and after the last
+            (``steps + 1`` values, nats).
+        support_accuracy (`float`): accuracy of the adapted parameters on the support set.
+        steps (`int`): SGD steps taken.
+        seconds (`float`): wall time of the adaptation.
+    """
+
+    params: Params
+    labels: tuple[str, ...]
+    support_losses: list[float]
+    support_accuracy: float
+    steps: int
+    seconds: float
+
+
+def sgd_step(params: Params, grads: Sequence[Tensor], lr: float, clip: float | None) -> Params:
+    """One SGD update ``theta - lr * g`` with ``g`` clipped to global L2 norm ``clip``; pure.
+
+    Args:
+        params: tensors by name, in the same order as ``grads``.
+        grads: their gradients.
+        lr (`float`): learning rate.
+        clip (`float | None`): maximum global gradient norm, ``None`` for no clipping.
+
+    Returns:
+        `dict[str, Tensor]`: new leaf tensors that require grad.
+    """
+    factor = 1.0
+    if clip is not None:
+        norm = torch.sqrt(sum((g.detach() ** 2).sum() for g in grads))  # type: ignore[arg-type]
+        factor = min(1.0, clip / (float(norm) + 1e-12))
+    return {
+        name: (p.detach() - lr * factor * g.detach()).requires_grad_(True)
+        for (name, p), g in zip(params.items(), grads, strict=True)
+    }
+
+
+def encode_labels(labels: Sequence[str], label_names: Sequence[str], device: torch.device) -> Tensor:
+    """Class ids (examples,) of ``labels`` in ``label_names``.
+
+    Raises:
+        KeyError: when a label is not in ``label_names``.
+    """
+    index = {name: i for i, name in enumerate(label_names)}
+    return torch.tensor([index[label] for label in labels], dtype=torch.long, device=device)
+
+
+def inner_loop(
+    model: MetaLearner,
+    support_texts: Sequence[str],
+    support_labels: Sequence[str],
+    config: InnerLoopConfig,
+    label_names: Sequence[str] | None = None,
+    initial_head: Mapping[str, Tensor] | None = None,
+) -> Adaptation:
+    """Adapt the head and the top ``config.adapted_layers`` encoder layers to a support set.
+
+    The head starts from the support prototypes (:func:`meta.model.prototype_head`), then
+    ``config.steps`` SGD steps at learning rate ``config.lr`` minimise the support cross-entropy.
+    Dropout is off (the model is used in eval mode), so the same support set always gives the
+    same adapted parameters.
+
+    Args:
+        model (`MetaLearner`): the meta-learner; its own tensors are the meta-parameters and are
+            never modified.
+        support_texts (`Sequence[str]`): N*K support texts.
+        support_labels (`Sequence[str]`): their labels.
+        config (`InnerLoopConfig`): steps, learning rate, adapted layers, clipping.
+        label_names (`Sequence[str]`, *optional*): class order (default: order of first
+            appearance in ``support_labels``).
+        initial_head (`Mapping[str, Tensor]`, *optional*): a precomputed prototype head (used by
+            meta-training, which needs it with a graph); computed here when ``None``.
+
+    Returns:
+        `Adaptation`: adapted tensors (head: (N, hidden) and (N,)), support losses and accuracy.
+
+    Raises:
+        ValueError: when there are fewer than 2 classes or texts and labels differ in length.
+    """
+    start = time.perf_counter()
+    if len(support_texts) != len(support_labels):
+        raise ValueError(f"{len(support_texts)} support texts but {len(support_labels)} labels")
+    names = tuple(label_names) if label_names is not None else tuple(dict.fromkeys(support_labels))
+    if len(set(names)) < 2:
+        raise ValueError(f"the support set needs at least 2 distinct labels, got {list(names)}")
+    was_training = model.training
+    model.eval()
+    try:
+        batch = model.tokenize(support_texts)  # (N*K, tokens)
+        targets = encode_labels(support_labels, names, model.device)  # (N*K,)
+        base = {name: p.detach() for name, p in model.named_parameters()}
+        if initial_head is None:
+            with torch.no_grad():
+                initial_head = prototype_head(model.embed(base, batch), targets, len(names))
+        fast = {name: t.detach().clone().requires_grad_(True) for name, t in initial_head.items()}
+        for name in model.adapted_parameter_names(config.adapted_layers):
+            fast[name] = base[name].clone().requires_grad_(True)
+        losses = []
+        for _ in range(config.steps):
+            loss = F.cross_entropy(model.logits({**base, **fast}, batch), targets)
+            grads = torch.autograd.grad(loss, list(fast.values()))
+            fast = sgd_step(fast, grads, config.lr, config.grad_clip)
+            losses.append(loss.item())
+        with torch.no_grad():
+            logits = model.logits({**base, **fast}, batch)  # (N*K, N)
+            losses.append(float(F.cross_entropy(logits, targets)))
+            accuracy = float((logits.argmax(-1) == targets).float().mean())
+    finally:
+        model.train(was_training)
+    params = {name: t.detach() for name, t in fast.items()}
+    return Adaptation(
+        params=params,
+        labels=names,
+        support_losses=losses,
+        support_accuracy=accuracy,
+        steps=config.steps,
+        seconds=time.perf_counter() - start,
+    )
+
+
+@torch.inference_mode()
+def predict_proba(
+    model: MetaLearner, params: Mapping[str, Tensor], texts: Sequence[str], batch_size: int = 32
+) -> Tensor:
+    """Class probabilities of ``texts`` under adapted ``params``.
+
+    Texts are sorted by length and batched so that padding is short; results come back in
+    input order.
+
+    Args:
+        model (`MetaLearner`): the base model.
+        params (`Mapping[str, Tensor]`): adapted tensors (from :class:`Adaptation`).
+        texts (`Sequence[str]`): texts to classify.
+        batch_size (`int`, defaults to 32): texts per forward pass.
+
+    Returns:
+        `Tensor`: (texts, classes) probabilities on the CPU, rows summing to 1.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        n_classes = params["head.bias"].shape[0]
+        out = torch.empty(len(texts), n_classes)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = model.tokenize([texts[i] for i in chunk])
+            probs = model.logits(params, batch).float().softmax(-1).cpu()  # (chunk, classes)
+            out[torch.tensor(chunk)] = probs
+    finally:
+        model.train(was_training)
+    return out

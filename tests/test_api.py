@@ -1,0 +1,302 @@
+"""The REST API end to end on the tiny checkpoint: adapt, classify, list/show/delete, every 4xx
+in the JSON error shape, limits, health and the OpenAPI document."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import NEGATIVE, POSITIVE, WORDS
+
+MAX_EXAMPLES, MAX_TEXTS, MAX_DOMAINS = 20, 10, 3
+
+
+def support(pos: str = "positive", neg: str = "negative", k: int = 5) -> list[dict[str, str]]:
+    positives = [{"text": t, "label": pos} for t in POSITIVE[:k]]
+    return positives + [{"text": t, "label": neg} for t in NEGATIVE[:k]]
+
+
+def valid_domain() -> dict[str, Any]:
+    return {"name": "food", "examples": support()}
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoint: Path) -> Iterator[TestClient]:
+    settings = Settings(
+        checkpoint=tiny_checkpoint,
+        device="cpu",
+        max_examples=MAX_EXAMPLES,
+        max_texts=MAX_TEXTS,
+        max_domains=MAX_DOMAINS,
+    )
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(autouse=True)
+def empty_store(client: TestClient) -> Iterator[None]:
+    """Every test starts and ends with no domains (the store is limited to MAX_DOMAINS)."""
+    yield
+    for domain in client.get("/v1/domains").json()["domains"]:
+        assert client.delete(f"/v1/domains/{domain['domain_id']}").status_code == 204
+
+
+def create(client: TestClient, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    response = client.post("/v1/domains", json=body or valid_domain())
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def classify(client: TestClient, domain_id: str, texts: list[str]) -> list[dict[str, Any]]:
+    response = client.post(f"/v1/domains/{domain_id}/classify", json={"texts": texts})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == len(texts)
+    return predictions
+
+
+def assert_error(response, status: int, field: str | None = None, code: str | None = None) -> dict:
+    """The response is ``status`` in the JSON error shape, a detail names ``field`` with a fix."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"code", "message", "details"}
+    assert error["code"] and error["message"] and error["details"]
+    for detail in error["details"]:
+        assert set(detail) == {"field", "message", "fix"}
+        assert detail["fix"].strip() and detail["message"].strip()
+    if field is not None:
+        assert field in [d["field"] for d in error["details"]], error["details"]
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+def test_create_domain(client: TestClient) -> None:
+    response = client.post("/v1/domains", json=valid_domain())
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert response.headers["location"] == f"/v1/domains/{body['domain_id']}"
+    assert body["domain_id"] and body["name"] == "food"
+    assert body["labels"] == ["positive", "negative"]  # order of first appearance
+    assert body["num_examples"] == 10
+    adaptation = body["adaptation"]
+    assert adaptation["steps"] == 3
+    assert adaptation["seconds"] > 0
+    assert adaptation["device"] == "cpu"
+    assert 0 <= adaptation["support_accuracy"] <= 1
+
+    reversed_labels = create(client, {"name": "food", "examples": support()[::-1]})
+    assert reversed_labels["labels"] == ["negative", "positive"]
+
+
+def test_classify_input_order_and_scores(client: TestClient) -> None:
+    domain = create(client)
+    texts = [POSITIVE[7], NEGATIVE[7], POSITIVE[8], NEGATIVE[9], "okay fine average"]
+    batch = classify(client, domain["domain_id"], texts)
+    for text, prediction in zip(texts, batch, strict=True):
+        (alone,) = classify(client, domain["domain_id"], [text])
+        assert prediction["label"] == alone["label"]
+        assert prediction["scores"] == pytest.approx(alone["scores"], abs=1e-5)
+        assert list(prediction["scores"]) == domain["labels"]
+        assert sum(prediction["scores"].values()) == pytest.approx(1, abs=1e-4)
+        assert prediction["label"] == max(prediction["scores"], key=prediction["scores"].get)
+    # order matters: reversing the inputs reverses the predictions
+    reversed_batch = classify(client, domain["domain_id"], texts[::-1])
+    for a, b in zip(batch, reversed_batch[::-1], strict=True):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+
+
+def test_any_label_names_and_count(client: TestClient) -> None:
+    examples = (
+        [{"text": t, "label": "meh"} for t in ["okay fine average", "fine okay", "average okay"]]
+        + [{"text": t, "label": "love"} for t in POSITIVE[:3]]
+        + [{"text": t, "label": "hate"} for t in NEGATIVE[:3]]
+    )
+    domain = create(client, {"name": "three", "examples": examples})
+    assert domain["labels"] == ["meh", "love", "hate"]
+    for prediction in classify(client, domain["domain_id"], [POSITIVE[9], NEGATIVE[9]]):
+        assert set(prediction["scores"]) == {"meh", "love", "hate"}
+        assert prediction["label"] in {"meh", "love", "hate"}
+        assert sum(prediction["scores"].values()) == pytest.approx(1, abs=1e-4)
+
+
+def test_list_get_delete(client: TestClient) -> None:
+    first, second = create(client), create(client, {"name": "other", "examples": support("good", "bad")})
+    listed = client.get("/v1/domains")
+    assert listed.status_code == 200
+    assert {d["domain_id"] for d in listed.json()["domains"]} == {first["domain_id"], second["domain_id"]}
+    got = client.get(f"/v1/domains/{second['domain_id']}")
+    assert got.status_code == 200 and got.json() == second
+
+    path = f"/v1/domains/{first['domain_id']}"
+    deleted = client.delete(path)
+    assert deleted.status_code == 204 and deleted.content == b""
+    for response in (
+        client.get(path),
+        client.post(f"{path}/classify", json={"texts": ["great"]}),
+        client.delete(path),
+    ):
+        assert_error(response, 404, "domain_id", "domain_not_found")
+    assert [d["domain_id"] for d in client.get("/v1/domains").json()["domains"]] == [second["domain_id"]]
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [("GET", "/v1/domains/nope"), ("DELETE", "/v1/domains/nope"), ("POST", "/v1/domains/nope/classify")],
+)
+def test_unknown_domain(client: TestClient, request_: tuple[str, str]) -> None:
+    method, path = request_
+    response = client.request(method, path, json={"texts": ["great"]} if method == "POST" else None)
+    error = assert_error(response, 404, code="domain_not_found")
+    assert error["details"][0]["field"] == "domain_id"
+
+
+def _example(text: Any = "great coffee", label: Any = "positive") -> dict[str, Any]:
+    return {"text": text, "label": label}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "one label", "examples": [_example(), _example("good tea")]}, "examples"),
+        ({"name": "x", "examples": [_example(""), *support()]}, "examples[0].text"),
+        ({"name": "x", "examples": [_example("   "), *support()]}, "examples[0].text"),
+        ({"name": "x", "examples": [_example(123), *support()]}, "examples[0].text"),
+        ({"name": "x", "examples": [_example(label=1), *support()]}, "examples[0].label"),
+        ({"name": "x", "examples": [_example(label=""), *support()]}, "examples[0].label"),
+        ({"name": "x", "examples": [_example(label="  "), *support()]}, "examples[0].label"),
+        ({"name": "x", "examples": [*support(), {"text": "great"}]}, "examples[10].label"),
+        ({"name": "x", "examples": [*support(), {**_example(), "weight": 2}]}, "examples[10].weight"),
+        ({"name": "x", "examples": []}, "examples"),
+        ({"name": "x", "examples": "great coffee"}, "examples"),
+        ({"name": "x"}, "examples"),
+        ({"examples": support()}, "name"),
+        ({"name": "", "examples": support()}, "name"),
+        ({"name": 5, "examples": support()}, "name"),
+        ({**valid_domain(), "extra": True}, "extra"),
+        ([valid_domain()], "body"),
+        ("food", "body"),
+    ],
+)
+def test_create_domain_422(client: TestClient, body: Any, field: str) -> None:
+    assert_error(client.post("/v1/domains", json=body), 422, field, "invalid_request")
+    assert client.get("/v1/domains").json()["domains"] == []
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"texts": ["great", ""]}, "texts[1]"),
+        ({"texts": ["great", "   "]}, "texts[1]"),
+        ({"texts": ["great", 123]}, "texts[1]"),
+        ({"texts": ["great", None]}, "texts[1]"),
+        ({"texts": []}, "texts"),
+        ({"texts": "great"}, "texts"),
+        ({}, "texts"),
+        ({"texts": ["great"], "extra": 1}, "extra"),
+        ([{"texts": ["great"]}], "body"),
+    ],
+)
+def test_classify_422_keeps_domain(client: TestClient, body: Any, field: str) -> None:
+    domain = create(client)
+    texts = [POSITIVE[9], NEGATIVE[9]]
+    before = classify(client, domain["domain_id"], texts)
+    response = client.post(f"/v1/domains/{domain['domain_id']}/classify", json=body)
+    assert_error(response, 422, field, "invalid_request")
+    # the failed request lost nothing: the domain is still there and classifies identically
+    assert client.get(f"/v1/domains/{domain['domain_id']}").json() == domain
+    assert classify(client, domain["domain_id"], texts) == before
+
+
+@pytest.mark.parametrize("path", ["/v1/domains", "/v1/domains/{id}/classify"])
+def test_malformed_json(client: TestClient, path: str) -> None:
+    domain = create(client)
+    response = client.post(
+        path.format(id=domain["domain_id"]),
+        content=b'{"name": ',
+        headers={"content-type": "application/json"},
+    )
+    assert_error(response, 400, "body", "malformed_json")
+
+
+def test_too_many_examples(client: TestClient) -> None:
+    examples = (support(k=10) * 2)[: MAX_EXAMPLES + 1]
+    response = client.post("/v1/domains", json={"name": "big", "examples": examples})
+    assert_error(response, 413, "examples", "too_many_items")
+    assert client.get("/v1/domains").json()["domains"] == []
+    create(client, {"name": "limit", "examples": examples[:MAX_EXAMPLES]})
+
+
+def test_too_many_texts(client: TestClient) -> None:
+    domain = create(client)
+    path = f"/v1/domains/{domain['domain_id']}/classify"
+    response = client.post(path, json={"texts": ["great"] * (MAX_TEXTS + 1)})
+    assert_error(response, 413, "texts", "too_many_items")
+    classify(client, domain["domain_id"], ["great"] * MAX_TEXTS)
+
+
+def test_too_many_domains(client: TestClient) -> None:
+    ids = [create(client)["domain_id"] for _ in range(MAX_DOMAINS)]
+    assert_error(client.post("/v1/domains", json=valid_domain()), 422, code="too_many_domains")
+    assert len(client.get("/v1/domains").json()["domains"]) == MAX_DOMAINS
+    assert client.delete(f"/v1/domains/{ids[0]}").status_code == 204
+    create(client)
+
+
+def test_over_long_text_is_truncated(client: TestClient) -> None:
+    long_text = " ".join(WORDS[i % len(WORDS)] for i in range(10_000))[:50_000]
+    assert len(long_text) == 50_000
+    domain = create(client, {"name": "long", "examples": [_example(long_text), *support()]})
+    assert domain["num_examples"] == 11
+    (prediction,) = classify(client, domain["domain_id"], [long_text])
+    assert sum(prediction["scores"].values()) == pytest.approx(1, abs=1e-4)
+
+
+def test_healthz(client: TestClient) -> None:
+    health = client.get("/healthz")
+    assert health.status_code == 200
+    body = health.json()
+    assert body["status"] == "ok" and body["model_loaded"] is True
+    assert body["device"] == "cpu" and body["checkpoint"]
+    assert body["domains"] == 0
+    create(client)
+    assert client.get("/healthz").json()["domains"] == 1
+
+
+def test_openapi_and_docs(client: TestClient) -> None:
+    spec = client.get("/openapi.json")
+    assert spec.status_code == 200
+    spec = spec.json()
+    routes = {"/v1/domains", "/v1/domains/{domain_id}", "/v1/domains/{domain_id}/classify"}
+    assert routes <= set(spec["paths"])
+    assert "post" in spec["paths"]["/v1/domains"] and "delete" in spec["paths"]["/v1/domains/{domain_id}"]
+    (example,) = spec["components"]["schemas"]["CreateDomain"]["examples"]
+    assert example["name"] and len({ex["label"] for ex in example["examples"]}) >= 2
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_openapi_example_is_accepted(client: TestClient) -> None:
+    example = client.get("/openapi.json").json()["components"]["schemas"]["CreateDomain"]["examples"][0]
+    create(client, example)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/nope", 404),
+        ("POST", "/v2/domains", 404),
+        ("PUT", "/v1/domains", 405),
+        ("PATCH", "/v1/domains/abc", 405),
+        ("GET", "/v1/domains/abc/classify", 405),
+    ],
+)
+def test_unknown_route_and_method(client: TestClient, method: str, path: str, status: int) -> None:
+    assert_error(client.request(method, path), status, "path", f"http_{status}")

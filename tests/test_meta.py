@@ -1,0 +1,231 @@
+"""The model, the inner loop, the first-order MAML update, checkpoints and evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.episodes import EpisodeSampler, fixed_episode
+from data.registry import Task
+from meta.checkpoint import is_checkpoint, load_checkpoint, load_training_state, save_checkpoint
+from meta.config import CheckpointConfig, InnerLoopConfig, TrainConfig
+from meta.evaluate import EpisodeResult, evaluate_episode, format_table, summarize
+from meta.fomaml import fomaml_query_loss, meta_train
+from meta.inner_loop import encode_labels, inner_loop, predict_proba
+from meta.model import MetaLearner, prototype_head
+from tests.conftest import NEGATIVE, POSITIVE, make_task
+
+
+def support(k: int = 5) -> tuple[list[str], list[str]]:
+    return POSITIVE[:k] + NEGATIVE[:k], ["positive"] * k + ["negative"] * k
+
+
+def test_prototype_head_is_negative_squared_distance() -> None:
+    torch.manual_seed(0)
+    z = F.normalize(torch.randn(6, 8), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    head = prototype_head(z, labels, 3)
+    prototypes = torch.stack([z[labels == c].mean(0) for c in range(3)])
+    queries = F.normalize(torch.randn(5, 8), dim=-1)
+    logits = queries @ head["head.weight"].T + head["head.bias"]
+    expected = -(torch.cdist(queries, prototypes) ** 2) + (queries**2).sum(1, keepdim=True)
+    torch.testing.assert_close(logits, expected)
+    with pytest.raises(ValueError, match="at least one support example"):
+        prototype_head(z, torch.tensor([0, 0, 0, 0, 0, 0]), 2)
+
+
+def test_adapted_parameter_names(tiny_model: MetaLearner) -> None:
+    assert tiny_model.adapted_parameter_names(0) == []
+    top = tiny_model.adapted_parameter_names(1)
+    assert top and all(".layer.1." in n for n in top)
+    everything = tiny_model.adapted_parameter_names(-1)
+    assert any("embeddings" in n for n in everything) and not any("pooler" in n for n in everything)
+    with pytest.raises(ValueError):
+        tiny_model.adapted_parameter_names(3)
+
+
+@pytest.mark.parametrize("layers", [0, 1, -1])
+def test_inner_loop_lowers_support_loss_and_leaves_base_untouched(
+    tiny_model: MetaLearner, layers: int
+) -> None:
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    texts, labels = support()
+    adaptation = inner_loop(
+        tiny_model, texts, labels, InnerLoopConfig(steps=10, lr=0.01, adapted_layers=layers)
+    )
+    assert len(adaptation.support_losses) == 11
+    assert adaptation.support_losses[-1] < adaptation.support_losses[0]
+    assert set(adaptation.params) == {"head.weight", "head.bias", *tiny_model.adapted_parameter_names(layers)}
+    assert adaptation.params["head.weight"].shape == (2, 32)
+    for name, param in tiny_model.named_parameters():
+        torch.testing.assert_close(param, before[name], rtol=0, atol=0)
+
+
+def test_inner_loop_any_labels_and_order(tiny_model: MetaLearner) -> None:
+    texts = POSITIVE[:2] + NEGATIVE[:2] + ["okay fine", "average okay"]
+    labels = ["love", "love", "hate", "hate", "meh", "meh"]
+    adaptation = inner_loop(tiny_model, texts, labels, InnerLoopConfig(steps=2, adapted_layers=1))
+    assert adaptation.labels == ("love", "hate", "meh")
+    assert adaptation.params["head.bias"].shape == (3,)
+    probs = predict_proba(tiny_model, adaptation.params, ["great coffee", "awful tea"])
+    assert probs.shape == (2, 3)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2))
+    with pytest.raises(ValueError, match="at least 2 distinct labels"):
+        inner_loop(tiny_model, texts[:2], ["love", "love"], InnerLoopConfig())
+
+
+def test_inner_loop_is_deterministic(tiny_model: MetaLearner) -> None:
+    texts, labels = support()
+    config = InnerLoopConfig(steps=3, adapted_layers=1)
+    first, second = (inner_loop(tiny_model, texts, labels, config) for _ in range(2))
+    for name in first.params:
+        torch.testing.assert_close(first.params[name], second.params[name])
+
+
+def test_predict_proba_keeps_input_order(tiny_model: MetaLearner) -> None:
+    texts, labels = support()
+    adaptation = inner_loop(tiny_model, texts, labels, InnerLoopConfig(steps=2, adapted_layers=1))
+    queries = ["great", "awful stale bread never again terrible bitter", "love it", "bad"]
+    batched = predict_proba(tiny_model, adaptation.params, queries, batch_size=3)
+    one_by_one = torch.cat([predict_proba(tiny_model, adaptation.params, [q]) for q in queries])
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
+
+
+def test_fomaml_step_equals_hand_computed_first_order_update(tiny_model: MetaLearner) -> None:
+    """The outer update is theta - eta * (dL_query/dphi at the adapted phi, plus the gradient of
+    the prototype initialisation of the head at theta), computed here on separate leaves."""
+    episode = EpisodeSampler([make_task()], k_shot=3, q_query=3, seed=0).sample()
+    inner = InnerLoopConfig(steps=2, lr=0.3, adapted_layers=1, grad_clip=None)
+    theta = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    adaptation = inner_loop(
+        tiny_model,
+        [e.text for e in episode.support],
+        [e.label for e in episode.support],
+        inner,
+        episode.labels,
+    )
+
+    # Hand computation: theta leaves for the prototypes, phi leaves for the adapted query pass.
+    theta_leaves = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
+    phi_leaves = {
+        n: adaptation.params[n].clone().requires_grad_(True) for n in tiny_model.adapted_parameter_names(1)
+    }
+    s_batch = tiny_model.tokenize([e.text for e in episode.support])
+    q_batch = tiny_model.tokenize([e.text for e in episode.query])
+    s_y = encode_labels([e.label for e in episode.support], episode.labels, tiny_model.device)
+    q_y = encode_labels([e.label for e in episode.query], episode.labels, tiny_model.device)
+    head0 = prototype_head(tiny_model.embed(theta_leaves, s_batch), s_y, 2)
+    head = {n: head0[n] + (adaptation.params[n] - head0[n].detach()) for n in head0}
+    loss = F.cross_entropy(tiny_model.logits({**theta_leaves, **phi_leaves, **head}, q_batch), q_y)
+    loss.backward()
+    eta = 0.01
+    expected = {}
+    for name, leaf in theta_leaves.items():
+        grad = torch.zeros_like(leaf) if leaf.grad is None else leaf.grad
+        if name in phi_leaves:
+            grad = grad + phi_leaves[name].grad
+        expected[name] = theta[name] - eta * grad
+
+    optimizer = torch.optim.SGD(tiny_model.parameters(), lr=eta)
+    optimizer.zero_grad()
+    query_loss, _ = fomaml_query_loss(tiny_model, episode, inner)
+    query_loss.backward()
+    optimizer.step()
+    torch.testing.assert_close(query_loss.detach(), loss.detach())
+    changed = 0
+    for name, param in tiny_model.named_parameters():
+        torch.testing.assert_close(param.detach(), expected[name], atol=1e-6, rtol=1e-5)
+        changed += int(not torch.equal(param.detach(), theta[name]))
+    assert changed > len(theta) // 2  # the outer loop updates the lower layers too
+
+
+def write_meta_train(
+    tmp_path: Path, model: MetaLearner, steps: int, state=None, config=None
+) -> CheckpointConfig:
+    tasks = [make_task("food", "food"), make_task("drinks", "drinks")]
+    val = [make_task("snacks", "snacks")]
+    config = config or CheckpointConfig(
+        encoder=model.config,
+        inner_loop=InnerLoopConfig(steps=2, lr=0.1, adapted_layers=1),
+        training=TrainConfig(
+            k_shot=2,
+            q_query=2,
+            meta_batch_size=2,
+            outer_steps=steps,
+            outer_lr=1e-3,
+            warmup_steps=1,
+            eval_every=2,
+            save_every=2,
+            val_episodes=1,
+            val_split="train",
+            val_q_query=2,
+        ),
+    )
+    return meta_train(model, tasks, val, config, tmp_path / "run", state, progress=False)
+
+
+def test_meta_train_writes_best_and_last_and_resumes(tmp_path: Path, tiny_model: MetaLearner) -> None:
+    start = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    config = write_meta_train(tmp_path, tiny_model, steps=3)
+    assert config.step == 3
+    assert [row["step"] for row in config.metrics["curve"]] == [1, 2, 3]
+    assert [row["step"] for row in config.metrics["validation"]] == [0, 2, 3]
+    assert is_checkpoint(tmp_path / "run" / "best") and is_checkpoint(tmp_path / "run" / "last")
+    assert any(not torch.equal(p.detach(), start[n]) for n, p in tiny_model.named_parameters())
+
+    resumed, saved = load_checkpoint(tmp_path / "run" / "last")
+    assert saved.step == 3 and saved.training is not None
+    saved.training.outer_steps = 5
+    state = load_training_state(tmp_path / "run" / "last")
+    assert state is not None and "optimizer" in state
+    final = write_meta_train(tmp_path, resumed, steps=5, state=state, config=saved)
+    assert final.step == 5
+    assert [row["step"] for row in final.metrics["curve"]] == [1, 2, 3, 4, 5]
+
+
+def test_checkpoint_round_trip(tmp_path: Path, tiny_model: MetaLearner) -> None:
+    config = CheckpointConfig(
+        encoder=tiny_model.config, inner_loop=InnerLoopConfig(steps=4, lr=0.2, adapted_layers=1)
+    )
+    config.metrics["note"] = "round trip"
+    save_checkpoint(tmp_path / "ckpt", tiny_model, config)
+    save_checkpoint(tmp_path / "ckpt", tiny_model, config)  # overwriting is atomic and leaves one copy
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "vocab.txt"]
+    loaded, loaded_config = load_checkpoint(tmp_path / "ckpt")
+    assert loaded_config == config
+    for (name, a), (_, b) in zip(tiny_model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    texts, labels = support()
+    a = inner_loop(tiny_model, texts, labels, config.inner_loop)
+    b = inner_loop(loaded, texts, labels, loaded_config.inner_loop)
+    torch.testing.assert_close(
+        predict_proba(tiny_model, a.params, texts), predict_proba(loaded, b.params, texts)
+    )
+    with pytest.raises(FileNotFoundError, match="not a metasent checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_evaluate_episode_and_summary(tiny_model: MetaLearner, food_task: Task) -> None:
+    result = evaluate_episode(
+        tiny_model, fixed_episode(food_task), InnerLoopConfig(steps=1, adapted_layers=0)
+    )
+    assert result.num_query == len(food_task.split("test"))
+    assert 0 <= result.accuracy <= 1 and 0 <= result.macro_f1 <= 1
+    results = [
+        EpisodeResult("a", 0, 0.5, 0.4, 10, 0.1, 1.0),
+        EpisodeResult("a", 1, 0.7, 0.6, 10, 0.3, 1.0),
+        EpisodeResult("b", 0, 0.9, 0.8, 10, 0.2, 1.0),
+        EpisodeResult("b", 1, 0.9, 0.8, 10, 0.2, 1.0),
+    ]
+    summary = summarize(results)
+    assert summary["tasks"]["a"]["accuracy"] == 60.0
+    assert summary["tasks"]["a"]["accuracy_ci95"] == pytest.approx(
+        127.06, abs=0.01
+    )  # t(0.975, 1) * 14.14 / sqrt 2
+    assert summary["mean"]["accuracy"] == 75.0 and summary["mean"]["macro_f1"] == 65.0
+    assert summary["mean"]["episodes"] == 4 and summary["mean"]["accuracy_ci95"] > 0
+    table = format_table(summary, "title")
+    assert "MEAN (2 tasks)" in table and "75.00" in table
