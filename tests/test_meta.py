@@ -229,3 +229,28 @@ def test_evaluate_episode_and_summary(tiny_model: MetaLearner, food_task: Task) 
     assert summary["mean"]["episodes"] == 4 and summary["mean"]["accuracy_ci95"] > 0
     table = format_table(summary, "title")
     assert "MEAN (2 tasks)" in table and "75.00" in table
+
+
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_cached_frozen_layers_give_the_uncached_adaptation(tiny_model: MetaLearner, layers: int) -> None:
+    texts, labels = support()
+    config = InnerLoopConfig(steps=3, lr=0.05, adapted_layers=layers)
+    cached = inner_loop(tiny_model, texts, labels, config, cache_frozen=True)
+    uncached = inner_loop(tiny_model, texts, labels, config, cache_frozen=False)
+    assert cached.params.keys() == uncached.params.keys()
+    for name in cached.params:
+        torch.testing.assert_close(cached.params[name], uncached.params[name], atol=1e-5, rtol=1e-5)
+    queries = ["great coffee", "awful stale tea never again"]
+    torch.testing.assert_close(
+        predict_proba(tiny_model, cached.params, queries),
+        predict_proba(tiny_model, uncached.params, queries),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    batch = tiny_model.tokenize(texts)
+    frozen = tiny_model.frozen_features(batch, layers)
+    assert frozen is not None
+    base = dict(tiny_model.named_parameters())
+    torch.testing.assert_close(
+        tiny_model.embed_frozen(base, frozen), tiny_model.embed(base, batch), atol=1e-6, rtol=1e-5
+    )
