@@ -43,13 +43,11 @@ def _read_tasks(data: str, include: list[str] | None = None, exclude: list[str] 
 
 @app.command()
 def train(
-    data: Annotated[
-        str, typer.Option(help="ARSC directory, or a JSONL/CSV/HF dataset with text,label,domain")
-    ],
+    data: Annotated[str, typer.Option(help="ARSC directory, or a JSONL/CSV/HF dataset with text,label,domain")],
     output: Annotated[Path, typer.Option(help="Directory for the 'best' and 'last' checkpoints")],
-    exclude_domains: Annotated[
-        str, typer.Option(help="Comma-separated domains held out of meta-training")
-    ] = ",".join(STANDARD_HELD_OUT),
+    exclude_domains: Annotated[str, typer.Option(help="Comma-separated domains held out of meta-training")] = ",".join(
+        STANDARD_HELD_OUT
+    ),
     val_domains: Annotated[
         str, typer.Option(help="Comma-separated domains validated on (their --val-split)")
     ] = "music,video",
@@ -137,9 +135,7 @@ def evaluate(
         Path | None,
         typer.Option(help="Checkpoint directory; omit for the un-meta-trained encoder (baseline)"),
     ] = None,
-    encoder: Annotated[
-        str | None, typer.Option(help="Encoder for the baseline (default all-MiniLM-L6-v2)")
-    ] = None,
+    encoder: Annotated[str | None, typer.Option(help="Encoder for the baseline (default all-MiniLM-L6-v2)")] = None,
     domains: Annotated[
         str | None,
         typer.Option(help="Comma-separated domains to evaluate (default: ARSC's 4 target domains)"),
@@ -184,17 +180,13 @@ def evaluate(
     )
     if max_length is not None:
         model.config = model.config.model_copy(update={"max_length": max_length})
-    include = _split(domains) or (
-        arsc_target_domains(data) if Path(data, "workspace.target.list").exists() else None
-    )
+    include = _split(domains) or (arsc_target_domains(data) if Path(data, "workspace.target.list").exists() else None)
     tasks = list(_read_tasks(data, include=include))
     results = []
     for task in tasks:
         if protocol == "fixed":
             results.append(
-                evaluate_episode(
-                    model, fixed_episode(task, support_split, query_split), inner, None, batch_size
-                )
+                evaluate_episode(model, fixed_episode(task, support_split, query_split), inner, None, batch_size)
             )
             continue
         for seed in range(seeds):
@@ -249,9 +241,7 @@ def serve(
     overrides = {"host": host, "port": port, "checkpoint": checkpoint, "device": device}
     settings = Settings.model_validate({k: v for k, v in overrides.items() if v is not None})
     _setup(settings.threads, settings.log_level)
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower()
-    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
 
 
 def main() -> None:

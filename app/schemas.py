@@ -81,9 +81,7 @@ class DomainList(BaseModel):
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={
-            "examples": [{"texts": ["lovely olive oil, fresh and peppery", "the jam was mouldy"]}]
-        },
+        json_schema_extra={"examples": [{"texts": ["lovely olive oil, fresh and peppery", "the jam was mouldy"]}]},
     )
     texts: list[NonBlank] = Field(min_length=1, description="texts to classify")
 

@@ -21,9 +21,7 @@ class Settings(BaseSettings):
     checkpoint: Path | None = Field(
         default=None, description="metasent checkpoint directory; none: the un-meta-trained encoder"
     )
-    encoder: str | None = Field(
-        default=None, description="encoder name or path used when no checkpoint is given"
-    )
+    encoder: str | None = Field(default=None, description="encoder name or path used when no checkpoint is given")
     device: str = Field(default="auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)

@@ -73,9 +73,7 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
-def load_checkpoint(
-    directory: str | Path, device: str | torch.device = "cpu"
-) -> tuple[MetaLearner, CheckpointConfig]:
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[MetaLearner, CheckpointConfig]:
     """Load a checkpoint written by :func:`save_checkpoint`.
 
     Returns:
@@ -95,9 +93,7 @@ def load_checkpoint(
     model = MetaLearner(encoder, tokenizer, config.encoder)
     missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=False)
     if unexpected or [m for m in missing if ".pooler." not in m]:
-        raise ValueError(
-            f"{directory}: weights do not match the encoder: missing {missing}, unexpected {unexpected}"
-        )
+        raise ValueError(f"{directory}: weights do not match the encoder: missing {missing}, unexpected {unexpected}")
     model.to(device).eval()
     return model, config
 

@@ -68,9 +68,7 @@ def evaluate_episode(
         task=episode.task,
         seed=seed,
         accuracy=correct / max(len(gold), 1),
-        macro_f1=float(
-            f1_score(gold, predicted, labels=list(adaptation.labels), average="macro", zero_division=0)
-        ),
+        macro_f1=float(f1_score(gold, predicted, labels=list(adaptation.labels), average="macro", zero_division=0)),
         num_query=len(gold),
         adapt_seconds=adaptation.seconds,
         support_accuracy=adaptation.support_accuracy,

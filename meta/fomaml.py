@@ -39,9 +39,7 @@ logger = logging.getLogger(__name__)
 MIN_LOGIT_SCALE, MAX_LOGIT_SCALE = math.log(1.0), math.log(100.0)
 
 
-def fomaml_query_loss(
-    model: MetaLearner, episode: Episode, inner_config: InnerLoopConfig
-) -> tuple[Tensor, float]:
+def fomaml_query_loss(model: MetaLearner, episode: Episode, inner_config: InnerLoopConfig) -> tuple[Tensor, float]:
     """The first-order MAML query loss of one episode.
 
     ``loss.backward()`` leaves in each meta-parameter's ``.grad`` the query-loss gradient taken

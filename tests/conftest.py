@@ -15,9 +15,7 @@ from meta.checkpoint import save_checkpoint
 from meta.config import CheckpointConfig, EncoderConfig, InnerLoopConfig
 from meta.model import MetaLearner
 
-ARSC_DIR = Path(
-    os.environ.get("METASENT_ARSC_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "arsc")
-)
+ARSC_DIR = Path(os.environ.get("METASENT_ARSC_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "arsc"))
 
 POSITIVE = [
     "great tasty coffee love it",
@@ -69,9 +67,7 @@ def make_tiny_model(directory: Path, seed: int = 0, max_length: int = 32) -> Met
         intermediate_size=64,
         max_position_embeddings=64,
     )
-    model = MetaLearner(
-        BertModel(config), tokenizer, EncoderConfig(name_or_path="tiny-bert", max_length=max_length)
-    )
+    model = MetaLearner(BertModel(config), tokenizer, EncoderConfig(name_or_path="tiny-bert", max_length=max_length))
     return model.eval()
 
 

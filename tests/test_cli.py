@@ -86,3 +86,21 @@ def test_train_then_evaluate_with_an_encoder_path(tmp_path: Path) -> None:
     assert summary["config"]["inner_loop"]["steps"] == 2
     assert 0 <= summary["mean"]["accuracy"] <= 100
     assert len(summary["episodes"]) == 3 and {e["seed"] for e in summary["episodes"]} == {0, 1, 2}
+
+
+def test_curve_table_windows_and_validation() -> None:
+    from bench.curve import curve_table
+    from meta.config import CheckpointConfig
+
+    config = CheckpointConfig(step=4)
+    config.metrics = {
+        "curve": [{"step": s, "query_loss": 1.0 / s, "query_accuracy": 0.5} for s in range(1, 5)],
+        "validation": [{"step": 0, "accuracy": 50.0}, {"step": 2, "accuracy": 60.0}, {"step": 4, "accuracy": 55.0}],
+        "best_val_accuracy": 60.0,
+        "best_step": 2,
+    }
+    lines = curve_table(config, window=2).splitlines()
+    assert "50.00 (0)" in lines[1]
+    assert lines[2].split()[:3] == ["1-2", "0.750", "50.0"] and "60.00 (2)" in lines[2]
+    assert "55.00 (4)" in lines[3]
+    assert "best validation 60.0 at step 2" in lines[-1]

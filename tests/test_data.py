@@ -90,9 +90,7 @@ def test_read_table_csv_default_domain_and_missing_column(tmp_path: Path) -> Non
 def test_read_table_from_saved_dataset_with_class_labels(tmp_path: Path) -> None:
     import datasets
 
-    features = datasets.Features(
-        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
-    )
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
     dataset = datasets.Dataset.from_dict({"text": ["good", "bad"], "label": [1, 0]}, features=features)
     datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "saved"))
     (task,) = read_table(tmp_path / "saved", default_domain="saved")
@@ -143,9 +141,7 @@ def test_sampler_query_from_another_split(food_task: Task) -> None:
     sampler = EpisodeSampler([food_task], k_shot=5, q_query=None, support_split="train", query_split="test")
     episode = sampler.sample()
     assert len(episode.support) == 10
-    assert sorted(episode.query, key=lambda e: e.text) == sorted(
-        food_task.split("test"), key=lambda e: e.text
-    )
+    assert sorted(episode.query, key=lambda e: e.text) == sorted(food_task.split("test"), key=lambda e: e.text)
 
 
 def test_sampler_too_few_examples_is_a_clear_error(food_task: Task) -> None:

@@ -48,14 +48,10 @@ def test_adapted_parameter_names(tiny_model: MetaLearner) -> None:
 
 
 @pytest.mark.parametrize("layers", [0, 1, -1])
-def test_inner_loop_lowers_support_loss_and_leaves_base_untouched(
-    tiny_model: MetaLearner, layers: int
-) -> None:
+def test_inner_loop_lowers_support_loss_and_leaves_base_untouched(tiny_model: MetaLearner, layers: int) -> None:
     before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
     texts, labels = support()
-    adaptation = inner_loop(
-        tiny_model, texts, labels, InnerLoopConfig(steps=10, lr=0.01, adapted_layers=layers)
-    )
+    adaptation = inner_loop(tiny_model, texts, labels, InnerLoopConfig(steps=10, lr=0.01, adapted_layers=layers))
     assert len(adaptation.support_losses) == 11
     assert adaptation.support_losses[-1] < adaptation.support_losses[0]
     assert set(adaptation.params) == {"head.weight", "head.bias", *tiny_model.adapted_parameter_names(layers)}
@@ -110,9 +106,7 @@ def test_fomaml_step_equals_hand_computed_first_order_update(tiny_model: MetaLea
 
     # Hand computation: theta leaves for the prototypes, phi leaves for the adapted query pass.
     theta_leaves = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
-    phi_leaves = {
-        n: adaptation.params[n].clone().requires_grad_(True) for n in tiny_model.adapted_parameter_names(1)
-    }
+    phi_leaves = {n: adaptation.params[n].clone().requires_grad_(True) for n in tiny_model.adapted_parameter_names(1)}
     s_batch = tiny_model.tokenize([e.text for e in episode.support])
     q_batch = tiny_model.tokenize([e.text for e in episode.query])
     s_y = encode_labels([e.label for e in episode.support], episode.labels, tiny_model.device)
@@ -142,9 +136,7 @@ def test_fomaml_step_equals_hand_computed_first_order_update(tiny_model: MetaLea
     assert changed > len(theta) // 2  # the outer loop updates the lower layers too
 
 
-def write_meta_train(
-    tmp_path: Path, model: MetaLearner, steps: int, state=None, config=None
-) -> CheckpointConfig:
+def write_meta_train(tmp_path: Path, model: MetaLearner, steps: int, state=None, config=None) -> CheckpointConfig:
     tasks = [make_task("food", "food"), make_task("drinks", "drinks")]
     val = [make_task("snacks", "snacks")]
     config = config or CheckpointConfig(
@@ -187,9 +179,7 @@ def test_meta_train_writes_best_and_last_and_resumes(tmp_path: Path, tiny_model:
 
 
 def test_checkpoint_round_trip(tmp_path: Path, tiny_model: MetaLearner) -> None:
-    config = CheckpointConfig(
-        encoder=tiny_model.config, inner_loop=InnerLoopConfig(steps=4, lr=0.2, adapted_layers=1)
-    )
+    config = CheckpointConfig(encoder=tiny_model.config, inner_loop=InnerLoopConfig(steps=4, lr=0.2, adapted_layers=1))
     config.metrics["note"] = "round trip"
     save_checkpoint(tmp_path / "ckpt", tiny_model, config)
     save_checkpoint(tmp_path / "ckpt", tiny_model, config)  # overwriting is atomic and leaves one copy
@@ -201,17 +191,13 @@ def test_checkpoint_round_trip(tmp_path: Path, tiny_model: MetaLearner) -> None:
     texts, labels = support()
     a = inner_loop(tiny_model, texts, labels, config.inner_loop)
     b = inner_loop(loaded, texts, labels, loaded_config.inner_loop)
-    torch.testing.assert_close(
-        predict_proba(tiny_model, a.params, texts), predict_proba(loaded, b.params, texts)
-    )
+    torch.testing.assert_close(predict_proba(tiny_model, a.params, texts), predict_proba(loaded, b.params, texts))
     with pytest.raises(FileNotFoundError, match="not a metasent checkpoint"):
         load_checkpoint(tmp_path)
 
 
 def test_evaluate_episode_and_summary(tiny_model: MetaLearner, food_task: Task) -> None:
-    result = evaluate_episode(
-        tiny_model, fixed_episode(food_task), InnerLoopConfig(steps=1, adapted_layers=0)
-    )
+    result = evaluate_episode(tiny_model, fixed_episode(food_task), InnerLoopConfig(steps=1, adapted_layers=0))
     assert result.num_query == len(food_task.split("test"))
     assert 0 <= result.accuracy <= 1 and 0 <= result.macro_f1 <= 1
     results = [
@@ -222,9 +208,7 @@ def test_evaluate_episode_and_summary(tiny_model: MetaLearner, food_task: Task) 
     ]
     summary = summarize(results)
     assert summary["tasks"]["a"]["accuracy"] == 60.0
-    assert summary["tasks"]["a"]["accuracy_ci95"] == pytest.approx(
-        127.06, abs=0.01
-    )  # t(0.975, 1) * 14.14 / sqrt 2
+    assert summary["tasks"]["a"]["accuracy_ci95"] == pytest.approx(127.06, abs=0.01)  # t(0.975, 1) * 14.14 / sqrt 2
     assert summary["mean"]["accuracy"] == 75.0 and summary["mean"]["macro_f1"] == 65.0
     assert summary["mean"]["episodes"] == 4 and summary["mean"]["accuracy_ci95"] > 0
     table = format_table(summary, "title")

@@ -17,9 +17,7 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     413: {"model": ErrorResponse, "description": "More examples or texts than the server's limits"},
     422: {"model": ErrorResponse, "description": "Invalid field (the error names it and the fix)"},
 }
-_NOT_FOUND: dict[int | str, dict[str, object]] = {
-    404: {"model": ErrorResponse, "description": "Unknown domain"}
-}
+_NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"model": ErrorResponse, "description": "Unknown domain"}}
 
 
 def _require(store: DomainStore, domain_id: str) -> StoredDomain:
