@@ -33,6 +33,8 @@ class EpisodeResult:
         num_query (`int`): query examples.
         adapt_seconds (`float`): inner-loop wall time, seconds.
         support_accuracy (`float`): accuracy on the support set after adaptation.
+        positive_share (`float | None`): share of the query set labelled ``positive`` (the
+            accuracy of always answering ``positive``), ``None`` without such a label.
     """
 
     task: str
@@ -42,6 +44,7 @@ class EpisodeResult:
     num_query: int
     adapt_seconds: float
     support_accuracy: float
+    positive_share: float | None = None
 
 
 def evaluate_episode(
@@ -72,6 +75,7 @@ def evaluate_episode(
         num_query=len(gold),
         adapt_seconds=adaptation.seconds,
         support_accuracy=adaptation.support_accuracy,
+        positive_share=gold.count("positive") / len(gold) if gold and "positive" in adaptation.labels else None,
     )
 
 
@@ -86,6 +90,15 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
     return mean, half
 
 
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.fmean(known), 2) if known and len(known) == len(values) else None
+
+
+def _always_positive(results: Sequence[EpisodeResult]) -> float | None:
+    return _mean_or_none([None if r.positive_share is None else 100 * r.positive_share for r in results])
+
+
 def summarize(results: Iterable[EpisodeResult]) -> dict[str, Any]:
     """Per-task and overall means of accuracy and macro-F1 (percent), with 95% CIs over episodes.
 
@@ -97,7 +110,7 @@ def summarize(results: Iterable[EpisodeResult]) -> dict[str, Any]:
     for result in results:
         by_task[result.task].append(result)
 
-    def block(rs: Sequence[EpisodeResult]) -> dict[str, float]:
+    def block(rs: Sequence[EpisodeResult]) -> dict[str, Any]:
         acc, acc_ci = mean_ci95([100 * r.accuracy for r in rs])
         f1, f1_ci = mean_ci95([100 * r.macro_f1 for r in rs])
         return {
@@ -107,6 +120,7 @@ def summarize(results: Iterable[EpisodeResult]) -> dict[str, Any]:
             "macro_f1_ci95": round(f1_ci, 2),
             "episodes": len(rs),
             "adapt_seconds": round(statistics.median(r.adapt_seconds for r in rs), 3),
+            "always_positive_accuracy": _always_positive(rs),
         }
 
     tasks = {task: block(rs) for task, rs in sorted(by_task.items())}
@@ -126,6 +140,7 @@ def summarize(results: Iterable[EpisodeResult]) -> dict[str, Any]:
         "tasks": len(tasks),
         "episodes": len(results),
         "adapt_seconds": round(statistics.median(r.adapt_seconds for r in results), 3),
+        "always_positive_accuracy": _mean_or_none([t["always_positive_accuracy"] for t in tasks.values()]),
     }
     return {"tasks": tasks, "mean": overall, "episodes": [asdict(r) for r in results]}
 
@@ -138,15 +153,21 @@ def format_table(summary: dict[str, Any], title: str = "") -> str:
         return f"{row[key]:6.2f} ± {ci:5.2f}" if ci else f"{row[key]:6.2f}"
 
     lines = [title] if title else []
-    lines.append(f"{'task':28s} {'accuracy':>16s} {'macro-F1':>16s} {'episodes':>8s} {'adapt s':>8s}")
+
+    def positive(row: dict[str, Any]) -> str:
+        value = row.get("always_positive_accuracy")
+        return "" if value is None else f"{value:.2f}"
+
+    header = f"{'task':28s} {'accuracy':>16s} {'macro-F1':>16s} {'episodes':>8s} {'adapt s':>8s} {'always-pos':>10s}"
+    lines.append(header)
     for task, row in summary["tasks"].items():
         lines.append(
             f"{task:28s} {cell(row, 'accuracy'):>16s} {cell(row, 'macro_f1'):>16s} "
-            f"{row['episodes']:8d} {row['adapt_seconds']:8.3f}"
+            f"{row['episodes']:8d} {row['adapt_seconds']:8.3f} {positive(row):>10s}"
         )
     mean = summary["mean"]
     lines.append(
         f"{'MEAN (' + str(mean['tasks']) + ' tasks)':28s} {cell(mean, 'accuracy'):>16s} "
-        f"{cell(mean, 'macro_f1'):>16s} {mean['episodes']:8d} {mean['adapt_seconds']:8.3f}"
+        f"{cell(mean, 'macro_f1'):>16s} {mean['episodes']:8d} {mean['adapt_seconds']:8.3f} {positive(mean):>10s}"
     )
     return "\n".join(lines)

@@ -200,17 +200,20 @@ def test_evaluate_episode_and_summary(tiny_model: MetaLearner, food_task: Task) 
     result = evaluate_episode(tiny_model, fixed_episode(food_task), InnerLoopConfig(steps=1, adapted_layers=0))
     assert result.num_query == len(food_task.split("test"))
     assert 0 <= result.accuracy <= 1 and 0 <= result.macro_f1 <= 1
+    assert result.positive_share == 0.5  # 4 positive, 4 negative test reviews
     results = [
-        EpisodeResult("a", 0, 0.5, 0.4, 10, 0.1, 1.0),
-        EpisodeResult("a", 1, 0.7, 0.6, 10, 0.3, 1.0),
-        EpisodeResult("b", 0, 0.9, 0.8, 10, 0.2, 1.0),
-        EpisodeResult("b", 1, 0.9, 0.8, 10, 0.2, 1.0),
+        EpisodeResult("a", 0, 0.5, 0.4, 10, 0.1, 1.0, 0.8),
+        EpisodeResult("a", 1, 0.7, 0.6, 10, 0.3, 1.0, 0.6),
+        EpisodeResult("b", 0, 0.9, 0.8, 10, 0.2, 1.0, 0.5),
+        EpisodeResult("b", 1, 0.9, 0.8, 10, 0.2, 1.0, 0.5),
     ]
     summary = summarize(results)
     assert summary["tasks"]["a"]["accuracy"] == 60.0
     assert summary["tasks"]["a"]["accuracy_ci95"] == pytest.approx(127.06, abs=0.01)  # t(0.975, 1) * 14.14 / sqrt 2
     assert summary["mean"]["accuracy"] == 75.0 and summary["mean"]["macro_f1"] == 65.0
     assert summary["mean"]["episodes"] == 4 and summary["mean"]["accuracy_ci95"] > 0
+    assert summary["tasks"]["a"]["always_positive_accuracy"] == 70.0
+    assert summary["mean"]["always_positive_accuracy"] == 60.0
     table = format_table(summary, "title")
     assert "MEAN (2 tasks)" in table and "75.00" in table
 
