@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.batching import MicroBatcher
 from app.service import DomainStore, ModelService
 from app.settings import Settings
 
@@ -18,10 +19,15 @@ def get_service(request: Request) -> ModelService:
     return request.app.state.service
 
 
+def get_batcher(request: Request) -> MicroBatcher:
+    return request.app.state.batcher
+
+
 def get_store(request: Request) -> DomainStore:
     return request.app.state.store
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[ModelService, Depends(get_service)]
+BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 StoreDep = Annotated[DomainStore, Depends(get_store)]

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from app.batching import MicroBatcher
 from app.errors import install_error_handlers
 from app.routers import domains, health
 from app.service import DomainStore, ModelService
@@ -51,6 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.store = DomainStore()
         app.state.service = await run_in_threadpool(_load_service, settings)
+        app.state.batcher = MicroBatcher(
+            app.state.service.classify, settings.batch_window_ms / 1000, max(settings.max_texts, settings.batch_size)
+        )
         yield
 
     app = FastAPI(

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
         "(the encoder truncates to its token limit anyway)",
     )
     batch_size: int = Field(default=32, ge=1, description="texts per encoder forward pass")
+    batch_window_ms: float = Field(
+        default=5.0, ge=0, description="how long a classify request waits for concurrent ones to share its batch"
+    )
     log_level: str = "INFO"
 
 

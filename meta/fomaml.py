@@ -31,7 +31,7 @@ from data.registry import Task
 from meta.checkpoint import save_checkpoint
 from meta.config import CheckpointConfig, InnerLoopConfig, TrainConfig
 from meta.evaluate import evaluate_episode
-from meta.inner_loop import encode_labels, inner_loop
+from meta.inner_loop import autocast, encode_labels, inner_loop
 from meta.model import MetaLearner, prototype_head
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,9 @@ logger = logging.getLogger(__name__)
 MIN_LOGIT_SCALE, MAX_LOGIT_SCALE = math.log(1.0), math.log(100.0)
 
 
-def fomaml_query_loss(model: MetaLearner, episode: Episode, inner_config: InnerLoopConfig) -> tuple[Tensor, float]:
+def fomaml_query_loss(
+    model: MetaLearner, episode: Episode, inner_config: InnerLoopConfig, cache_frozen: bool = True
+) -> tuple[Tensor, float]:
     """The first-order MAML query loss of one episode.
 
     ``loss.backward()`` leaves in each meta-parameter's ``.grad`` the query-loss gradient taken
@@ -49,31 +51,34 @@ def fomaml_query_loss(model: MetaLearner, episode: Episode, inner_config: InnerL
         model (`MetaLearner`): the meta-learner; its parameters are the meta-parameters.
         episode (`Episode`): support and query sets.
         inner_config (`InnerLoopConfig`): the inner loop, as the server will run it.
+        cache_frozen (`bool`, defaults to True): passed to :func:`meta.inner_loop.inner_loop`.
 
     Returns:
         `(Tensor, float)`: the scalar query cross-entropy (nats) and the query accuracy.
     """
-    support = model.tokenize([ex.text for ex in episode.support])  # (N*K, tokens)
-    support_y = encode_labels([ex.label for ex in episode.support], episode.labels, model.device)
-    head = prototype_head(model(**support), support_y, len(episode.labels))  # graph into theta
-    adaptation = inner_loop(
-        model,
-        [ex.text for ex in episode.support],
-        [ex.label for ex in episode.support],
-        inner_config,
-        label_names=episode.labels,
-        initial_head={k: v.detach() for k, v in head.items()},
-    )
-    meta_params = dict(model.named_parameters())
-    params: dict[str, Tensor] = {}
-    for name, adapted in adaptation.params.items():
-        start = head[name] if name in head else meta_params[name]
-        params[name] = start + (adapted - start.detach())  # value: adapted; gradient: identity
-    query = model.tokenize([ex.text for ex in episode.query])  # (N*Q, tokens)
-    query_y = encode_labels([ex.label for ex in episode.query], episode.labels, model.device)
-    logits = model.logits(params, query)  # (N*Q, N)
-    loss = F.cross_entropy(logits, query_y)
-    accuracy = float((logits.argmax(-1) == query_y).float().mean())
+    with autocast(model.device):  # bf16 on CUDA, no-op on CPU
+        support = model.tokenize([ex.text for ex in episode.support])  # (N*K, tokens)
+        support_y = encode_labels([ex.label for ex in episode.support], episode.labels, model.device)
+        head = prototype_head(model(**support), support_y, len(episode.labels))  # graph into theta
+        adaptation = inner_loop(
+            model,
+            [ex.text for ex in episode.support],
+            [ex.label for ex in episode.support],
+            inner_config,
+            label_names=episode.labels,
+            initial_head={k: v.detach() for k, v in head.items()},
+            cache_frozen=cache_frozen,
+        )
+        meta_params = dict(model.named_parameters())
+        params: dict[str, Tensor] = {}
+        for name, adapted in adaptation.params.items():
+            start = head[name] if name in head else meta_params[name]
+            params[name] = start + (adapted - start.detach())  # value: adapted; gradient: identity
+        query = model.tokenize([ex.text for ex in episode.query])  # (N*Q, tokens)
+        query_y = encode_labels([ex.label for ex in episode.query], episode.labels, model.device)
+        logits = model.logits(params, query)  # (N*Q, N)
+        loss = F.cross_entropy(logits, query_y)
+        accuracy = float((logits.argmax(-1) == query_y).float().mean())
     return loss, accuracy
 
 
@@ -83,13 +88,14 @@ def fomaml_step(
     inner_config: InnerLoopConfig,
     optimizer: torch.optim.Optimizer,
     grad_clip: float | None = None,
+    cache_frozen: bool = True,
 ) -> tuple[float, float]:
     """One outer-loop update from a meta-batch of episodes (mean query loss), with gradient
     clipping; returns the mean query loss (nats) and accuracy before the update."""
     optimizer.zero_grad(set_to_none=True)
     losses, accuracies = [], []
     for episode in episodes:
-        loss, accuracy = fomaml_query_loss(model, episode, inner_config)
+        loss, accuracy = fomaml_query_loss(model, episode, inner_config, cache_frozen)
         (loss / len(episodes)).backward()
         losses.append(loss.item())
         accuracies.append(accuracy)

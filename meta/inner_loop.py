@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from meta.config import InnerLoopConfig
-from meta.model import MetaLearner, Params, prototype_head
+from meta.model import HEAD_BIAS, MetaLearner, Params, prototype_head
 
 
 @dataclass
@@ -118,36 +118,37 @@ def inner_loop(
     was_training = model.training
     model.eval()
     try:
-        batch = model.tokenize(support_texts)  # (N*K, tokens)
-        targets = encode_labels(support_labels, names, model.device)  # (N*K,)
-        base = {name: p.detach() for name, p in model.named_parameters()}
-        fast = {
-            name: base[name].clone().requires_grad_(True)
-            for name in model.adapted_parameter_names(config.adapted_layers)
-        }
-        # The layers below the adapted ones run once; each step runs only the adapted layers.
-        frozen = model.frozen_features(batch, config.adapted_layers) if cache_frozen else None
-        if initial_head is None:
+        with autocast(model.device):  # bf16 on CUDA, no-op on CPU
+            batch = model.tokenize(support_texts)  # (N*K, tokens)
+            targets = encode_labels(support_labels, names, model.device)  # (N*K,)
+            base = {name: p.detach() for name, p in model.named_parameters()}
+            fast = {
+                name: base[name].clone().requires_grad_(True)
+                for name in model.adapted_parameter_names(config.adapted_layers)
+            }
+            # The layers below the adapted ones run once; each step runs only the adapted layers.
+            frozen = model.frozen_features(batch, config.adapted_layers) if cache_frozen else None
+            if initial_head is None:
+                with torch.no_grad():
+                    z = model.embed_frozen(base, frozen) if frozen is not None else model.embed(base, batch)
+                    initial_head = prototype_head(z, targets, len(names))
+            fast.update({name: t.detach().clone().requires_grad_(True) for name, t in initial_head.items()})
+
+            def support_logits(params: Params) -> Tensor:  # (N*K, N)
+                if frozen is None:
+                    return model.logits(params, batch)
+                return model.head_logits(params, model.embed_frozen(params, frozen))
+
+            losses = []
+            for _ in range(config.steps):
+                loss = F.cross_entropy(support_logits({**base, **fast}), targets)
+                grads = torch.autograd.grad(loss, list(fast.values()))
+                fast = sgd_step(fast, grads, config.lr, config.grad_clip)
+                losses.append(loss.item())
             with torch.no_grad():
-                z = model.embed_frozen(base, frozen) if frozen is not None else model.embed(base, batch)
-                initial_head = prototype_head(z, targets, len(names))
-        fast.update({name: t.detach().clone().requires_grad_(True) for name, t in initial_head.items()})
-
-        def support_logits(params: Params) -> Tensor:  # (N*K, N)
-            if frozen is None:
-                return model.logits(params, batch)
-            return model.head_logits(params, model.embed_frozen(params, frozen))
-
-        losses = []
-        for _ in range(config.steps):
-            loss = F.cross_entropy(support_logits({**base, **fast}), targets)
-            grads = torch.autograd.grad(loss, list(fast.values()))
-            fast = sgd_step(fast, grads, config.lr, config.grad_clip)
-            losses.append(loss.item())
-        with torch.no_grad():
-            logits = support_logits({**base, **fast})  # (N*K, N)
-            losses.append(float(F.cross_entropy(logits, targets)))
-            accuracy = float((logits.argmax(-1) == targets).float().mean())
+                logits = support_logits({**base, **fast})  # (N*K, N)
+                losses.append(float(F.cross_entropy(logits, targets)))
+                accuracy = float((logits.argmax(-1) == targets).float().mean())
     finally:
         model.train(was_training)
     params = {name: t.detach() for name, t in fast.items()}
@@ -167,8 +168,8 @@ def predict_proba(
 ) -> Tensor:
     """Class probabilities of ``texts`` under adapted ``params``.
 
-    Texts are sorted by length and batched so that padding is short; results come back in
-    input order.
+    Texts are tokenised once, sorted by token count and batched so that padding is short
+    (bf16 autocast on CUDA); results come back in input order.
 
     Args:
         model (`MetaLearner`): the base model.
@@ -181,15 +182,21 @@ def predict_proba(
     """
     was_training = model.training
     model.eval()
+    token_ids = model.encode(texts)  # tokenised once; batches are padded to their longest text
+    order = sorted(range(len(texts)), key=lambda i: len(token_ids[i]))
+    out = torch.empty(len(texts), params[HEAD_BIAS].shape[0])
     try:
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        n_classes = params["head.bias"].shape[0]
-        out = torch.empty(len(texts), n_classes)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            batch = model.tokenize([texts[i] for i in chunk])
-            probs = model.logits(params, batch).float().softmax(-1).cpu()  # (chunk, classes)
-            out[torch.tensor(chunk)] = probs
+        with autocast(model.device):
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                batch = model.collate([token_ids[i] for i in chunk])
+                out[torch.tensor(chunk)] = model.logits(params, batch).float().softmax(-1).cpu()  # (chunk, classes)
     finally:
         model.train(was_training)
     return out
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA (where it is safe for BERT inference and adaptation), a no-op
+    elsewhere."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -126,6 +126,23 @@ class MetaLearner(nn.Module):
         limit = getattr(self.encoder.config, "max_position_embeddings", self.config.max_length)
         return min(self.config.max_length, int(limit))
 
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, truncated to :meth:`max_length` tokens, not padded."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length())["input_ids"]
+
+    def collate(self, token_ids: Sequence[list[int]]) -> dict[str, Tensor]:
+        """Pad token ids (from :meth:`encode`) to the longest in the batch.
+
+        Returns:
+            `dict[str, Tensor]`: ``input_ids`` and ``attention_mask``, each (batch, tokens),
+            on the model's device.
+        """
+        batch = self.tokenizer.pad({"input_ids": list(token_ids)}, padding=True, return_tensors="pt")
+        return {
+            "input_ids": batch["input_ids"].to(self.device),
+            "attention_mask": batch["attention_mask"].to(self.device),
+        }
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """Tokenise with padding to the longest text and truncation to :meth:`max_length`.
 
@@ -133,17 +150,7 @@ class MetaLearner(nn.Module):
             `dict[str, Tensor]`: ``input_ids`` and ``attention_mask``, each (batch, tokens),
             on the model's device.
         """
-        batch = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_length(),
-            return_tensors="pt",
-        )
-        return {
-            "input_ids": batch["input_ids"].to(self.device),
-            "attention_mask": batch["attention_mask"].to(self.device),
-        }
+        return self.collate(self.encode(texts))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Mean-pooled, L2-normalised embeddings.
@@ -281,6 +288,7 @@ def prototype_head(embeddings: Tensor, labels: Tensor, num_classes: int) -> Para
     Raises:
         ValueError: when a class has no support example.
     """
+    embeddings = embeddings.float()  # the head stays fp32 under autocast
     one_hot = F.one_hot(labels, num_classes).to(embeddings.dtype)  # (examples, N)
     counts = one_hot.sum(0)  # (N,)
     if bool((counts == 0).any()):

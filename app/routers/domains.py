@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from app.dependencies import ServiceDep, SettingsDep, StoreDep
+from app.dependencies import BatcherDep, ServiceDep, SettingsDep, StoreDep
 from app.errors import ApiError
 from app.schemas import ClassifyRequest, ClassifyResponse, CreateDomain, Domain, DomainList, ErrorResponse
 from app.service import DomainStore, StoredDomain
@@ -89,12 +89,12 @@ async def delete_domain(domain_id: str, store: StoreDep) -> Response:
 
 @router.post("/{domain_id}/classify", response_model=ClassifyResponse, responses={**_ERRORS, **_NOT_FOUND})
 async def classify(
-    domain_id: str, body: ClassifyRequest, service: ServiceDep, store: StoreDep, settings: SettingsDep
+    domain_id: str, body: ClassifyRequest, batcher: BatcherDep, store: StoreDep, settings: SettingsDep
 ) -> ClassifyResponse:
     """Classify texts with a domain's adapted parameters; predictions come in input order."""
     domain = _require(store, domain_id)
     _check_limit(len(body.texts), settings.max_texts, "texts", "MAX_TEXTS")
-    probs = await run_in_threadpool(service.classify, domain.params, body.texts)  # (texts, classes)
+    probs = await batcher.classify(domain_id, domain.params, body.texts)  # (texts, classes)
     predictions = [
         {
             "label": domain.labels[int(row.argmax())],
