@@ -244,6 +244,56 @@ def serve(
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
 
 
+@app.command()
+def bench(
+    data: Annotated[
+        str, typer.Option(help="ARSC directory (support and query texts come from it)")
+    ] = "../shared/data/arsc",
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint; omit for the un-meta-trained encoder")] = None,
+    device: str = "auto",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (here and in the server)")] = None,
+    repeats: Annotated[int, typer.Option(help="Adaptations timed (median)")] = 10,
+    texts: Annotated[int, typer.Option(help="Texts classified")] = 1000,
+    batch_size: int = 32,
+    padded_length: Annotated[int, typer.Option(help="Fixed length of the file-order reference")] = 256,
+    train_steps: Annotated[int, typer.Option(help="Outer steps timed per meta-training variant")] = 3,
+    http: Annotated[bool, typer.Option(help="Also start a server for the HTTP and memory figures")] = True,
+    clients: int = 8,
+    requests: Annotated[int, typer.Option(help="Classify requests per client")] = 10,
+    per_request: Annotated[int, typer.Option(help="Texts per classify request")] = 8,
+    domains: Annotated[int, typer.Option(help="Domains adapted for the memory figure")] = 100,
+    port: int = 8790,
+    output: Annotated[Path | None, typer.Option(help="Write the figures as JSON here")] = None,
+) -> None:
+    """Measure adaptation seconds, classification and HTTP throughput, meta-training episodes/s
+    and server memory, each with its ratio to a reference measured in the same run."""
+    _setup(threads)
+    from bench.speed import run_bench
+
+    result = run_bench(
+        Path(data),
+        checkpoint,
+        device,
+        repeats,
+        texts,
+        batch_size,
+        padded_length,
+        train_steps,
+        http,
+        clients,
+        requests,
+        per_request,
+        domains,
+        port,
+        threads,
+    )
+    text = json.dumps(result, indent=2)
+    typer.echo(text)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n")
+
+
 def main() -> None:
     app()
 

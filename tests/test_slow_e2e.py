@@ -44,3 +44,30 @@ def test_adapt_to_gourmet_food_and_classify_over_http() -> None:
             f"/v1/domains/{domain['domain_id']}/classify", json={"texts": [e.text for e in episode.support]}
         ).json()["predictions"]
         assert [p["label"] for p in support] == [e.label for e in episode.support]
+
+
+def test_bench_prints_every_figure_with_its_ratio(tiny_checkpoint) -> None:
+    from bench.speed import run_bench
+
+    result = run_bench(
+        ARSC_DIR,
+        tiny_checkpoint,
+        "cpu",
+        repeats=2,
+        texts=24,
+        batch_size=8,
+        train_steps=1,
+        clients=2,
+        requests=2,
+        per_request=3,
+        domains=3,
+        port=8791,
+    )
+    assert result["adaptation"]["ratio_to_forward"] == pytest.approx(
+        result["adaptation"]["adapt_seconds_median"] / result["adaptation"]["forward_seconds_median"], rel=0.02
+    )
+    assert result["classification"]["texts"] == 24 and result["classification"]["ratio_to_bare_sorted"] > 0
+    assert result["meta_training"]["episodes_timed"] == 4 and result["meta_training"]["after_episodes_per_s"] > 0
+    assert result["http"]["requests"] == 4 and result["http"]["p99_ms"] >= result["http"]["p50_ms"] > 0
+    assert result["memory"]["domains"] == 3 and result["memory"]["peak_rss_mib"] > 0
+    assert result["model"]["bytes_per_domain_tensors"] > 0
