@@ -60,7 +60,7 @@ def train(
     inner_lr: Annotated[float, typer.Option(help="Inner learning rate alpha")] = 0.05,
     adapted_layers: Annotated[
         int, typer.Option(help="Top encoder layers adapted in the inner loop (0: head only, -1: all)")
-    ] = 2,
+    ] = 0,
     n_way: int = 2,
     k_shot: int = 5,
     q_query: Annotated[int, typer.Option(help="Query examples per class")] = 8,

@@ -32,15 +32,19 @@ class InnerLoopConfig(BaseModel):
     Args:
         steps (`int`, defaults to 5): SGD steps on the support loss.
         lr (`float`, defaults to 0.05): inner learning rate alpha.
-        adapted_layers (`int`, defaults to 2): encoder layers adapted besides the head, counted
+        adapted_layers (`int`, defaults to 0): encoder layers adapted besides the head, counted
             from the top; 0 adapts the head only, -1 every encoder parameter (embeddings included).
+            Head only was chosen by measurement: in 40 minutes of meta-training on ARSC it reached
+            the same validation accuracy as the top 2 layers (78.1% vs 77.6% on music/video dev
+            episodes) with 1.6x the outer steps, and adapts in a fraction of the time with 3 KB
+            instead of 14 MB per domain (README, "Choosing the adapted layers").
         grad_clip (`float | None`, defaults to 1.0): global L2 norm each inner step's gradient is
             clipped to; ``None`` disables clipping.
     """
 
     steps: int = Field(default=5, ge=0, le=100)
     lr: float = Field(default=0.05, gt=0)
-    adapted_layers: int = Field(default=2, ge=-1)
+    adapted_layers: int = Field(default=0, ge=-1)
     grad_clip: float | None = Field(default=1.0, gt=0)
 
 

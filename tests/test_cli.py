@@ -104,3 +104,16 @@ def test_curve_table_windows_and_validation() -> None:
     assert lines[2].split()[:3] == ["1-2", "0.750", "50.0"] and "60.00 (2)" in lines[2]
     assert "55.00 (4)" in lines[3]
     assert "best validation 60.0 at step 2" in lines[-1]
+
+
+def test_compare_table_rows_and_mean() -> None:
+    from bench.compare import compare_table
+
+    def summary(acc: float) -> dict:
+        row = {"accuracy": acc, "macro_f1": acc - 10, "always_positive_accuracy": 80.0}
+        return {"tasks": {"a.t2": row}, "mean": {**row, "accuracy_ci95": 1.5}}
+
+    lines = compare_table([summary(50.0), summary(70.0)], ["base", "meta"]).splitlines()
+    assert lines[0] == "| task | base acc | meta acc | base macro-F1 | meta macro-F1 | always positive |"
+    assert lines[2] == "| a.t2 | 50.00 | 70.00 | 40.00 | 60.00 | 80.00 |"
+    assert lines[3].startswith("| **mean (1 tasks)** | 50.00 ± 1.50 | 70.00 ± 1.50 |")

@@ -1,0 +1,46 @@
+"""Markdown table comparing `metasent evaluate --output` JSON files task by task.
+
+    python -m bench.compare results/arsc_test_baseline.json results/arsc_test_fomaml.json \\
+        --names un-meta-trained FOMAML
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    ci = row.get(f"{key}_ci95")
+    return f"{row[key]:.2f} ± {ci:.2f}" if ci else f"{row[key]:.2f}"
+
+
+def compare_table(summaries: list[dict[str, Any]], names: list[str]) -> str:
+    """One row per task (and the mean): accuracy and macro-F1 of each summary, then the
+    always-positive accuracy of the query set."""
+    header = ["task"] + [f"{n} acc" for n in names] + [f"{n} macro-F1" for n in names] + ["always positive"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    tasks = list(summaries[0]["tasks"])
+    for task in [*tasks, "mean"]:
+        rows = [s["mean"] if task == "mean" else s["tasks"][task] for s in summaries]
+        label = f"**mean ({len(tasks)} tasks)**" if task == "mean" else task
+        positive = rows[0].get("always_positive_accuracy")
+        cells = [_cell(r, "accuracy") for r in rows] + [_cell(r, "macro_f1") for r in rows]
+        cells.append("" if positive is None else f"{positive:.2f}")
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", type=Path)
+    parser.add_argument("--names", nargs="+")
+    args = parser.parse_args()
+    names = args.names or [p.stem for p in args.results]
+    print(compare_table([json.loads(p.read_text()) for p in args.results], names))
+
+
+if __name__ == "__main__":
+    main()
