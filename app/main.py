@@ -53,7 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = DomainStore()
         app.state.service = await run_in_threadpool(_load_service, settings)
         app.state.batcher = MicroBatcher(
-            app.state.service.classify, settings.batch_window_ms / 1000, max(settings.max_texts, settings.batch_size)
+            app.state.service.classify_many,
+            settings.batch_window_ms / 1000,
+            max(settings.max_texts, settings.batch_size),
         )
         yield
 

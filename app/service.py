@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from meta.config import CheckpointConfig
-from meta.inner_loop import Adaptation, inner_loop, predict_proba
+from meta.inner_loop import Adaptation, embed_texts, inner_loop, is_head_only, predict_proba
 from meta.model import MetaLearner
 
 
@@ -77,9 +78,46 @@ class ModelService:
 
     def classify(self, params: dict[str, Tensor], texts: list[str]) -> Tensor:
         """Probabilities (texts, classes) of ``texts`` under a domain's adapted ``params``."""
-        texts = [t[: self.max_text_chars] for t in texts]
+        return self.classify_many([(params, texts)])[0]
+
+    def classify_many(self, requests: list[tuple[dict[str, Tensor], list[str]]]) -> list[Tensor]:
+        """Classify several requests in as few encoder passes as possible.
+
+        Domains that adapted only the head share one pass of the base encoder over the union of
+        their texts (each distinct text encoded once); other requests are grouped by domain and
+        each group runs one length-sorted pass.
+
+        Args:
+            requests: ``(params, texts)`` pairs; ``params`` are a domain's adapted tensors.
+
+        Returns:
+            `list[Tensor]`: per request, (texts, classes) probabilities in input order.
+        """
+        requests = [(params, [t[: self.max_text_chars] for t in texts]) for params, texts in requests]
+        results: list[Tensor | None] = [None] * len(requests)
         with self._lock:
-            return predict_proba(self.model, params, texts, self.batch_size)
+            shared = [i for i, (params, _) in enumerate(requests) if is_head_only(params)]
+            if shared:
+                unique = list(dict.fromkeys(t for i in shared for t in requests[i][1]))
+                index = {text: row for row, text in enumerate(unique)}
+                z = embed_texts(self.model, unique, self.batch_size).to(self.model.device)  # (unique, hidden)
+                with torch.inference_mode():
+                    for i in shared:
+                        params, texts = requests[i]
+                        rows = z[torch.tensor([index[t] for t in texts], dtype=torch.long)]
+                        results[i] = self.model.head_logits(params, rows).float().softmax(-1).cpu()
+            groups: dict[int, list[int]] = {}
+            for i, (params, _) in enumerate(requests):
+                if results[i] is None:
+                    groups.setdefault(id(params), []).append(i)
+            for members in groups.values():
+                texts = [t for i in members for t in requests[i][1]]
+                probs = predict_proba(self.model, requests[members[0]][0], texts, self.batch_size)
+                offset = 0
+                for i in members:
+                    results[i] = probs[offset : offset + len(requests[i][1])]
+                    offset += len(requests[i][1])
+        return [r for r in results if r is not None]
 
 
 class DomainStore:

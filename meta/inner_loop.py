@@ -8,7 +8,7 @@ for (Finn et al. 2017, "Model-Agnostic Meta-Learning", Algorithm 1, inner update
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from meta.config import InnerLoopConfig
-from meta.model import HEAD_BIAS, MetaLearner, Params, prototype_head
+from meta.model import HEAD_BIAS, HEAD_WEIGHT, MetaLearner, Params, prototype_head
 
 
 @dataclass
@@ -162,7 +162,35 @@ def inner_loop(
     )
 
 
-@torch.inference_mode()
+def is_head_only(params: Mapping[str, Tensor]) -> bool:
+    """Whether adapted ``params`` hold only the head, so that the encoder pass is the base
+    model's and can be shared between domains."""
+    return set(params) <= {HEAD_WEIGHT, HEAD_BIAS}
+
+
+def _map_sorted(
+    model: MetaLearner, texts: Sequence[str], batch_size: int, fn: Callable[[dict[str, Tensor]], Tensor]
+) -> Tensor | None:
+    """Apply ``fn`` to length-sorted batches of ``texts`` (each padded to its longest text) and
+    return the rows in input order on the CPU, or ``None`` for no texts."""
+    was_training = model.training
+    model.eval()
+    token_ids = model.encode(texts)  # tokenised once
+    order = sorted(range(len(texts)), key=lambda i: len(token_ids[i]))
+    out: Tensor | None = None
+    try:
+        with torch.inference_mode(), autocast(model.device):
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                rows = fn(model.collate([token_ids[i] for i in chunk])).float().cpu()  # (chunk, ...)
+                if out is None:
+                    out = rows.new_empty((len(texts), *rows.shape[1:]))
+                out[torch.tensor(chunk)] = rows
+    finally:
+        model.train(was_training)
+    return out
+
+
 def predict_proba(
     model: MetaLearner, params: Mapping[str, Tensor], texts: Sequence[str], batch_size: int = 32
 ) -> Tensor:
@@ -180,20 +208,14 @@ def predict_proba(
     Returns:
         `Tensor`: (texts, classes) probabilities on the CPU, rows summing to 1.
     """
-    was_training = model.training
-    model.eval()
-    token_ids = model.encode(texts)  # tokenised once; batches are padded to their longest text
-    order = sorted(range(len(texts)), key=lambda i: len(token_ids[i]))
-    out = torch.empty(len(texts), params[HEAD_BIAS].shape[0])
-    try:
-        with autocast(model.device):
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                batch = model.collate([token_ids[i] for i in chunk])
-                out[torch.tensor(chunk)] = model.logits(params, batch).float().softmax(-1).cpu()  # (chunk, classes)
-    finally:
-        model.train(was_training)
-    return out
+    out = _map_sorted(model, texts, batch_size, lambda batch: model.logits(params, batch).float().softmax(-1))
+    return out if out is not None else torch.empty(0, params[HEAD_BIAS].shape[0])
+
+
+def embed_texts(model: MetaLearner, texts: Sequence[str], batch_size: int = 32) -> Tensor:
+    """Base-model embeddings (texts, hidden) on the CPU, in input order (length-sorted batches)."""
+    out = _map_sorted(model, texts, batch_size, lambda batch: model.embed({}, batch))
+    return out if out is not None else torch.empty(0, int(model.encoder.config.hidden_size))
 
 
 def autocast(device: torch.device) -> torch.autocast:

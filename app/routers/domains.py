@@ -5,10 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 from starlette.concurrency import run_in_threadpool
 
+from app.batching import SHARED_ENCODER
 from app.dependencies import BatcherDep, ServiceDep, SettingsDep, StoreDep
 from app.errors import ApiError
 from app.schemas import ClassifyRequest, ClassifyResponse, CreateDomain, Domain, DomainList, ErrorResponse
 from app.service import DomainStore, StoredDomain
+from meta.inner_loop import is_head_only
 
 router = APIRouter(prefix="/v1/domains", tags=["domains"])
 
@@ -94,7 +96,8 @@ async def classify(
     """Classify texts with a domain's adapted parameters; predictions come in input order."""
     domain = _require(store, domain_id)
     _check_limit(len(body.texts), settings.max_texts, "texts", "MAX_TEXTS")
-    probs = await batcher.classify(domain_id, domain.params, body.texts)  # (texts, classes)
+    key = SHARED_ENCODER if is_head_only(domain.params) else domain_id  # head-only domains share the encoder pass
+    probs = await batcher.classify(key, domain.params, body.texts)  # (texts, classes)
     predictions = [
         {
             "label": domain.labels[int(row.argmax())],
