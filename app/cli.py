@@ -73,6 +73,9 @@ def train(
     val_episodes: Annotated[int, typer.Option(help="Validation episodes per validation task")] = 2,
     val_q_query: Annotated[int, typer.Option(help="Query examples per class in a validation episode")] = 16,
     max_minutes: Annotated[float | None, typer.Option(help="Stop after this many minutes")] = None,
+    frozen_layers: Annotated[
+        int, typer.Option(help="Bottom encoder layers left out of the outer loop, their outputs cached per text")
+    ] = 0,
     seed: int = 0,
     resume: Annotated[Path | None, typer.Option(help="Resume from a 'last' checkpoint directory")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
@@ -119,6 +122,7 @@ def train(
                 val_q_query=val_q_query,
                 seed=seed,
                 max_minutes=max_minutes,
+                frozen_layers=frozen_layers,
             ),
         )
         model = MetaLearner.from_pretrained(config.encoder).to(torch_device)

@@ -68,6 +68,9 @@ class TrainConfig(BaseModel):
         val_q_query (`int`): query examples per class in a validation episode.
         seed (`int`): seed of episode sampling and of torch.
         max_minutes (`float | None`): stop after this many minutes of wall time.
+        frozen_layers (`int`): bottom encoder layers (and the embeddings) left out of the outer
+            loop; their outputs are computed once per training text and cached (0: every encoder
+            weight is meta-trained).
     """
 
     data: str = ""
@@ -89,6 +92,7 @@ class TrainConfig(BaseModel):
     val_q_query: int = 16
     seed: int = 0
     max_minutes: float | None = None
+    frozen_layers: int = Field(default=0, ge=0)
 
 
 class CheckpointConfig(BaseModel):

@@ -31,8 +31,9 @@ from data.registry import Task
 from meta.checkpoint import save_checkpoint
 from meta.config import CheckpointConfig, InnerLoopConfig, TrainConfig
 from meta.evaluate import evaluate_episode
+from meta.feature_cache import LowerLayerCache
 from meta.inner_loop import autocast, encode_labels, inner_loop
-from meta.model import MetaLearner, prototype_head
+from meta.model import MetaLearner, frozen_parameter_names, prototype_head
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,11 @@ MIN_LOGIT_SCALE, MAX_LOGIT_SCALE = math.log(1.0), math.log(100.0)
 
 
 def fomaml_query_loss(
-    model: MetaLearner, episode: Episode, inner_config: InnerLoopConfig, cache_frozen: bool = True
+    model: MetaLearner,
+    episode: Episode,
+    inner_config: InnerLoopConfig,
+    cache_frozen: bool = True,
+    feature_cache: LowerLayerCache | None = None,
 ) -> tuple[Tensor, float]:
     """The first-order MAML query loss of one episode.
 
@@ -52,31 +57,43 @@ def fomaml_query_loss(
         episode (`Episode`): support and query sets.
         inner_config (`InnerLoopConfig`): the inner loop, as the server will run it.
         cache_frozen (`bool`, defaults to True): passed to :func:`meta.inner_loop.inner_loop`.
+        feature_cache (`LowerLayerCache`, *optional*): outputs of the frozen bottom layers per
+            text (only when meta-training leaves those layers unchanged).
 
     Returns:
         `(Tensor, float)`: the scalar query cross-entropy (nats) and the query accuracy.
     """
+    support_texts = [ex.text for ex in episode.support]
+    query_texts = [ex.text for ex in episode.query]
+    meta_params = dict(model.named_parameters())
     with autocast(model.device):  # bf16 on CUDA, no-op on CPU
-        support = model.tokenize([ex.text for ex in episode.support])  # (N*K, tokens)
         support_y = encode_labels([ex.label for ex in episode.support], episode.labels, model.device)
-        head = prototype_head(model(**support), support_y, len(episode.labels))  # graph into theta
+        if feature_cache is not None:
+            support_features = feature_cache.features(support_texts)  # layer input, (N*K, tokens, hidden)
+            support_z = model.embed_frozen(meta_params, support_features)
+        else:
+            support_features = None
+            support_z = model(**model.tokenize(support_texts))  # (N*K, hidden)
+        head = prototype_head(support_z, support_y, len(episode.labels))  # graph into theta
         adaptation = inner_loop(
             model,
-            [ex.text for ex in episode.support],
+            support_texts,
             [ex.label for ex in episode.support],
             inner_config,
             label_names=episode.labels,
             initial_head={k: v.detach() for k, v in head.items()},
             cache_frozen=cache_frozen,
+            support_features=support_features,
         )
-        meta_params = dict(model.named_parameters())
         params: dict[str, Tensor] = {}
         for name, adapted in adaptation.params.items():
             start = head[name] if name in head else meta_params[name]
             params[name] = start + (adapted - start.detach())  # value: adapted; gradient: identity
-        query = model.tokenize([ex.text for ex in episode.query])  # (N*Q, tokens)
         query_y = encode_labels([ex.label for ex in episode.query], episode.labels, model.device)
-        logits = model.logits(params, query)  # (N*Q, N)
+        if feature_cache is not None:
+            logits = model.head_logits(params, model.embed_frozen(params, feature_cache.features(query_texts)))
+        else:
+            logits = model.logits(params, model.tokenize(query_texts))  # (N*Q, N)
         loss = F.cross_entropy(logits, query_y)
         accuracy = float((logits.argmax(-1) == query_y).float().mean())
     return loss, accuracy
@@ -89,18 +106,19 @@ def fomaml_step(
     optimizer: torch.optim.Optimizer,
     grad_clip: float | None = None,
     cache_frozen: bool = True,
+    feature_cache: LowerLayerCache | None = None,
 ) -> tuple[float, float]:
     """One outer-loop update from a meta-batch of episodes (mean query loss), with gradient
     clipping; returns the mean query loss (nats) and accuracy before the update."""
     optimizer.zero_grad(set_to_none=True)
     losses, accuracies = [], []
     for episode in episodes:
-        loss, accuracy = fomaml_query_loss(model, episode, inner_config, cache_frozen)
+        loss, accuracy = fomaml_query_loss(model, episode, inner_config, cache_frozen, feature_cache)
         (loss / len(episodes)).backward()
         losses.append(loss.item())
         accuracies.append(accuracy)
     if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     optimizer.step()
     with torch.no_grad():
         model.logit_scale.clamp_(MIN_LOGIT_SCALE, MAX_LOGIT_SCALE)
@@ -196,8 +214,19 @@ def meta_train(
     val_set = validation_episodes(val_tasks, train) if val_tasks else []
     logger.info("meta-training on %d tasks, validating on %d episodes", len(sampler.tasks), len(val_set))
     model.eval()  # dropout off in both loops, as in the server's adaptation
+    feature_cache = None
+    if train.frozen_layers:
+        if (
+            config.inner_loop.adapted_layers == -1
+            or train.frozen_layers > model.num_layers - config.inner_loop.adapted_layers
+        ):
+            raise ValueError("frozen_layers must lie below the layers the inner loop adapts")
+        for name in frozen_parameter_names(model, train.frozen_layers):
+            model.get_parameter(name).requires_grad_(False)
+        feature_cache = LowerLayerCache(model, train.frozen_layers)
+        logger.info("bottom %d layers frozen; their outputs are cached per text", train.frozen_layers)
     optimizer = torch.optim.AdamW(
-        [p for n, p in model.named_parameters() if ".pooler." not in n],
+        [p for n, p in model.named_parameters() if ".pooler." not in n and p.requires_grad],
         lr=train.outer_lr,
         weight_decay=train.weight_decay,
     )
@@ -240,7 +269,9 @@ def meta_train(
     bar = tqdm(total=train.outer_steps, initial=config.step, disable=not progress, desc="meta-train")
     while config.step < train.outer_steps:
         episodes = [sampler.sample() for _ in range(train.meta_batch_size)]
-        loss, accuracy = fomaml_step(model, episodes, config.inner_loop, optimizer, train.grad_clip)
+        loss, accuracy = fomaml_step(
+            model, episodes, config.inner_loop, optimizer, train.grad_clip, feature_cache=feature_cache
+        )
         scheduler.step()
         config.step += 1
         running_loss = loss if running_loss is None else 0.9 * running_loss + 0.1 * loss

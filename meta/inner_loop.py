@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from meta.config import InnerLoopConfig
-from meta.model import HEAD_BIAS, HEAD_WEIGHT, MetaLearner, Params, prototype_head
+from meta.model import HEAD_BIAS, HEAD_WEIGHT, FrozenFeatures, MetaLearner, Params, prototype_head
 
 
 @dataclass
@@ -82,6 +82,7 @@ def inner_loop(
     label_names: Sequence[str] | None = None,
     initial_head: Mapping[str, Tensor] | None = None,
     cache_frozen: bool = True,
+    support_features: FrozenFeatures | None = None,
 ) -> Adaptation:
     """Adapt the head and the top ``config.adapted_layers`` encoder layers to a support set.
 
@@ -102,12 +103,16 @@ def inner_loop(
             meta-training, which needs it with a graph); computed here when ``None``.
         cache_frozen (`bool`, defaults to True): run the non-adapted lower layers once without
             autograd and only the adapted layers at each step (same result, less work).
+        support_features (`FrozenFeatures`, *optional*): the support set's hidden states at a
+            layer at or below the first adapted one (from :class:`meta.feature_cache.LowerLayerCache`);
+            the texts are then not run through the layers below it again.
 
     Returns:
         `Adaptation`: adapted tensors (head: (N, hidden) and (N,)), support losses and accuracy.
 
     Raises:
-        ValueError: when there are fewer than 2 classes or texts and labels differ in length.
+        ValueError: when there are fewer than 2 classes, texts and labels differ in length, or
+            ``support_features`` is given with ``adapted_layers == -1``.
     """
     start = time.perf_counter()
     if len(support_texts) != len(support_labels):
@@ -115,11 +120,12 @@ def inner_loop(
     names = tuple(label_names) if label_names is not None else tuple(dict.fromkeys(support_labels))
     if len(set(names)) < 2:
         raise ValueError(f"the support set needs at least 2 distinct labels, got {list(names)}")
+    if support_features is not None and config.adapted_layers == -1:
+        raise ValueError("support_features cannot be used when every encoder tensor is adapted")
     was_training = model.training
     model.eval()
     try:
         with autocast(model.device):  # bf16 on CUDA, no-op on CPU
-            batch = model.tokenize(support_texts)  # (N*K, tokens)
             targets = encode_labels(support_labels, names, model.device)  # (N*K,)
             base = {name: p.detach() for name, p in model.named_parameters()}
             fast = {
@@ -127,7 +133,13 @@ def inner_loop(
                 for name in model.adapted_parameter_names(config.adapted_layers)
             }
             # The layers below the adapted ones run once; each step runs only the adapted layers.
-            frozen = model.frozen_features(batch, config.adapted_layers) if cache_frozen else None
+            batch: dict[str, Tensor] = {}
+            if support_features is not None:
+                first_adapted = model.num_layers - config.adapted_layers
+                frozen: FrozenFeatures | None = model.advance(base, support_features, first_adapted)
+            else:
+                batch = model.tokenize(support_texts)  # (N*K, tokens)
+                frozen = model.frozen_features(batch, config.adapted_layers) if cache_frozen else None
             if initial_head is None:
                 with torch.no_grad():
                     z = model.embed_frozen(base, frozen) if frozen is not None else model.embed(base, batch)

@@ -10,7 +10,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +198,37 @@ class MetaLearner(nn.Module):
         raise ValueError(f"no parameters of encoder layer {index}")
 
     @torch.no_grad()
+    def layer_input(self, batch: Mapping[str, Tensor], index: int) -> FrozenFeatures:
+        """The input of encoder layer ``index`` for a batch, without autograd: only the
+        embeddings and the layers below ``index`` run.
+
+        Args:
+            batch: ``input_ids``/``attention_mask``, each (batch, tokens).
+            index (`int`): a layer index in ``[0, num_layers)``.
+
+        Returns:
+            `FrozenFeatures`: hidden states (batch, tokens, hidden) and the other arguments the
+            encoder passes to its layers (the attention mask in its own format, ...).
+        """
+        layer = self.get_submodule(self._layer_prefix(index).rstrip("."))
+        captured: dict[str, Any] = {}
+
+        def capture(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured["args"], captured["kwargs"] = args, dict(kwargs)
+            raise _StopForward
+
+        handle = layer.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            self(**batch)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        args, kwargs = captured["args"], captured["kwargs"]
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        return FrozenFeatures(batch["attention_mask"], index, hidden, tuple(args[1:]), kwargs)
+
+    @torch.no_grad()
     def frozen_features(self, batch: Mapping[str, Tensor], adapted_layers: int) -> FrozenFeatures | None:
         """Run the encoder layers the inner loop does not adapt, once, without autograd.
 
@@ -215,40 +246,43 @@ class MetaLearner(nn.Module):
             return None
         if adapted_layers == 0:
             return FrozenFeatures(batch["attention_mask"], self.num_layers, embeddings=self(**batch))
-        first = self.num_layers - adapted_layers
-        layer = self.get_submodule(self._layer_prefix(first).rstrip("."))
-        captured: dict[str, Any] = {}
+        return self.layer_input(batch, self.num_layers - adapted_layers)
 
-        def capture(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            captured["args"], captured["kwargs"] = args, dict(kwargs)
-            raise _StopForward
-
-        handle = layer.register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            self(**batch)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        args, kwargs = captured["args"], captured["kwargs"]
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        return FrozenFeatures(batch["attention_mask"], first, hidden, tuple(args[1:]), kwargs)
-
-    def embed_frozen(self, params: Mapping[str, Tensor], features: FrozenFeatures) -> Tensor:
-        """Embeddings (batch, hidden) from :meth:`frozen_features`: only the adapted layers run,
-        with ``params`` replacing their tensors. Equal to :meth:`embed` on the same batch."""
-        if features.embeddings is not None:
-            return features.embeddings
+    def _run_layers(self, params: Mapping[str, Tensor], features: FrozenFeatures, stop: int) -> Tensor:
         hidden = features.hidden  # (batch, tokens, hidden)
         if hidden is None:
             raise ValueError("FrozenFeatures holds neither embeddings nor hidden states")
-        for index in range(features.first_layer, self.num_layers):
+        for index in range(features.first_layer, stop):
             prefix = self._layer_prefix(index)
             layer = self.get_submodule(prefix.rstrip("."))
             layer_params = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
             out = functional_call(layer, layer_params, (hidden, *features.layer_args), features.layer_kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        return mean_pool(hidden, features.attention_mask)
+        return hidden
+
+    def embed_frozen(self, params: Mapping[str, Tensor], features: FrozenFeatures) -> Tensor:
+        """Embeddings (batch, hidden) from :meth:`frozen_features` or :meth:`layer_input`: only
+        the layers from ``features.first_layer`` up run, with ``params`` replacing their tensors
+        (missing names use the module's own). Equal to :meth:`embed` on the same batch."""
+        if features.embeddings is not None:
+            return features.embeddings
+        return mean_pool(self._run_layers(params, features, self.num_layers), features.attention_mask)
+
+    @torch.no_grad()
+    def advance(self, params: Mapping[str, Tensor], features: FrozenFeatures, to_layer: int) -> FrozenFeatures:
+        """Run layers ``[features.first_layer, to_layer)`` without autograd; ``to_layer ==
+        num_layers`` gives the pooled embeddings.
+
+        Raises:
+            ValueError: when ``to_layer`` is below ``features.first_layer``.
+        """
+        if to_layer < features.first_layer:
+            raise ValueError(f"cannot go back from layer {features.first_layer} to {to_layer}")
+        if to_layer >= self.num_layers:
+            embeddings = self.embed_frozen(params, features)
+            return FrozenFeatures(features.attention_mask, self.num_layers, embeddings=embeddings)
+        hidden = self._run_layers(params, features, to_layer)
+        return replace(features, first_layer=to_layer, hidden=hidden)
 
     def adapted_parameter_names(self, adapted_layers: int) -> list[str]:
         """Names of the encoder tensors the inner loop adapts: the top ``adapted_layers``
@@ -270,6 +304,21 @@ class MetaLearner(nn.Module):
             if match is not None and int(match.group(1)) >= first:
                 chosen.append(name)
         return chosen
+
+
+def frozen_parameter_names(model: MetaLearner, frozen_layers: int) -> list[str]:
+    """Encoder tensors below layer ``frozen_layers``: the embeddings and the bottom
+    ``frozen_layers`` layers (the pooler, unused by mean pooling, is left out).
+
+    Raises:
+        ValueError: when ``frozen_layers`` is outside ``[0, num_layers)``.
+    """
+    if not 0 <= frozen_layers < model.num_layers:
+        raise ValueError(f"frozen_layers must be in [0, {model.num_layers}), got {frozen_layers}")
+    if frozen_layers == 0:
+        return []
+    trained = set(model.adapted_parameter_names(model.num_layers - frozen_layers))
+    return [n for n in model.adapted_parameter_names(-1) if n not in trained]
 
 
 def prototype_head(embeddings: Tensor, labels: Tensor, num_classes: int) -> Params:

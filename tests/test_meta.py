@@ -241,3 +241,52 @@ def test_cached_frozen_layers_give_the_uncached_adaptation(tiny_model: MetaLearn
     torch.testing.assert_close(
         tiny_model.embed_frozen(base, frozen), tiny_model.embed(base, batch), atol=1e-6, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("adapted_layers", [0, 1])
+def test_lower_layer_cache_gives_the_uncached_fomaml_loss_and_gradients(
+    tiny_model: MetaLearner, adapted_layers: int
+) -> None:
+    from meta.feature_cache import LowerLayerCache
+
+    episode = EpisodeSampler([make_task()], k_shot=3, q_query=3, seed=2).sample()
+    inner = InnerLoopConfig(steps=2, lr=0.3, adapted_layers=adapted_layers)
+    cache = LowerLayerCache(tiny_model, first_layer=1, dtype=torch.float32)
+
+    def loss_and_grads(feature_cache) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        tiny_model.zero_grad(set_to_none=True)
+        loss, _ = fomaml_query_loss(tiny_model, episode, inner, feature_cache=feature_cache)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_grads(None)
+    cached_loss, cached_grads = loss_and_grads(cache)
+    torch.testing.assert_close(cached_loss, plain_loss, atol=1e-5, rtol=1e-5)
+    assert len(cache) == len({e.text for e in episode.support + episode.query})
+    for name, grad in cached_grads.items():  # layers above the cache get the same gradients
+        torch.testing.assert_close(grad, plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert any(".layer.1." in n for n in cached_grads) and not any(".layer.0." in n for n in cached_grads)
+    cached_again, _ = loss_and_grads(cache)  # second use: every text from the cache
+    assert cache.hits >= len(episode.support) + len(episode.query)
+    torch.testing.assert_close(cached_again, plain_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_meta_train_with_frozen_lower_layers_leaves_them_unchanged(tmp_path: Path, tiny_model: MetaLearner) -> None:
+    from meta.model import frozen_parameter_names
+
+    start = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    config = CheckpointConfig(
+        encoder=tiny_model.config,
+        inner_loop=InnerLoopConfig(steps=2, lr=0.1, adapted_layers=0),
+        training=TrainConfig(
+            k_shot=2, q_query=2, meta_batch_size=2, outer_steps=2, outer_lr=1e-2, warmup_steps=1,
+            eval_every=2, save_every=2, val_episodes=1, val_split="train", val_q_query=2, frozen_layers=1,
+        ),
+    )  # fmt: skip
+    write_meta_train(tmp_path, tiny_model, steps=2, config=config)
+    frozen = set(frozen_parameter_names(tiny_model, 1))
+    assert frozen and all(".layer.1." not in n for n in frozen)
+    for name, param in tiny_model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param.detach(), start[name]), name
+    assert any(not torch.equal(p.detach(), start[n]) for n, p in tiny_model.named_parameters() if ".layer.1." in n)
