@@ -68,6 +68,8 @@ def test_bench_prints_every_figure_with_its_ratio(tiny_checkpoint) -> None:
     )
     assert result["classification"]["texts"] == 24 and result["classification"]["ratio_to_bare_sorted"] > 0
     assert result["meta_training"]["episodes_timed"] == 4 and result["meta_training"]["after_episodes_per_s"] > 0
+    assert result["meta_training"]["frozen_lower_layers"] == 1  # the tiny BERT has 2 layers
+    assert result["meta_training"]["frozen_lower_warm_cache_episodes_per_s"] > 0
     assert result["http"]["requests"] == 4 and result["http"]["p99_ms"] >= result["http"]["p50_ms"] > 0
     assert result["memory"]["domains"] == 3 and result["memory"]["peak_rss_mib"] > 0
     assert result["model"]["bytes_per_domain_tensors"] > 0
