@@ -154,11 +154,11 @@ def bench_meta_training(model: MetaLearner, config: CheckpointConfig, arsc: Path
     # Frozen lower layers (TrainConfig.frozen_layers): first pass fills the per-text cache, the
     # second pass over the same episodes reads it, as later episodes of a long run mostly do.
     frozen = train.frozen_layers if train and train.frozen_layers else max(1, model.num_layers - 2)
-    cache = LowerLayerCache(model, frozen)
+    feature_cache = LowerLayerCache(model, frozen)
     for name in ("frozen_lower_cold_cache", "frozen_lower_warm_cache"):
         start = time.perf_counter()
         for batch in batches[1:]:
-            fomaml_step(model, batch, config.inner_loop, optimizer, 1.0, True, cache)
+            fomaml_step(model, batch, config.inner_loop, optimizer, 1.0, True, feature_cache)
         rates[name] = outer_steps * meta_batch / (time.perf_counter() - start)
     optimizer.zero_grad(set_to_none=True)
     return {
