@@ -11,9 +11,11 @@ ARG TORCH_INDEX_URL=
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
-# Dependencies in their own layer: torch first, then the project's requirements.
+# Dependencies in their own layer (torch, then pyproject's list), rebuilt only when they change.
 COPY pyproject.toml README.md ./
 COPY scripts/install.sh scripts/install.sh
+RUN PYTHON=/opt/venv/bin/python TORCH_SPEC="$TORCH_SPEC" TORCH_INDEX_URL="$TORCH_INDEX_URL" \
+    bash scripts/install.sh --deps-only /src
 COPY app app
 COPY meta meta
 COPY data data

