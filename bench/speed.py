@@ -71,8 +71,8 @@ def bench_adaptation(model: MetaLearner, config: CheckpointConfig, texts: list[s
     with torch.inference_mode():
         forward = _median_seconds(lambda: model(**batch), repeats)
     return {
-        "adapt_seconds_median": round(adapt, 4),
-        "forward_seconds_median": round(forward, 4),
+        "adapt_seconds_median": round(adapt, 6),
+        "forward_seconds_median": round(forward, 6),
         "ratio_to_forward": round(adapt / forward, 2),
         "repeats": repeats,
     }
