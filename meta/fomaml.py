@@ -33,7 +33,7 @@ from meta.config import CheckpointConfig, InnerLoopConfig, TrainConfig
 from meta.evaluate import evaluate_episode
 from meta.feature_cache import LowerLayerCache
 from meta.inner_loop import autocast, encode_labels, inner_loop
-from meta.model import MetaLearner, frozen_parameter_names, prototype_head
+from meta.model import FrozenFeatures, MetaLearner, frozen_parameter_names, prototype_head
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +68,19 @@ def fomaml_query_loss(
     meta_params = dict(model.named_parameters())
     with autocast(model.device):  # bf16 on CUDA, no-op on CPU
         support_y = encode_labels([ex.label for ex in episode.support], episode.labels, model.device)
+        support_features: FrozenFeatures | None
         if feature_cache is not None:
             support_features = feature_cache.features(support_texts)  # layer input, (N*K, tokens, hidden)
             support_z = model.embed_frozen(meta_params, support_features)
         else:
-            support_features = None
-            support_z = model(**model.tokenize(support_texts))  # (N*K, hidden)
+            batch = model.tokenize(support_texts)
+            support_z = model(**batch)  # (N*K, hidden)
+            # A head-only inner loop reuses these embeddings instead of running the encoder again.
+            support_features = (
+                FrozenFeatures(batch["attention_mask"], model.num_layers, embeddings=support_z.detach())
+                if inner_config.adapted_layers == 0 and cache_frozen
+                else None
+            )
         head = prototype_head(support_z, support_y, len(episode.labels))  # graph into theta
         adaptation = inner_loop(
             model,

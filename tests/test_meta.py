@@ -90,11 +90,12 @@ def test_predict_proba_keeps_input_order(tiny_model: MetaLearner) -> None:
     torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
 
 
-def test_fomaml_step_equals_hand_computed_first_order_update(tiny_model: MetaLearner) -> None:
+@pytest.mark.parametrize("layers", [0, 1])
+def test_fomaml_step_equals_hand_computed_first_order_update(tiny_model: MetaLearner, layers: int) -> None:
     """The outer update is theta - eta * (dL_query/dphi at the adapted phi, plus the gradient of
     the prototype initialisation of the head at theta), computed here on separate leaves."""
     episode = EpisodeSampler([make_task()], k_shot=3, q_query=3, seed=0).sample()
-    inner = InnerLoopConfig(steps=2, lr=0.3, adapted_layers=1, grad_clip=None)
+    inner = InnerLoopConfig(steps=2, lr=0.3, adapted_layers=layers, grad_clip=None)
     theta = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
     adaptation = inner_loop(
         tiny_model,
@@ -106,7 +107,9 @@ def test_fomaml_step_equals_hand_computed_first_order_update(tiny_model: MetaLea
 
     # Hand computation: theta leaves for the prototypes, phi leaves for the adapted query pass.
     theta_leaves = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
-    phi_leaves = {n: adaptation.params[n].clone().requires_grad_(True) for n in tiny_model.adapted_parameter_names(1)}
+    phi_leaves = {
+        n: adaptation.params[n].clone().requires_grad_(True) for n in tiny_model.adapted_parameter_names(layers)
+    }
     s_batch = tiny_model.tokenize([e.text for e in episode.support])
     q_batch = tiny_model.tokenize([e.text for e in episode.query])
     s_y = encode_labels([e.label for e in episode.support], episode.labels, tiny_model.device)
