@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.batching import MicroBatcher
@@ -16,6 +18,7 @@ from app.service import DomainStore, ModelService
 from app.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
+REQUEST_ID_HEADER = "X-Request-ID"
 
 
 def _load_service(settings: Settings) -> ModelService:
@@ -36,6 +39,19 @@ def _load_service(settings: Settings) -> ModelService:
         config.inner_loop.model_dump(),
     )
     return ModelService(model, config, settings.batch_size, settings.max_text_chars)
+
+
+async def _request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """Echo the client's ``X-Request-ID`` (or a new one) on every response and in the log."""
+    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    start = time.perf_counter()
+    response = await call_next(request)
+    response.headers[REQUEST_ID_HEADER] = request_id
+    logger.info(
+        "request_id=%s %s %s -> %d in %.1f ms",
+        request_id, request.method, request.url.path, response.status_code, 1000 * (time.perf_counter() - start),
+    )  # fmt: skip
+    return response
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -67,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
+    app.middleware("http")(_request_id)
     app.include_router(health.router)
     app.include_router(domains.router)
     return app

@@ -300,3 +300,10 @@ def test_openapi_example_is_accepted(client: TestClient) -> None:
 )
 def test_unknown_route_and_method(client: TestClient, method: str, path: str, status: int) -> None:
     assert_error(client.request(method, path), status, "path", f"http_{status}")
+
+
+def test_request_id_is_echoed_or_generated(client) -> None:
+    given = client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert given.headers["X-Request-ID"] == "abc-123"
+    generated = client.get("/v1/domains/unknown")
+    assert generated.status_code == 404 and len(generated.headers["X-Request-ID"]) == 32
