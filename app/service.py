@@ -161,9 +161,4 @@ class DomainStore:
             return self._domains.pop(domain_id, None) is not None
 
 
-def stored_bytes(domain: StoredDomain) -> int:
-    """Bytes of a domain's adapted tensors."""
-    return sum(t.numel() * t.element_size() for t in domain.params.values())
-
-
-__all__ = ["DomainStore", "ModelService", "StoredDomain", "stored_bytes"]
+__all__ = ["DomainStore", "ModelService", "StoredDomain"]

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from bench.http_food import wait_ready
 from data.episodes import EpisodeSampler
 from data.readers import read_arsc
 from meta.config import CheckpointConfig
@@ -233,16 +234,7 @@ def bench_server(
     process = subprocess.Popen(command, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).json().get("status") == "ok":
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.5)
+        wait_ready(url, process)
         examples = [{"text": t, "label": lab} for t, lab in zip(*support, strict=True)]
         created = httpx.post(f"{url}/v1/domains", json={"name": "bench", "examples": examples}, timeout=600).json()
         http = asyncio.run(_http_load(url, created["domain_id"], texts, clients, requests, per_request))

@@ -64,28 +64,31 @@ def fomaml_query_loss(
         `(Tensor, float)`: the scalar query cross-entropy (nats) and the query accuracy.
     """
     support_texts = [ex.text for ex in episode.support]
+    support_labels = [ex.label for ex in episode.support]
     query_texts = [ex.text for ex in episode.query]
     meta_params = dict(model.named_parameters())
     with autocast(model.device):  # bf16 on CUDA, no-op on CPU
-        support_y = encode_labels([ex.label for ex in episode.support], episode.labels, model.device)
-        support_features: FrozenFeatures | None
+        support_y = encode_labels(support_labels, episode.labels, model.device)
+        lower: FrozenFeatures | None = None
         if feature_cache is not None:
-            support_features = feature_cache.features(support_texts)  # layer input, (N*K, tokens, hidden)
-            support_z = model.embed_frozen(meta_params, support_features)
+            lower = feature_cache.features(support_texts)  # layer input, (N*K, tokens, hidden)
+            support_z = model.embed_frozen(meta_params, lower)  # (N*K, hidden)
+            mask = lower.attention_mask
         else:
             batch = model.tokenize(support_texts)
             support_z = model(**batch)  # (N*K, hidden)
-            # A head-only inner loop reuses these embeddings instead of running the encoder again.
-            support_features = (
-                FrozenFeatures(batch["attention_mask"], model.num_layers, embeddings=support_z.detach())
-                if inner_config.adapted_layers == 0 and cache_frozen
-                else None
-            )
+            mask = batch["attention_mask"]
+        # A head-only inner loop reuses these embeddings instead of running the encoder again.
+        support_features = (
+            FrozenFeatures(mask, model.num_layers, embeddings=support_z.detach())
+            if inner_config.adapted_layers == 0 and cache_frozen
+            else lower
+        )
         head = prototype_head(support_z, support_y, len(episode.labels))  # graph into theta
         adaptation = inner_loop(
             model,
             support_texts,
-            [ex.label for ex in episode.support],
+            support_labels,
             inner_config,
             label_names=episode.labels,
             initial_head={k: v.detach() for k, v in head.items()},
