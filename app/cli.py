@@ -56,11 +56,25 @@ def train(
         str, typer.Option(help="Encoder name or path (default all-MiniLM-L6-v2, offline)")
     ] = "sentence-transformers/all-MiniLM-L6-v2",
     max_length: Annotated[int, typer.Option(help="Tokens per text")] = 128,
-    inner_steps: Annotated[int, typer.Option(help="Inner-loop SGD steps k")] = 5,
-    inner_lr: Annotated[float, typer.Option(help="Inner learning rate alpha")] = 0.05,
+    algorithm: Annotated[
+        str,
+        typer.Option(
+            help="fomaml (default), reptile, protonet, matching, multitask; finetune writes the "
+            "pretrained encoder with a full fine-tuning inner loop (no meta-training)"
+        ),
+    ] = "fomaml",
+    inner_steps: Annotated[int | None, typer.Option(help="Inner-loop SGD steps k (default: the algorithm's)")] = None,
+    inner_lr: Annotated[float | None, typer.Option(help="Inner learning rate alpha (default: the algorithm's)")] = None,
     adapted_layers: Annotated[
-        int, typer.Option(help="Top encoder layers adapted in the inner loop (0: head only, -1: all)")
-    ] = 0,
+        int | None,
+        typer.Option(help="Top encoder layers adapted (0: head only, -1: all; default: the algorithm's)"),
+    ] = None,
+    label_anchors: Annotated[
+        bool, typer.Option(help="Add each label name, embedded, to its class prototype (meta-learned weight)")
+    ] = False,
+    query_sampling: Annotated[
+        str, typer.Option(help="Query sets: 'balanced' per class or 'natural' class proportions")
+    ] = "balanced",
     n_way: int = 2,
     k_shot: int = 5,
     q_query: Annotated[int, typer.Option(help="Query examples per class")] = 8,
@@ -82,14 +96,21 @@ def train(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:
-    """Meta-train with first-order MAML: sample N-way K-shot episodes from the training domains,
-    adapt on each support set (inner loop), update the meta-parameters from the query loss at the
-    adapted parameters (outer loop, AdamW). Validates every --eval-every steps and keeps the best."""
+    """Meta-train (default: first-order MAML): sample N-way K-shot episodes from the training
+    domains, adapt on each support set (inner loop), update the meta-parameters (outer loop,
+    AdamW). Validates every --eval-every steps and keeps the best. --algorithm picks the method."""
     _setup(threads)
-    from meta.checkpoint import load_checkpoint, load_training_state
-    from meta.config import CheckpointConfig, EncoderConfig, InnerLoopConfig, TrainConfig
-    from meta.fomaml import meta_train
+    from meta.checkpoint import load_checkpoint, load_training_state, save_checkpoint
+    from meta.config import CheckpointConfig, EncoderConfig, TrainConfig, default_inner_loop
     from meta.model import MetaLearner, resolve_device
+    from meta.train import meta_train
+
+    if algorithm not in ("fomaml", "reptile", "protonet", "matching", "multitask", "finetune"):
+        raise typer.BadParameter(f"unknown algorithm {algorithm!r}", param_hint="--algorithm")
+    overrides = {"steps": inner_steps, "lr": inner_lr, "adapted_layers": adapted_layers}
+    inner = default_inner_loop(algorithm).model_copy(
+        update={**{k: v for k, v in overrides.items() if v is not None}, "label_anchors": label_anchors}
+    )
 
     torch_device = resolve_device(device)
     held_out = _split(exclude_domains) or []
@@ -101,9 +122,9 @@ def train(
         state = load_training_state(resume)
     else:
         config = CheckpointConfig(
-            algorithm="fomaml",
+            algorithm=algorithm,  # type: ignore[arg-type]
             encoder=EncoderConfig(name_or_path=encoder, max_length=max_length),
-            inner_loop=InnerLoopConfig(steps=inner_steps, lr=inner_lr, adapted_layers=adapted_layers),
+            inner_loop=inner,
             training=TrainConfig(
                 data=str(data),
                 exclude_domains=held_out,
@@ -123,10 +144,17 @@ def train(
                 seed=seed,
                 max_minutes=max_minutes,
                 frozen_layers=frozen_layers,
+                query_sampling=query_sampling,  # type: ignore[arg-type]
             ),
         )
         model = MetaLearner.from_pretrained(config.encoder).to(torch_device)
         state = None
+    if config.algorithm == "finetune":  # transfer learning: nothing to meta-train
+        config.training = None
+        for name in ("best", "last"):
+            save_checkpoint(output / name, model, config)
+        typer.echo(json.dumps({"algorithm": "finetune", "checkpoint": str(output / "best")}))
+        return
     logger.info("training tasks: %s", ", ".join(t.name for t in train_tasks))
     final = meta_train(model, list(train_tasks), list(val_tasks), config, output, state, progress)
     typer.echo(json.dumps({k: v for k, v in final.metrics.items() if k not in ("curve",)}, indent=2))
@@ -140,6 +168,10 @@ def evaluate(
         typer.Option(help="Checkpoint directory; omit for the un-meta-trained encoder (baseline)"),
     ] = None,
     encoder: Annotated[str | None, typer.Option(help="Encoder for the baseline (default all-MiniLM-L6-v2)")] = None,
+    algorithm: Annotated[
+        str,
+        typer.Option(help="Without --checkpoint: 'none' (head-only inner loop) or 'finetune' (every tensor adapted)"),
+    ] = "none",
     domains: Annotated[
         str | None,
         typer.Option(help="Comma-separated domains to evaluate (default: ARSC's 4 target domains)"),
@@ -168,13 +200,12 @@ def evaluate(
     the query set. Prints per-task accuracy and macro-F1 (percent) and their mean, with 95%
     confidence intervals for sampled episodes."""
     _setup(threads)
-    from data.episodes import EpisodeSampler, fixed_episode
     from data.readers import arsc_target_domains
     from meta.checkpoint import load_model
-    from meta.evaluate import evaluate_episode, format_table, summarize
+    from meta.evaluate import evaluate_tasks, format_table, summarize
     from meta.model import resolve_device
 
-    model, config = load_model(checkpoint, encoder, resolve_device(device))
+    model, config = load_model(checkpoint, encoder, resolve_device(device), algorithm)
     inner = config.inner_loop.model_copy(
         update={
             k: v
@@ -186,24 +217,7 @@ def evaluate(
         model.config = model.config.model_copy(update={"max_length": max_length})
     include = _split(domains) or (arsc_target_domains(data) if Path(data, "workspace.target.list").exists() else None)
     tasks = list(_read_tasks(data, include=include))
-    results = []
-    for task in tasks:
-        if protocol == "fixed":
-            results.append(
-                evaluate_episode(model, fixed_episode(task, support_split, query_split), inner, None, batch_size)
-            )
-            continue
-        for seed in range(seeds):
-            sampler = EpisodeSampler(
-                [task],
-                k_shot=k_shot,
-                q_query=None,
-                support_split=support_split,
-                query_split=query_split,
-                seed=seed,
-            )
-            results.append(evaluate_episode(model, sampler.sample(task), inner, seed, batch_size))
-        logger.info("%s done", task.name)
+    results = evaluate_tasks(model, tasks, inner, protocol, support_split, query_split, k_shot, seeds, batch_size)
     summary = summarize(results)
     summary["config"] = {
         "checkpoint": str(checkpoint) if checkpoint else None,

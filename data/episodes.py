@@ -69,9 +69,14 @@ class EpisodeSampler:
         query_split (`str | None`, *optional*): split the query set comes from (default: the
             support split, without overlap).
         seed (`int`, defaults to 0): seed of the sampler's own random generator.
+        query_sampling (`str`, defaults to ``"balanced"``): ``"balanced"`` takes Q query
+            examples per class; ``"natural"`` takes N*Q (or, with ``q_query=None``, all) of the
+            remaining examples of the episode's classes at random, so the query set keeps the
+            task's own class proportions (as real test sets do).
 
     Raises:
-        ValueError: when ``tasks`` is empty or ``n_way < 2`` or ``k_shot < 1``.
+        ValueError: when ``tasks`` is empty, ``n_way < 2``, ``k_shot < 1`` or ``query_sampling``
+            is unknown.
     """
 
     def __init__(
@@ -83,9 +88,13 @@ class EpisodeSampler:
         support_split: str = "train",
         query_split: str | None = None,
         seed: int = 0,
+        query_sampling: str = "balanced",
     ) -> None:
         if not tasks:
             raise ValueError("EpisodeSampler needs at least one task")
+        if query_sampling not in ("balanced", "natural"):
+            raise ValueError(f"query_sampling must be 'balanced' or 'natural', got {query_sampling!r}")
+        self.query_sampling = query_sampling
         if n_way < 2 or k_shot < 1 or (q_query is not None and q_query < 1):
             raise ValueError(f"need n_way >= 2, k_shot >= 1, q_query >= 1; got {n_way}/{k_shot}/{q_query}")
         self.tasks = list(tasks)
@@ -115,11 +124,12 @@ class EpisodeSampler:
         labels = tuple(sorted(self.rng.sample(candidates, self.n_way)))
         support: list[Example] = []
         query: list[Example] = []
+        natural = self.query_sampling == "natural"
         for label in labels:
             indices = list(support_by_label[label])
             self.rng.shuffle(indices)
             # Support and query from one split must not overlap: K + Q (at least K + 1) needed.
-            needed = self.k_shot + ((self.q_query or 1) if same_split else 0)
+            needed = self.k_shot + ((1 if natural else self.q_query or 1) if same_split else 0)
             if len(indices) < needed:
                 raise NotEnoughExamplesError(
                     f"task {task.name!r}, label {label!r}: {len(indices)} examples in "
@@ -132,13 +142,17 @@ class EpisodeSampler:
             else:
                 rest = list(query_by_label[label])
                 self.rng.shuffle(rest)
-                if self.q_query is not None and len(rest) < self.q_query:
+                if self.q_query is not None and not natural and len(rest) < self.q_query:
                     raise NotEnoughExamplesError(
                         f"task {task.name!r}, label {label!r}: {len(rest)} examples in "
                         f"{self.query_split!r}, q_query={self.q_query} needed"
                     )
-            chosen = rest if self.q_query is None else rest[: self.q_query]
+            chosen = rest if self.q_query is None or natural else rest[: self.q_query]
             query.extend(query_pool[i] for i in chosen)
+        if natural:  # a uniform draw from the classes' remaining examples keeps their proportions
+            self.rng.shuffle(query)
+            if self.q_query is not None:
+                query = query[: self.q_query * self.n_way]
         return Episode(task=task.name, labels=labels, support=support, query=query)
 
     def __iter__(self) -> Iterator[Episode]:

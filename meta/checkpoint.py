@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from meta.config import CheckpointConfig
-from meta.model import MetaLearner
+from meta.model import OPTIONAL_PARAMETERS, MetaLearner
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     model = MetaLearner(encoder, tokenizer, config.encoder)
     missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=False)
-    if unexpected or [m for m in missing if ".pooler." not in m]:
+    if unexpected or [m for m in missing if ".pooler." not in m and m not in OPTIONAL_PARAMETERS]:
         raise ValueError(f"{directory}: weights do not match the encoder: missing {missing}, unexpected {unexpected}")
     model.to(device).eval()
     return model, config
@@ -105,16 +105,25 @@ def load_training_state(directory: str | Path) -> dict[str, Any] | None:
 
 
 def load_model(
-    checkpoint: str | Path | None, encoder: str | None = None, device: str | torch.device = "cpu"
+    checkpoint: str | Path | None,
+    encoder: str | None = None,
+    device: str | torch.device = "cpu",
+    algorithm: str = "none",
 ) -> tuple[MetaLearner, CheckpointConfig]:
     """Load a checkpoint, or with ``checkpoint=None`` the un-meta-trained ``encoder`` (default:
-    all-MiniLM-L6-v2) with the default inner-loop config, so both go through one code path.
+    all-MiniLM-L6-v2) with ``algorithm``'s inner loop (``"none"``: head only; ``"finetune"``:
+    every tensor), so both go through one code path.
+
+    Raises:
+        ValueError: for an algorithm that needs a meta-trained checkpoint.
     """
     if checkpoint is not None:
         return load_checkpoint(checkpoint, device)
-    from meta.config import EncoderConfig
+    from meta.config import EncoderConfig, default_inner_loop
 
-    config = CheckpointConfig(algorithm="none")
+    if algorithm not in ("none", "finetune"):
+        raise ValueError(f"algorithm {algorithm!r} needs a meta-trained checkpoint")
+    config = CheckpointConfig(algorithm=algorithm, inner_loop=default_inner_loop(algorithm))  # type: ignore[arg-type]
     if encoder is not None:
         config.encoder = EncoderConfig(name_or_path=encoder)
     model = MetaLearner.from_pretrained(config.encoder).to(device).eval()

@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+
+Algorithm = Literal["fomaml", "reptile", "protonet", "matching", "multitask", "finetune", "none"]
+"""How the meta-parameters are learned (see :mod:`meta.algorithms`):
+
+- ``fomaml``: first-order MAML (Finn et al. 2017), the service default;
+- ``reptile``: Reptile (Nichol et al. 2018), outer step toward the adapted parameters;
+- ``protonet``: prototypical networks (Snell et al. 2017), no inner-loop step;
+- ``matching``: the matching-network attention kernel (Vinyals et al. 2016), the protonet variant;
+- ``multitask``: supervised multi-task pre-training, then the inner loop as fine-tuning;
+- ``finetune``: no meta-training, the pretrained encoder fine-tuned on the support set;
+- ``none``: the pretrained encoder with the default (head-only) inner loop.
+"""
+META_TRAINED: tuple[str, ...] = ("fomaml", "reptile", "protonet", "matching", "multitask")
 
 
 class EncoderConfig(BaseModel):
@@ -40,12 +53,47 @@ class InnerLoopConfig(BaseModel):
             instead of 14 MB per domain (README, "Choosing the adapted layers").
         grad_clip (`float | None`, defaults to 1.0): global L2 norm each inner step's gradient is
             clipped to; ``None`` disables clipping.
+        classifier (`str`, defaults to ``"prototype"``): ``"prototype"``, a linear head
+            initialised from class prototypes (Proto-MAML), or ``"matching"``, attention over
+            every support example (Vinyals et al. 2016; no gradient steps, ``steps`` must be 0).
+        label_anchors (`bool`, defaults to False): add each label's name, embedded by the
+            encoder, to its class prototype as one more support example with a meta-learned
+            weight (label semantics as a prior; it matters most at 1-5 shots and when a support
+            set is noisy).
     """
 
     steps: int = Field(default=5, ge=0, le=100)
     lr: float = Field(default=0.05, gt=0)
     adapted_layers: int = Field(default=0, ge=-1)
     grad_clip: float | None = Field(default=1.0, gt=0)
+    classifier: Literal["prototype", "matching"] = "prototype"
+    label_anchors: bool = False
+
+    @model_validator(mode="after")
+    def _matching_has_no_steps(self) -> InnerLoopConfig:
+        if self.classifier == "matching" and self.steps != 0:
+            raise ValueError("the matching classifier takes no gradient steps: set steps=0")
+        return self
+
+
+def default_inner_loop(algorithm: str) -> InnerLoopConfig:
+    """The inner loop each algorithm is trained and served with.
+
+    - ``fomaml``, ``multitask``, ``none``: head only, 5 SGD steps at 0.05 (chosen on validation
+      tasks, README "Choosing the adapted layers");
+    - ``reptile``: the top 2 layers and the head (Reptile moves only what the inner loop adapts);
+    - ``protonet``/``matching``: no step (prototypes, or attention over the support set);
+    - ``finetune``: every encoder tensor, 10 steps at 0.02 (full fine-tuning).
+    """
+    if algorithm == "reptile":
+        return InnerLoopConfig(adapted_layers=2)
+    if algorithm == "protonet":
+        return InnerLoopConfig(steps=0)
+    if algorithm == "matching":
+        return InnerLoopConfig(steps=0, classifier="matching")
+    if algorithm == "finetune":
+        return InnerLoopConfig(steps=10, lr=0.02, adapted_layers=-1)
+    return InnerLoopConfig()
 
 
 class TrainConfig(BaseModel):
@@ -71,6 +119,9 @@ class TrainConfig(BaseModel):
         frozen_layers (`int`): bottom encoder layers (and the embeddings) left out of the outer
             loop; their outputs are computed once per training text and cached (0: every encoder
             weight is meta-trained).
+        query_sampling (`str`): ``"balanced"`` (Q query examples per class) or ``"natural"``
+            (N*Q query examples drawn at the task's own class proportions, as users' and ARSC's
+            test sets are); applies to training and validation episodes.
     """
 
     data: str = ""
@@ -93,6 +144,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
     max_minutes: float | None = None
     frozen_layers: int = Field(default=0, ge=0)
+    query_sampling: Literal["balanced", "natural"] = "balanced"
 
 
 class CheckpointConfig(BaseModel):
@@ -100,8 +152,7 @@ class CheckpointConfig(BaseModel):
 
     Args:
         format_version (`int`): layout version of the checkpoint directory.
-        algorithm (`str`): how the meta-parameters were learned (``"fomaml"`` or ``"none"`` for
-            the un-meta-trained encoder).
+        algorithm (`str`): how the meta-parameters were learned (see :data:`Algorithm`).
         encoder (`EncoderConfig`): the encoder.
         inner_loop (`InnerLoopConfig`): the adaptation the server must run.
         training (`TrainConfig | None`): the meta-training run, when there was one.
@@ -110,7 +161,7 @@ class CheckpointConfig(BaseModel):
     """
 
     format_version: int = 1
-    algorithm: Literal["fomaml", "none"] = "fomaml"
+    algorithm: Algorithm = "fomaml"
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     inner_loop: InnerLoopConfig = Field(default_factory=InnerLoopConfig)
     training: TrainConfig | None = None

@@ -15,7 +15,8 @@ from typing import Any
 
 from sklearn.metrics import f1_score
 
-from data.episodes import Episode
+from data.episodes import Episode, EpisodeSampler, fixed_episode
+from data.registry import Task
 from meta.config import InnerLoopConfig
 from meta.inner_loop import inner_loop, predict_proba
 from meta.model import MetaLearner
@@ -77,6 +78,54 @@ def evaluate_episode(
         support_accuracy=adaptation.support_accuracy,
         positive_share=gold.count("positive") / len(gold) if gold and "positive" in adaptation.labels else None,
     )
+
+
+def evaluate_tasks(
+    model: MetaLearner,
+    tasks: Sequence[Task],
+    inner_config: InnerLoopConfig,
+    protocol: str = "fixed",
+    support_split: str = "train",
+    query_split: str = "test",
+    k_shot: int = 5,
+    seeds: int = 5,
+    batch_size: int = 32,
+) -> list[EpisodeResult]:
+    """Meta-test on ``tasks``: the fixed ARSC episodes, or ``seeds`` sampled K-shot episodes per
+    task (support from ``support_split``, every ``query_split`` example as the query set).
+
+    Args:
+        model (`MetaLearner`): the meta-learned (or pretrained) model.
+        tasks (`Sequence[Task]`): tasks to evaluate.
+        inner_config (`InnerLoopConfig`): the adaptation.
+        protocol (`str`, defaults to ``"fixed"``): ``"fixed"`` (whole ``support_split`` as the
+            support set) or ``"sampled"`` (K-shot episodes from seeds ``0..seeds-1``).
+        support_split, query_split (`str`): splits of the support and query sets.
+        k_shot (`int`, defaults to 5): support examples per class (sampled protocol).
+        seeds (`int`, defaults to 5): episodes per task (sampled protocol).
+        batch_size (`int`, defaults to 32): texts per forward pass.
+
+    Returns:
+        `list[EpisodeResult]`: one per episode.
+
+    Raises:
+        ValueError: for an unknown protocol.
+        NotEnoughExamplesError: when a task cannot supply a K-shot support set.
+    """
+    if protocol not in ("fixed", "sampled"):
+        raise ValueError(f"protocol must be 'fixed' or 'sampled', got {protocol!r}")
+    results = []
+    for task in tasks:
+        if protocol == "fixed":
+            episode = fixed_episode(task, support_split, query_split)
+            results.append(evaluate_episode(model, episode, inner_config, None, batch_size))
+            continue
+        for seed in range(seeds):
+            sampler = EpisodeSampler(
+                [task], k_shot=k_shot, q_query=None, support_split=support_split, query_split=query_split, seed=seed
+            )
+            results.append(evaluate_episode(model, sampler.sample(task), inner_config, seed, batch_size))
+    return results
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:

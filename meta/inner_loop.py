@@ -16,7 +16,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from meta.config import InnerLoopConfig
-from meta.model import HEAD_BIAS, HEAD_WEIGHT, FrozenFeatures, MetaLearner, Params, prototype_head
+from meta.model import (
+    HEAD_KEYS,
+    FrozenFeatures,
+    MetaLearner,
+    Params,
+    anchor_texts,
+    matching_head,
+    num_classes,
+    prototype_head,
+)
 
 
 @dataclass
@@ -86,8 +95,11 @@ def inner_loop(
 ) -> Adaptation:
     """Adapt the head and the top ``config.adapted_layers`` encoder layers to a support set.
 
-    The head starts from the support prototypes (:func:`meta.model.prototype_head`), then
+    The head starts from the support prototypes (:func:`meta.model.prototype_head`; with
+    ``config.label_anchors`` each label name joins its prototype as a weighted example), then
     ``config.steps`` SGD steps at learning rate ``config.lr`` minimise the support cross-entropy.
+    With ``config.classifier == "matching"`` the head is the support set itself
+    (:func:`meta.model.matching_head`) and no step is taken.
     Dropout is off (the model is used in eval mode), so the same support set always gives the
     same adapted parameters.
 
@@ -105,7 +117,9 @@ def inner_loop(
             autograd and only the adapted layers at each step (same result, less work).
         support_features (`FrozenFeatures`, *optional*): the support set's hidden states at a
             layer at or below the first adapted one (from :class:`meta.feature_cache.LowerLayerCache`);
-            the texts are then not run through the layers below it again.
+            the texts are then not run through the layers below it again. With
+            ``config.label_anchors`` its rows are the support texts followed by the N anchors
+            (:func:`meta.model.anchor_texts`).
 
     Returns:
         `Adaptation`: adapted tensors (head: (N, hidden) and (N,)), support losses and accuracy.
@@ -127,6 +141,8 @@ def inner_loop(
     try:
         with autocast(model.device):  # bf16 on CUDA, no-op on CPU
             targets = encode_labels(support_labels, names, model.device)  # (N*K,)
+            n_support = len(support_texts)
+            texts = list(support_texts) + (anchor_texts(names) if config.label_anchors else [])
             base = {name: p.detach() for name, p in model.named_parameters()}
             fast = {
                 name: base[name].clone().requires_grad_(True)
@@ -138,18 +154,17 @@ def inner_loop(
                 first_adapted = model.num_layers - config.adapted_layers
                 frozen: FrozenFeatures | None = model.advance(base, support_features, first_adapted)
             else:
-                batch = model.tokenize(support_texts)  # (N*K, tokens)
+                batch = model.tokenize(texts)  # (N*K [+ N anchors], tokens)
                 frozen = model.frozen_features(batch, config.adapted_layers) if cache_frozen else None
             if initial_head is None:
                 with torch.no_grad():
                     z = model.embed_frozen(base, frozen) if frozen is not None else model.embed(base, batch)
-                    initial_head = prototype_head(z, targets, len(names))
+                    initial_head = initial_classifier(model, z, targets, len(names), config)
             fast.update({name: t.detach().clone().requires_grad_(True) for name, t in initial_head.items()})
 
             def support_logits(params: Params) -> Tensor:  # (N*K, N)
-                if frozen is None:
-                    return model.logits(params, batch)
-                return model.head_logits(params, model.embed_frozen(params, frozen))
+                z = model.embed(params, batch) if frozen is None else model.embed_frozen(params, frozen)
+                return model.head_logits(params, z[:n_support])  # anchors are not support examples
 
             losses = []
             for _ in range(config.steps):
@@ -174,10 +189,35 @@ def inner_loop(
     )
 
 
+def initial_classifier(
+    model: MetaLearner, embeddings: Tensor, targets: Tensor, n_classes: int, config: InnerLoopConfig
+) -> Params:
+    """The head the inner loop starts from (a pure function of the support embeddings).
+
+    Args:
+        model (`MetaLearner`): supplies the meta-learned anchor weight.
+        embeddings (`Tensor`): (N*K [+ N], hidden) support embeddings, followed by the N
+            label-name anchors when ``config.label_anchors``.
+        targets (`Tensor`): (N*K,) class ids.
+        n_classes (`int`): N.
+        config (`InnerLoopConfig`): which classifier, and whether anchors are used.
+
+    Returns:
+        `dict[str, Tensor]`: :func:`meta.model.prototype_head` or :func:`meta.model.matching_head`.
+    """
+    support = embeddings[: targets.shape[0]]  # (N*K, hidden)
+    if config.classifier == "matching":
+        return matching_head(support, targets, n_classes)
+    if config.label_anchors:
+        anchors = embeddings[targets.shape[0] :]  # (N, hidden)
+        return prototype_head(support, targets, n_classes, anchors, model.label_log_weight.exp())
+    return prototype_head(support, targets, n_classes)
+
+
 def is_head_only(params: Mapping[str, Tensor]) -> bool:
     """Whether adapted ``params`` hold only the head, so that the encoder pass is the base
     model's and can be shared between domains."""
-    return set(params) <= {HEAD_WEIGHT, HEAD_BIAS}
+    return set(params) <= HEAD_KEYS
 
 
 def _map_sorted(
@@ -185,6 +225,8 @@ def _map_sorted(
 ) -> Tensor | None:
     """Apply ``fn`` to length-sorted batches of ``texts`` (each padded to its longest text) and
     return the rows in input order on the CPU, or ``None`` for no texts."""
+    if not texts:
+        return None
     was_training = model.training
     model.eval()
     token_ids = model.encode(texts)  # tokenised once
@@ -221,7 +263,7 @@ def predict_proba(
         `Tensor`: (texts, classes) probabilities on the CPU, rows summing to 1.
     """
     out = _map_sorted(model, texts, batch_size, lambda batch: model.logits(params, batch).float().softmax(-1))
-    return out if out is not None else torch.empty(0, params[HEAD_BIAS].shape[0])
+    return out if out is not None else torch.empty(0, num_classes(params))
 
 
 def embed_texts(model: MetaLearner, texts: Sequence[str], batch_size: int = 32) -> Tensor:

@@ -24,6 +24,11 @@ from meta.config import DEFAULT_ENCODER, EncoderConfig
 logger = logging.getLogger(__name__)
 
 HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
+# The matching-network classifier keeps the support embeddings and their one-hot labels instead.
+HEAD_SUPPORT, HEAD_SUPPORT_LABELS = "head.support", "head.support_labels"
+HEAD_KEYS = frozenset({HEAD_WEIGHT, HEAD_BIAS, HEAD_SUPPORT, HEAD_SUPPORT_LABELS})
+# Meta-parameters added after the first checkpoints; older checkpoints load with their initial value.
+OPTIONAL_PARAMETERS = frozenset({"label_log_weight"})
 _LAYER_INDEX = re.compile(r"(?:^|\.)layer\.(\d+)\.")
 _DEFAULT_ALIASES = {DEFAULT_ENCODER, "all-MiniLM-L6-v2", "default"}
 
@@ -96,6 +101,8 @@ class MetaLearner(nn.Module):
         self.tokenizer = tokenizer
         self.config = config
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.init_logit_scale)))
+        # log of the weight of a label-name anchor in its class prototype (label_anchors only)
+        self.label_log_weight = nn.Parameter(torch.tensor(0.0))
 
     @classmethod
     def from_pretrained(cls, config: EncoderConfig | None = None) -> MetaLearner:
@@ -172,17 +179,27 @@ class MetaLearner(nn.Module):
         return functional_call(self, encoder_params, (batch["input_ids"], batch["attention_mask"]))
 
     def head_logits(self, params: Mapping[str, Tensor], embeddings: Tensor) -> Tensor:
-        """Class logits ``exp(logit_scale) * (z @ W.T + b)`` of (batch, hidden) embeddings.
+        """Class logits of (batch, hidden) embeddings.
+
+        With a linear head (``head.weight`` (classes, hidden), ``head.bias`` (classes,)) the
+        logits are ``exp(logit_scale) * (z @ W.T + b)``. With a matching head (``head.support``
+        (M, hidden), ``head.support_labels`` (M, classes) one-hot) they are the log of the
+        attention-weighted label distribution ``softmax(exp(logit_scale) * cos(z, s)) @ Y``
+        (Vinyals et al. 2016, "Matching Networks for One Shot Learning"). ``logit_scale``
+        defaults to the module's.
 
         Args:
-            params: must hold ``head.weight`` (classes, hidden) and ``head.bias`` (classes,);
-                ``logit_scale`` defaults to the module's.
-            embeddings (`Tensor`): (batch, hidden).
+            params: the head tensors (see above).
+            embeddings (`Tensor`): (batch, hidden), unit norm.
 
         Returns:
             `Tensor`: (batch, classes) logits.
         """
         scale = params.get("logit_scale", self.logit_scale).exp()
+        if HEAD_SUPPORT in params:
+            support = params[HEAD_SUPPORT].to(embeddings.dtype)  # (M, hidden), unit norm
+            attention = (scale * (embeddings @ support.T)).float().softmax(-1)  # (batch, M)
+            return (attention @ params[HEAD_SUPPORT_LABELS].float()).clamp_min(1e-8).log()  # (batch, classes)
         return scale * (embeddings @ params[HEAD_WEIGHT].T + params[HEAD_BIAS])
 
     def logits(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
@@ -321,15 +338,26 @@ def frozen_parameter_names(model: MetaLearner, frozen_layers: int) -> list[str]:
     return [n for n in model.adapted_parameter_names(-1) if n not in trained]
 
 
-def prototype_head(embeddings: Tensor, labels: Tensor, num_classes: int) -> Params:
+def prototype_head(
+    embeddings: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    anchors: Tensor | None = None,
+    anchor_weight: Tensor | None = None,
+) -> Params:
     """Initialise a linear head from class prototypes (Proto-MAML, Triantafillou et al. 2020,
     "Meta-Dataset"): ``W_c = 2 p_c``, ``b_c = -||p_c||^2``, so that the logits equal the negative
     squared Euclidean distance to each prototype up to a per-example constant (Snell et al. 2017).
+
+    With ``anchors`` (the embedded label names), each prototype is the weighted mean
+    ``p_c = (sum_i z_i + w a_c) / (n_c + w)``: the label name counts as ``w`` support examples.
 
     Args:
         embeddings (`Tensor`): (examples, hidden) support embeddings.
         labels (`Tensor`): (examples,) class ids in ``[0, num_classes)``.
         num_classes (`int`): number of classes N.
+        anchors (`Tensor`, *optional*): (N, hidden) label-name embeddings.
+        anchor_weight (`Tensor`, *optional*): scalar weight ``w`` of each anchor (default 1).
 
     Returns:
         `dict[str, Tensor]`: ``head.weight`` (N, hidden) and ``head.bias`` (N,).
@@ -342,8 +370,47 @@ def prototype_head(embeddings: Tensor, labels: Tensor, num_classes: int) -> Para
     counts = one_hot.sum(0)  # (N,)
     if bool((counts == 0).any()):
         raise ValueError("every class needs at least one support example")
-    prototypes = (one_hot.T @ embeddings) / counts.unsqueeze(1)  # (N, hidden)
+    sums = one_hot.T @ embeddings  # (N, hidden)
+    if anchors is not None:
+        weight = anchor_weight.float() if anchor_weight is not None else torch.ones((), device=sums.device)
+        sums = sums + weight * anchors.float()
+        counts = counts + weight
+    prototypes = sums / counts.unsqueeze(1)  # (N, hidden)
     return {HEAD_WEIGHT: 2 * prototypes, HEAD_BIAS: -(prototypes**2).sum(1)}
+
+
+def matching_head(embeddings: Tensor, labels: Tensor, num_classes: int) -> Params:
+    """The matching-network classifier of a support set (Vinyals et al. 2016): its embeddings
+    and one-hot labels, attended over by :meth:`MetaLearner.head_logits`.
+
+    Args:
+        embeddings (`Tensor`): (examples, hidden) support embeddings.
+        labels (`Tensor`): (examples,) class ids in ``[0, num_classes)``.
+        num_classes (`int`): number of classes N.
+
+    Returns:
+        `dict[str, Tensor]`: ``head.support`` (examples, hidden) and ``head.support_labels``
+        (examples, N).
+
+    Raises:
+        ValueError: when a class has no support example.
+    """
+    one_hot = F.one_hot(labels, num_classes).float()  # (examples, N)
+    if bool((one_hot.sum(0) == 0).any()):
+        raise ValueError("every class needs at least one support example")
+    return {HEAD_SUPPORT: embeddings.float(), HEAD_SUPPORT_LABELS: one_hot}
+
+
+def num_classes(params: Mapping[str, Tensor]) -> int:
+    """Number of classes of an adapted head (linear or matching)."""
+    if HEAD_SUPPORT_LABELS in params:
+        return int(params[HEAD_SUPPORT_LABELS].shape[1])
+    return int(params[HEAD_BIAS].shape[0])
+
+
+def anchor_texts(label_names: Sequence[str]) -> list[str]:
+    """The texts embedded as label-name anchors: the label names themselves."""
+    return [str(name) for name in label_names]
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -41,7 +41,9 @@ NEGATIVE = [
     "bad coffee never buy again",
     "bitter chocolate awful taste",
 ]
-WORDS = sorted({w for text in POSITIVE + NEGATIVE for w in text.split()} | {"okay", "fine", "average"})
+WORDS = sorted(
+    {w for text in POSITIVE + NEGATIVE for w in text.split()} | {"okay", "fine", "average", "positive", "negative"}
+)
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -50,7 +52,9 @@ def make_tokenizer(directory: Path):
 
     vocab = directory / "vocab.txt"
     vocab.write_text("\n".join(SPECIAL + WORDS) + "\n")
-    return BertTokenizer(vocab_file=str(vocab))
+    tokenizer = BertTokenizer(vocab=str(vocab))  # transformers 5: ``vocab``, not ``vocab_file``
+    assert tokenizer.convert_tokens_to_ids(["great", "coffee"]) != [tokenizer.unk_token_id] * 2
+    return tokenizer
 
 
 def make_tiny_model(directory: Path, seed: int = 0, max_length: int = 32) -> MetaLearner:

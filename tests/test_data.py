@@ -159,3 +159,23 @@ def test_fixed_episode_uses_whole_files(food_task: Task) -> None:
     assert episode.support == food_task.split("train")
     assert episode.query == food_task.split("test")
     assert episode.labels == ("negative", "positive")
+
+
+def test_natural_query_sampling_keeps_class_proportions() -> None:
+    positives = [Example(f"good {i}", "positive") for i in range(40)]
+    negatives = [Example(f"bad {i}", "negative") for i in range(10)]
+    task = Task("skewed", "skewed", ("negative", "positive"), {"train": positives + negatives})
+    sampler = EpisodeSampler([task], k_shot=2, q_query=10, query_sampling="natural", seed=3)
+    shares = []
+    for _ in range(200):
+        episode = sampler.sample()
+        assert len(episode.query) == 20
+        assert {ex.label for ex in episode.support} == {"negative", "positive"}
+        assert not {ex.text for ex in episode.support} & {ex.text for ex in episode.query}
+        shares.append(sum(ex.label == "positive" for ex in episode.query) / 20)
+    # 38 positives and 8 negatives remain after the support set: about 83% positive
+    assert 0.78 < sum(shares) / len(shares) < 0.88
+    balanced = EpisodeSampler([task], k_shot=2, q_query=5, seed=3).sample()
+    assert sum(ex.label == "positive" for ex in balanced.query) == 5
+    with pytest.raises(ValueError, match="query_sampling"):
+        EpisodeSampler([task], query_sampling="uniform")

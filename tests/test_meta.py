@@ -13,9 +13,10 @@ from data.registry import Task
 from meta.checkpoint import is_checkpoint, load_checkpoint, load_training_state, save_checkpoint
 from meta.config import CheckpointConfig, InnerLoopConfig, TrainConfig
 from meta.evaluate import EpisodeResult, evaluate_episode, format_table, summarize
-from meta.fomaml import fomaml_query_loss, meta_train
+from meta.fomaml import fomaml_query_loss
 from meta.inner_loop import encode_labels, inner_loop, predict_proba
 from meta.model import MetaLearner, prototype_head
+from meta.train import meta_train
 from tests.conftest import NEGATIVE, POSITIVE, make_task
 
 
