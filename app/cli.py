@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from data.readers import ARSC_HELD_OUT, ARSC_VALIDATION
+
 app = typer.Typer(
     help="metasent: meta-train a BERT encoder with first-order MAML across sentiment domains, "
     "evaluate it on few-shot tasks, and serve K-shot adaptation to new domains over REST.",
@@ -16,7 +18,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-STANDARD_HELD_OUT = ["books", "dvd", "electronics", "kitchen_housewares", "gourmet_food", "grocery"]
 logger = logging.getLogger("metasent")
 
 
@@ -46,11 +47,11 @@ def train(
     data: Annotated[str, typer.Option(help="ARSC directory, or a JSONL/CSV/HF dataset with text,label,domain")],
     output: Annotated[Path, typer.Option(help="Directory for the 'best' and 'last' checkpoints")],
     exclude_domains: Annotated[str, typer.Option(help="Comma-separated domains held out of meta-training")] = ",".join(
-        STANDARD_HELD_OUT
+        ARSC_HELD_OUT
     ),
     val_domains: Annotated[
         str, typer.Option(help="Comma-separated domains validated on (their --val-split)")
-    ] = "music,video",
+    ] = ",".join(ARSC_VALIDATION),
     val_split: Annotated[str, typer.Option(help="Split of the validation domains")] = "dev",
     encoder: Annotated[
         str, typer.Option(help="Encoder name or path (default all-MiniLM-L6-v2, offline)")
@@ -310,6 +311,49 @@ def bench(
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text + "\n")
+
+
+@app.command()
+def benchmark(
+    data: Annotated[str, typer.Option(help="ARSC directory")] = "../shared/data/arsc",
+    output: Annotated[Path, typer.Option(help="Results directory")] = Path("results"),
+    budget: Annotated[
+        str, typer.Option(help="cpu (fits 2 CPU cores: short meta-training, 128 tokens), gpu (full), smoke")
+    ] = "cpu",
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated: fomaml, fomaml_anchors, reptile, protonet, matching, multitask, finetune, "
+            "pretrained, setfit (default: all)"
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        list[str] | None, typer.Option(help="METHOD=DIR: load this checkpoint instead of training (repeatable)")
+    ] = None,
+    encoder: Annotated[str, typer.Option(help="Encoder every method starts from")] = (
+        "sentence-transformers/all-MiniLM-L6-v2"
+    ),
+    runs: Annotated[Path, typer.Option(help="Where the benchmark's checkpoints go")] = Path("runs/benchmark"),
+    label: Annotated[str | None, typer.Option(help="Suffix of the result files (default: the budget)")] = None,
+    device: str = "auto",
+    threads: int | None = None,
+    seed: int = 0,
+) -> None:
+    """Train (or load) every method and evaluate all of them on the same tasks and seeds: the 12
+    ARSC test tasks, the 6 food tasks (5 seeds), accuracy against shots, and the dev tasks that
+    choose the default. Writes results/benchmark_<budget>.{json,csv,md} and PNG plots."""
+    _setup(threads)
+    from bench.benchmark import run_benchmark
+
+    loaded = {}
+    for item in checkpoint or []:
+        name, _, path = item.partition("=")
+        if not path:
+            raise typer.BadParameter(f"expected METHOD=DIR, got {item!r}", param_hint="--checkpoint")
+        loaded[name] = Path(path)
+    result = run_benchmark(Path(data), output, budget, _split(methods), loaded, encoder, device, runs, seed, label)
+    typer.echo((output / f"benchmark_{label or budget}.md").read_text())
+    typer.echo(f"default: {result['default']}")
 
 
 def main() -> None:

@@ -24,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 ARSC_LABELS: dict[str, str] = {"-1": "negative", "1": "positive"}
 ARSC_SPLITS = ("train", "dev", "test")
+# Held out of meta-training in this project: ARSC's 4 test domains and the 2 food domains.
+ARSC_HELD_OUT = ["books", "dvd", "electronics", "kitchen_housewares", "gourmet_food", "grocery"]
+# Validation domains: they have only .dev and .test files, so no method ever trains on them.
+ARSC_VALIDATION = ["music", "video"]
 _ARSC_FILE = re.compile(r"^(?P<domain>[a-z_]+)\.(?P<threshold>t[245])\.(?P<split>train|dev|test)$")
 
 

@@ -1,0 +1,472 @@
+"""``metasent benchmark``: every method trained (or loaded) and evaluated on the same tasks and
+seeds, written to ``results/benchmark*.{json,csv,md}`` with PNG plots.
+
+Tasks (never used for a choice): the 12 ARSC test tasks with their fixed 5-shot support files,
+and the 6 food tasks (gourmet_food, grocery: held out of meta-training) with sampled 5-shot
+support sets over seeds. Choices (which FOMAML variant is the default) use only the ``.dev``
+files of the validation domains (music, video), which no method trains on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.episodes import EpisodeSampler, NotEnoughExamplesError, fixed_episode
+from data.readers import ARSC_HELD_OUT, ARSC_VALIDATION, read_arsc
+from data.registry import Task, TaskRegistry
+from meta.checkpoint import load_checkpoint, load_model
+from meta.config import CheckpointConfig, EncoderConfig, InnerLoopConfig, TrainConfig, default_inner_loop
+from meta.evaluate import EpisodeResult, evaluate_tasks, summarize
+from meta.model import MetaLearner, resolve_encoder_path
+from meta.train import meta_train
+
+logger = logging.getLogger(__name__)
+
+FOOD_DOMAINS = ["gourmet_food", "grocery"]
+ARSC_TEST_DOMAINS = ["books", "dvd", "electronics", "kitchen_housewares"]
+
+# Published mean accuracies on the 12 ARSC test tasks (2-way 5-shot), as cited.
+PUBLISHED_ARSC = {
+    "Induction Networks (Geng et al. 2019, EMNLP)": 85.63,
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much each method gets.
+
+    Args:
+        name (`str`): the budget's name.
+        train_minutes (`float`): wall-clock meta-training minutes per meta-trained method.
+        max_length (`int`): tokens per text (training and evaluation).
+        eval_every (`int`): outer steps between validations (the best is kept).
+        food_seeds (`int`): sampled 5-shot episodes per food task.
+        kshot_seeds (`int`): sampled episodes per food task and K for the shots curve.
+        shots (`tuple[int, ...]`): the K of the shots curve.
+        dev_seeds (`int`): sampled episodes per validation task for the dev score.
+        setfit_iterations (`int`): SetFit contrastive pairs per support example.
+        setfit_food_seeds (`int`): SetFit episodes per food task (it is slow on a CPU).
+    """
+
+    name: str
+    train_minutes: float
+    max_length: int
+    eval_every: int
+    food_seeds: int
+    kshot_seeds: int
+    shots: tuple[int, ...]
+    dev_seeds: int
+    setfit_iterations: int
+    setfit_food_seeds: int
+    note: str = ""
+
+
+BUDGETS = {
+    "cpu": Budget(
+        "cpu", 5.0, 128, 10, 5, 2, (1, 5, 10, 20), 3, 5, 2,
+        "2 CPU cores: 5 minutes of meta-training per method, 128 tokens; SetFit with 5 pair iterations, "
+        "2 food seeds",
+    ),
+    "gpu": Budget(
+        "gpu", 1.25, 256, 100, 5, 5, (1, 5, 10, 20), 5, 20, 5,
+        "one GPU: 75 s of meta-training per method (thousands of episodes), 256 tokens, SetFit defaults",
+    ),
+    "smoke": Budget("smoke", 0.05, 32, 2, 1, 1, (1, 5), 1, 1, 1, "seconds per method: a check that everything runs"),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method of the benchmark.
+
+    Args:
+        name (`str`): its name in the results.
+        algorithm (`str`): :data:`meta.config.Algorithm`, or ``"setfit"``.
+        inner (`dict`): overrides of the algorithm's default inner loop.
+        train (`dict`): overrides of the training settings.
+        default_candidate (`bool`): whether it may become the service default (FOMAML variants).
+    """
+
+    name: str
+    algorithm: str
+    inner: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    default_candidate: bool = False
+
+
+METHODS = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("fomaml", "fomaml", default_candidate=True),
+        MethodSpec(
+            "fomaml_anchors", "fomaml", {"label_anchors": True}, {"query_sampling": "natural"}, default_candidate=True
+        ),
+        MethodSpec("reptile", "reptile"),
+        MethodSpec("protonet", "protonet"),
+        MethodSpec("matching", "matching"),
+        MethodSpec("multitask", "multitask"),
+        MethodSpec("finetune", "finetune"),
+        MethodSpec("pretrained", "none"),
+        MethodSpec("setfit", "setfit"),
+    )
+}
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What the benchmark ran on."""
+    info: dict[str, Any] = {
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _tasks(data: Path) -> TaskRegistry:
+    return TaskRegistry(read_arsc(data))
+
+
+def _train(
+    spec: MethodSpec, tasks: TaskRegistry, budget: Budget, encoder: str, out: Path, device: torch.device, seed: int
+) -> tuple[MetaLearner, CheckpointConfig]:
+    inner = default_inner_loop(spec.algorithm).model_copy(update=spec.inner)
+    config = CheckpointConfig(
+        algorithm=spec.algorithm,  # type: ignore[arg-type]
+        encoder=EncoderConfig(name_or_path=encoder, max_length=budget.max_length),
+        inner_loop=inner,
+        training=TrainConfig(
+            data="arsc",
+            exclude_domains=ARSC_HELD_OUT,
+            val_domains=ARSC_VALIDATION,
+            outer_steps=100_000,
+            max_minutes=budget.train_minutes,
+            eval_every=budget.eval_every,
+            save_every=100_000,
+            warmup_steps=20,
+            seed=seed,
+            **spec.train,
+        ),
+    )
+    # the step count is open (100k): each method trains for the budget's minutes, its
+    # learning rate flat after the warm-up
+    train_tasks = tasks.select(exclude=ARSC_HELD_OUT + ARSC_VALIDATION).select(require_split="train")
+    val_tasks = tasks.select(include=ARSC_VALIDATION).select(require_split="dev")
+    model = MetaLearner.from_pretrained(config.encoder).to(device)
+    meta_train(model, list(train_tasks), list(val_tasks), config, out / spec.name, progress=False)
+    return load_checkpoint(out / spec.name / "best", device)
+
+
+def _load(spec: MethodSpec, checkpoint: Path | None, budget: Budget, encoder: str, device: torch.device):
+    if checkpoint is not None:
+        return load_checkpoint(checkpoint, device)
+    model, config = load_model(None, encoder, device, spec.algorithm)
+    config.inner_loop = config.inner_loop.model_copy(update=spec.inner)
+    config.encoder = config.encoder.model_copy(update={"max_length": budget.max_length})
+    model.config = config.encoder
+    return model, config
+
+
+def _scores(results: Sequence[EpisodeResult]) -> dict[str, Any]:
+    summary = summarize(results)
+    block: dict[str, Any] = {
+        task: {"accuracy": row["accuracy"], "macro_f1": row["macro_f1"], "accuracy_ci95": row["accuracy_ci95"]}
+        for task, row in summary["tasks"].items()
+    }
+    mean = summary["mean"]
+    block["mean"] = {k: mean[k] for k in ("accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci95", "episodes")}
+    block["mean"]["always_positive_accuracy"] = mean["always_positive_accuracy"]
+    block["mean"]["adapt_seconds"] = mean["adapt_seconds"]
+    return block
+
+
+def _sampled(tasks: Sequence[Task], k_shot: int, seeds: int, support: str, query: str):
+    """``(episode, seed)`` pairs; tasks without K examples of a class are skipped."""
+    pairs = []
+    for task in tasks:
+        for seed in range(seeds):
+            sampler = EpisodeSampler([task], k_shot=k_shot, q_query=None, support_split=support, query_split=query,
+                                     seed=seed)  # fmt: skip
+            try:
+                pairs.append((sampler.sample(task), seed))
+            except NotEnoughExamplesError as error:
+                logger.warning("skipped: %s", error)
+    return pairs
+
+
+def _evaluate_model(model: MetaLearner, inner: InnerLoopConfig, tasks: TaskRegistry, budget: Budget) -> dict[str, Any]:
+    from meta.evaluate import evaluate_episode
+
+    def run(pairs):
+        return [evaluate_episode(model, episode, inner, seed, 64) for episode, seed in pairs]
+
+    arsc = tasks.select(include=ARSC_TEST_DOMAINS)
+    food = list(tasks.select(include=FOOD_DOMAINS))
+    dev = list(tasks.select(include=ARSC_VALIDATION).select(require_split="dev"))
+    out: dict[str, Any] = {
+        "arsc": _scores(evaluate_tasks(model, list(arsc), inner, "fixed", batch_size=64)),
+        "food": _scores(run(_sampled(food, 5, budget.food_seeds, "train", "test"))),
+        "dev": _scores(run(_sampled(dev, 5, budget.dev_seeds, "dev", "dev"))),
+    }
+    out["shots"] = {}
+    for k in budget.shots:
+        pairs = _sampled(food, k, budget.kshot_seeds, "train", "test")
+        out["shots"][str(k)] = _scores(run(pairs))["mean"] if pairs else None
+    return out
+
+
+def _evaluate_setfit(encoder: str, tasks: TaskRegistry, budget: Budget, device: torch.device) -> dict[str, Any]:
+    from bench.setfit_baseline import evaluate_setfit
+
+    kwargs = {"num_iterations": budget.setfit_iterations, "max_length": budget.max_length, "device": str(device)}
+    path = resolve_encoder_path(encoder)
+    arsc = [(fixed_episode(task, "train", "test"), None) for task in tasks.select(include=ARSC_TEST_DOMAINS)]
+    food = _sampled(list(tasks.select(include=FOOD_DOMAINS)), 5, budget.setfit_food_seeds, "train", "test")
+    return {
+        "arsc": _scores(evaluate_setfit(path, arsc, **kwargs)),
+        "food": _scores(evaluate_setfit(path, food, **kwargs)),
+        "dev": None,
+        "shots": {},
+    }
+
+
+def _always_positive(result: dict[str, Any]) -> dict[str, Any]:
+    """The always-``positive`` reference row, from the query sets any method was scored on."""
+    rows: dict[str, Any] = {}
+    for suite in ("arsc", "food"):
+        mean = result[suite]["mean"]
+        rows[suite] = {"mean": {"accuracy": mean["always_positive_accuracy"]}}
+    return rows
+
+
+def run_benchmark(
+    data: Path,
+    output: Path,
+    budget_name: str = "cpu",
+    methods: Sequence[str] | None = None,
+    checkpoints: dict[str, Path] | None = None,
+    encoder: str = "sentence-transformers/all-MiniLM-L6-v2",
+    device: str = "auto",
+    runs: Path = Path("runs/benchmark"),
+    seed: int = 0,
+    label: str | None = None,
+) -> dict[str, Any]:
+    """Train (or load) and evaluate each method on the same tasks and seeds; write
+    ``<output>/benchmark[_<label>].{json,csv,md}`` and PNG plots after every method.
+
+    Args:
+        data (`Path`): the ARSC directory.
+        output (`Path`): results directory.
+        budget_name (`str`, defaults to ``"cpu"``): a key of :data:`BUDGETS`.
+        methods (`Sequence[str]`, *optional*): keys of :data:`METHODS` (default: all; SetFit is
+            skipped with a warning when it is not installed).
+        checkpoints (`dict[str, Path]`, *optional*): trained checkpoints to load instead of
+            training, by method name.
+        encoder (`str`): the encoder every method starts from.
+        device (`str`, defaults to ``"auto"``): torch device.
+        runs (`Path`): where the benchmark's own checkpoints go.
+        seed (`int`, defaults to 0): training seed.
+        label (`str`, *optional*): suffix of the result files (default: the budget's name).
+
+    Returns:
+        `dict`: the benchmark (also written as JSON).
+
+    Raises:
+        KeyError: for an unknown budget or method.
+    """
+    from meta.model import resolve_device
+
+    budget = BUDGETS[budget_name]
+    names = list(methods or METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise KeyError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    checkpoints = checkpoints or {}
+    torch_device = resolve_device(device)
+    tasks = _tasks(data)
+    stem = f"benchmark_{label or budget.name}"
+    result: dict[str, Any] = {
+        "machine": machine_info(torch_device),
+        "budget": asdict(budget),
+        "default": None,
+        "methods": {},
+        "references": {"published_arsc_mean_accuracy": PUBLISHED_ARSC},
+        "selection": "the default is the FOMAML variant with the best mean accuracy on the music/video .dev tasks",
+    }
+    for name in names:
+        spec = METHODS[name]
+        started = time.perf_counter()
+        if spec.algorithm == "setfit":
+            from bench.setfit_baseline import setfit_available
+
+            if not setfit_available():
+                logger.warning("setfit is not installed (pip install -e '.[bench]'): skipped")
+                continue
+            entry = _evaluate_setfit(encoder, tasks, budget, torch_device)
+            entry["training"] = None
+        else:
+            if spec.algorithm in ("none", "finetune") or name in checkpoints:
+                model, config = _load(spec, checkpoints.get(name), budget, encoder, torch_device)
+            else:
+                model, config = _train(spec, tasks, budget, encoder, runs, torch_device, seed)
+            entry = _evaluate_model(model, config.inner_loop, tasks, budget)
+            entry["training"] = _training_summary(config)
+            entry["inner_loop"] = config.inner_loop.model_dump()
+            del model
+        entry["seconds"] = round(time.perf_counter() - started, 1)
+        result["methods"][name] = entry
+        if "always_positive" not in result["references"]:
+            result["references"]["always_positive"] = _always_positive(entry)
+        result["default"] = _choose_default(result["methods"])
+        write_results(result, output, stem)
+        logger.info(
+            "%s: ARSC %.2f, food %.2f", name, entry["arsc"]["mean"]["accuracy"], entry["food"]["mean"]["accuracy"]
+        )
+    return result
+
+
+def _training_summary(config: CheckpointConfig) -> dict[str, Any] | None:
+    if config.training is None:
+        return None
+    metrics = config.metrics
+    steps = metrics.get("curve", [])
+    return {
+        "algorithm": config.algorithm,
+        "outer_steps": config.step,
+        "episodes": config.step * config.training.meta_batch_size,
+        "train_seconds": metrics.get("train_seconds"),
+        "best_step": metrics.get("best_step"),
+        "best_val_accuracy": metrics.get("best_val_accuracy"),
+        "validation": metrics.get("validation", []),
+        "curve_tail_loss": statistics.fmean(r["query_loss"] for r in steps[-20:]) if steps else None,
+        "query_sampling": config.training.query_sampling,
+        "max_length": config.encoder.max_length,
+    }
+
+
+def _choose_default(methods: dict[str, Any]) -> str | None:
+    candidates = {n: m for n, m in methods.items() if METHODS[n].default_candidate and m.get("dev")}
+    if not candidates:
+        return None
+    return max(candidates, key=lambda n: candidates[n]["dev"]["mean"]["accuracy"])
+
+
+def write_results(result: dict[str, Any], output: Path, stem: str) -> list[Path]:
+    """Write the JSON, a per-task CSV, a markdown table and the PNG plots; returns the paths."""
+    output.mkdir(parents=True, exist_ok=True)
+    paths = [output / f"{stem}.json", output / f"{stem}.csv", output / f"{stem}.md"]
+    paths[0].write_text(json.dumps(result, indent=2) + "\n")
+    with paths[1].open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "suite", "task", "accuracy", "accuracy_ci95", "macro_f1"])
+        for method, entry in result["methods"].items():
+            for suite in ("arsc", "food", "dev"):
+                for task, row in (entry.get(suite) or {}).items():
+                    writer.writerow([method, suite, task, row["accuracy"], row.get("accuracy_ci95"), row["macro_f1"]])
+    paths[2].write_text(markdown_table(result))
+    try:
+        paths += plot(result, output, stem)
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install -e '.[bench]'): no plots")
+    return paths
+
+
+def _cell(row: dict[str, Any] | None, key: str = "accuracy") -> str:
+    if not row or row.get(key) is None:
+        return "–"
+    ci = row.get(f"{key}_ci95")
+    return f"{row[key]:.2f} ± {ci:.2f}" if ci else f"{row[key]:.2f}"
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The summary table: per method, ARSC and food accuracy and macro-F1 (± 95% CI), dev
+    accuracy, adaptation seconds and meta-training episodes; reference rows below."""
+    budget, machine = result["budget"], result["machine"]
+    lines = [
+        f"Budget `{budget['name']}`: {budget['note']}. Machine: {machine.get('gpu') or machine['cpu']} "
+        f"({machine['device']}, {machine['cpu_count']} CPUs). Default (chosen on dev): **{result['default']}**.",
+        "",
+        "| method | ARSC acc | ARSC macro-F1 | food acc | food macro-F1 | dev acc | adapt s | meta-train episodes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in result["methods"].items():
+        arsc, food = entry["arsc"]["mean"], entry["food"]["mean"]
+        dev = entry["dev"]["mean"] if entry.get("dev") else None
+        training = entry.get("training") or {}
+        marker = " (default)" if name == result["default"] else ""
+        lines.append(
+            f"| {name}{marker} | {_cell(arsc)} | {_cell(arsc, 'macro_f1')} | {_cell(food)} | {_cell(food, 'macro_f1')} "
+            f"| {_cell(dev)} | {arsc['adapt_seconds']:.3f} | {training.get('episodes', '–')} |"
+        )
+    refs = result["references"]
+    positive = refs.get("always_positive")
+    if positive:
+        lines.append(
+            f"| always `positive` | {_cell(positive['arsc']['mean'])} | – | {_cell(positive['food']['mean'])} "
+            "| – | – | – | – |"
+        )
+    for source, accuracy in refs["published_arsc_mean_accuracy"].items():
+        lines.append(f"| {source} (published) | {accuracy:.2f} | – | – | – | – | – | – |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], output: Path, stem: str) -> list[Path]:
+    """Accuracy against shots, the meta-training curves, and adaptation seconds against accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for name, entry in result["methods"].items():
+        shots = {int(k): v["accuracy"] for k, v in (entry.get("shots") or {}).items() if v}
+        if shots:
+            axes.plot(list(shots), list(shots.values()), marker="o", label=name)
+    axes.set(xlabel="shots K per class", ylabel="food query accuracy (%)", xscale="log", title="Accuracy against shots")
+    axes.legend(fontsize=7)
+    paths.append(_save(figure, output / f"{stem}_shots.png"))
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for name, entry in result["methods"].items():
+        validation = (entry.get("training") or {}).get("validation") or []
+        if validation:
+            axes.plot([r.get("seconds", 0) for r in validation], [r["accuracy"] for r in validation], label=name)
+    axes.set(xlabel="meta-training seconds", ylabel="validation accuracy (%)", title="Meta-training curves (dev)")
+    axes.legend(fontsize=7)
+    paths.append(_save(figure, output / f"{stem}_curves.png"))
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for name, entry in result["methods"].items():
+        mean = entry["arsc"]["mean"]
+        axes.scatter([max(mean["adapt_seconds"], 1e-3)], [mean["accuracy"]], label=name)
+        axes.annotate(name, (max(mean["adapt_seconds"], 1e-3), mean["accuracy"]), fontsize=7)
+    axes.set(xlabel="adaptation seconds (median)", ylabel="ARSC mean accuracy (%)", xscale="log",
+             title="Adaptation time against accuracy")  # fmt: skip
+    paths.append(_save(figure, output / f"{stem}_adapt.png"))
+    return paths
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return path
