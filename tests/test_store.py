@@ -248,3 +248,21 @@ def test_model_fingerprint(tiny_checkpoint: Path, modified_checkpoint: Path, tmp
     encoder = model_fingerprint(None, config, str(tiny_checkpoint))
     assert encoder != model_fingerprint(None, config.model_copy(update={"algorithm": "x"}), str(tiny_checkpoint))
     assert json.loads((tiny_checkpoint / "metasent.json").read_text())  # the checkpoint was not modified
+
+
+def test_concurrent_writers_never_fail(tmp_path: Path) -> None:
+    """SQLite writers that read first (count, get) must not hit 'database is locked'."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = DomainStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    examples = [("good", "a"), ("bad", "b")]
+
+    def work(i: int) -> None:
+        for _ in range(15):
+            domain = store.add(f"t{i % 2}", "x", _adaptation(float(i)), examples, "h", "cpu", limit=1000)
+            store.replace(domain, _adaptation(1.0), examples, "h", "cpu")
+            assert store.delete(domain.tenant, domain.domain_id)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(8)))
+    assert len(store) == 0
