@@ -6,9 +6,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.auth import TenantDep
 from app.batching import MicroBatcher
-from app.service import DomainStore, ModelService
+from app.service import ModelService
 from app.settings import Settings
+from app.store import DomainStore
 
 
 def get_settings(request: Request) -> Settings:
@@ -31,3 +33,5 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[ModelService, Depends(get_service)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 StoreDep = Annotated[DomainStore, Depends(get_store)]
+
+__all__ = ["BatcherDep", "ServiceDep", "SettingsDep", "StoreDep", "TenantDep"]

@@ -11,11 +11,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from app.adaptation import readapt_all
+from app.auth import KeyRing
 from app.batching import MicroBatcher
 from app.errors import install_error_handlers
-from app.routers import domains, health
-from app.service import DomainStore, ModelService
+from app.routers import classify, domains, health
+from app.service import ModelService, model_fingerprint
 from app.settings import Settings, get_settings
+from app.store import DomainStore
 
 logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -25,20 +28,33 @@ def _load_service(settings: Settings) -> ModelService:
     import torch
 
     from meta.checkpoint import load_model
-    from meta.model import resolve_device
+    from meta.model import resolve_device, resolve_encoder_path
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
     model, config = load_model(settings.checkpoint, settings.encoder, device)
+    encoder_path = None if settings.checkpoint else resolve_encoder_path(config.encoder.name_or_path)
+    checkpoint_hash = model_fingerprint(settings.checkpoint, config, encoder_path)
     logger.info(
-        "model loaded: algorithm=%s encoder=%s device=%s inner_loop=%s",
+        "model loaded: algorithm=%s encoder=%s device=%s inner_loop=%s checkpoint_hash=%s",
         config.algorithm,
         config.encoder.name_or_path,
         device,
         config.inner_loop.model_dump(),
+        checkpoint_hash[:12],
     )
-    return ModelService(model, config, settings.batch_size, settings.max_text_chars)
+    return ModelService(model, config, settings.batch_size, settings.max_text_chars, checkpoint_hash)
+
+
+def _open_store(settings: Settings, service: ModelService) -> DomainStore:
+    store = DomainStore(settings.database(), service.device, settings.cache_domains, settings.test_write_delay_s)
+    logger.info("domain store: %s (%d domains)", store.engine.url.render_as_string(hide_password=True), len(store))
+    if settings.test_write_delay_s or settings.test_adapt_delay_s:
+        logger.warning("TEST fault injection is on: METASENT_TEST_ADAPT/WRITE_DELAY_S; never use it in production")
+    if settings.readapt_on_load:
+        logger.info("re-adapted %d stale domains", readapt_all(service, store))
+    return store
 
 
 async def _request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -56,7 +72,8 @@ async def _request_id(request: Request, call_next: Callable[[Request], Awaitable
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the metasent API. The lifespan loads the checkpoint (or, with none, the default
-    encoder) once; every domain shares that one base model.
+    encoder) once; every domain shares that one base model. It then opens the domain store
+    (``METASENT_DATABASE_URL``, default SQLite in ``METASENT_DATA_DIR``).
 
     Args:
         settings (`Settings`, *optional*): defaults to the ``METASENT_*`` environment.
@@ -66,14 +83,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.store = DomainStore()
-        app.state.service = await run_in_threadpool(_load_service, settings)
+        if app.state.keyring.open:
+            logger.warning("no METASENT_API_KEYS: the API is open, every client is tenant 'default'")
+        else:
+            logger.info("API keys: %d tenants", len(settings.key_list()))
+        service = await run_in_threadpool(_load_service, settings)
+        app.state.store = await run_in_threadpool(_open_store, settings, service)
+        app.state.service = service
         app.state.batcher = MicroBatcher(
-            app.state.service.classify_many,
+            service.classify_many,
             settings.batch_window_ms / 1000,
             max(settings.max_texts, settings.batch_size),
         )
-        yield
+        try:
+            yield
+        finally:
+            app.state.store.close()
 
     app = FastAPI(
         title="metasent",
@@ -82,8 +107,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.keyring = KeyRing(settings.key_list())
     install_error_handlers(app)
     app.middleware("http")(_request_id)
     app.include_router(health.router)
     app.include_router(domains.router)
+    app.include_router(classify.router)
     return app

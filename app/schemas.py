@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, field_validator
 
@@ -53,9 +53,42 @@ class CreateDomain(BaseModel):
     @field_validator("examples")
     @classmethod
     def _two_labels(cls, examples: list[LabelledText]) -> list[LabelledText]:
-        if len({ex.label for ex in examples}) < 2:
-            raise ValueError("examples need at least 2 distinct labels")
-        return examples
+        return require_two_labels(examples)
+
+
+def require_two_labels(examples: list[LabelledText]) -> list[LabelledText]:
+    """``examples`` unchanged.
+
+    Raises:
+        ValueError: when they have fewer than 2 distinct labels.
+    """
+    if len({ex.label for ex in examples}) < 2:
+        raise ValueError("examples need at least 2 distinct labels")
+    return examples
+
+
+class UpdateExamples(BaseModel):
+    """New support examples for a domain; the domain is re-adapted on the resulting set."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "examples": [{"text": "the honey had crystallised into a brick", "label": "negative"}],
+                    "mode": "add",
+                    "expected_version": 1,
+                }
+            ]
+        },
+    )
+    examples: list[LabelledText] = Field(min_length=1, description="examples to add, or the whole new support set")
+    mode: Literal["add", "replace"] = Field(
+        default="add", description="'add' appends to the stored support set, 'replace' replaces it"
+    )
+    expected_version: int | None = Field(
+        default=None, ge=1, description="the version you read; the update is refused (409) if it changed since"
+    )
 
 
 class AdaptationInfo(BaseModel):
@@ -70,8 +103,18 @@ class Domain(BaseModel):
     name: str
     labels: list[str] = Field(description="label names; the order of first appearance in the support set")
     num_examples: int
+    version: int = Field(description="1 at creation, +1 for each change of the support set")
+    checkpoint_hash: str = Field(description="sha256 of the model the domain was adapted with")
+    stale: bool = Field(description="adapted with another model than the server's; re-adapted on next use")
     created_at: str
+    updated_at: str
     adaptation: AdaptationInfo
+
+
+class DomainExamples(BaseModel):
+    domain_id: str
+    version: int
+    examples: list[LabelledText] = Field(description="the stored support set")
 
 
 class DomainList(BaseModel):
@@ -86,6 +129,32 @@ class ClassifyRequest(BaseModel):
     texts: list[NonBlank] = Field(min_length=1, description="texts to classify")
 
 
+class AdaptAndClassify(BaseModel):
+    """A support set and texts: adapt, classify and forget (nothing is stored)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "examples": [
+                        {"text": "delicious coffee, rich and smooth", "label": "positive"},
+                        {"text": "stale crackers that tasted of cardboard", "label": "negative"},
+                    ],
+                    "texts": ["lovely olive oil, fresh and peppery", "the jam was mouldy"],
+                }
+            ]
+        },
+    )
+    examples: list[LabelledText] = Field(min_length=2, description="the support set")
+    texts: list[NonBlank] = Field(min_length=1, description="texts to classify")
+
+    @field_validator("examples")
+    @classmethod
+    def _two_labels(cls, examples: list[LabelledText]) -> list[LabelledText]:
+        return require_two_labels(examples)
+
+
 class Prediction(BaseModel):
     label: str
     scores: dict[str, float] = Field(description="probability per label, summing to 1")
@@ -94,6 +163,12 @@ class Prediction(BaseModel):
 class ClassifyResponse(BaseModel):
     domain_id: str
     predictions: list[Prediction] = Field(description="one per input text, in input order")
+
+
+class AdaptAndClassifyResponse(BaseModel):
+    labels: list[str] = Field(description="label names; the order of first appearance in the support set")
+    predictions: list[Prediction] = Field(description="one per input text, in input order")
+    adaptation: AdaptationInfo
 
 
 class ErrorDetail(BaseModel):

@@ -1,46 +1,24 @@
-"""The model service (one base model, adaptation and classification) and the domain store.
+"""The model service: one base model, adaptation and classification.
 
 A domain keeps only its adapted tensors (the head and the adapted encoder layers); the base
-model is loaded once and shared by every domain and request.
+model is loaded once and shared by every domain and request. Domains live in
+:class:`app.store.DomainStore`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
-import uuid
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from app.store import DomainStore, StoredDomain
+from meta.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from meta.config import CheckpointConfig
 from meta.inner_loop import Adaptation, embed_texts, inner_loop, is_head_only, predict_proba
 from meta.model import MetaLearner
-
-
-@dataclass
-class StoredDomain:
-    """An adapted domain: its metadata and its adapted tensors (never a copy of the model)."""
-
-    domain_id: str
-    name: str
-    labels: tuple[str, ...]
-    num_examples: int
-    adaptation: dict[str, Any]
-    params: dict[str, Tensor] = field(repr=False)
-    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "domain_id": self.domain_id,
-            "name": self.name,
-            "labels": list(self.labels),
-            "num_examples": self.num_examples,
-            "created_at": self.created_at,
-            "adaptation": self.adaptation,
-        }
 
 
 class ModelService:
@@ -55,13 +33,21 @@ class ModelService:
         batch_size (`int`, defaults to 32): texts per forward pass when classifying.
         max_text_chars (`int`, defaults to 20000): characters of each text passed to the
             tokenizer.
+        checkpoint_hash (`str`, defaults to ``""``): the model's fingerprint (see
+            :func:`model_fingerprint`), recorded with every domain adapted on it.
     """
 
     def __init__(
-        self, model: MetaLearner, config: CheckpointConfig, batch_size: int = 32, max_text_chars: int = 20_000
+        self,
+        model: MetaLearner,
+        config: CheckpointConfig,
+        batch_size: int = 32,
+        max_text_chars: int = 20_000,
+        checkpoint_hash: str = "",
     ) -> None:
         self.model = model
         self.config = config
+        self.checkpoint_hash = checkpoint_hash
         self.batch_size = batch_size
         self.max_text_chars = max_text_chars
         self._lock = threading.Lock()
@@ -120,45 +106,41 @@ class ModelService:
         return [r for r in results if r is not None]
 
 
-class DomainStore:
-    """Adapted domains in memory, by id (persistence comes with a later issue)."""
-
-    def __init__(self) -> None:
-        self._domains: dict[str, StoredDomain] = {}
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._domains)
-
-    def add(self, name: str, adaptation: Adaptation, num_examples: int, device: str) -> StoredDomain:
-        domain = StoredDomain(
-            domain_id=uuid.uuid4().hex,
-            name=name,
-            labels=adaptation.labels,
-            num_examples=num_examples,
-            adaptation={
-                "steps": adaptation.steps,
-                "seconds": round(adaptation.seconds, 4),
-                "device": device,
-                "support_accuracy": round(adaptation.support_accuracy, 4),
-            },
-            params=adaptation.params,
-        )
-        with self._lock:
-            self._domains[domain.domain_id] = domain
-        return domain
-
-    def get(self, domain_id: str) -> StoredDomain | None:
-        with self._lock:
-            return self._domains.get(domain_id)
-
-    def list(self) -> list[StoredDomain]:
-        with self._lock:
-            return list(self._domains.values())
-
-    def delete(self, domain_id: str) -> bool:
-        with self._lock:
-            return self._domains.pop(domain_id, None) is not None
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-__all__ = ["DomainStore", "ModelService", "StoredDomain"]
+def _hash_file(digest: hashlib._Hash, path: Path) -> None:
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+
+
+def model_fingerprint(checkpoint: Path | None, config: CheckpointConfig, encoder_path: str | None = None) -> str:
+    """The hash a domain records to know which model adapted it (computed once at load).
+
+    Args:
+        checkpoint (`Path | None`): a checkpoint directory: sha256 over its ``metasent.json`` and
+            ``model.safetensors``.
+        config (`CheckpointConfig`): without a checkpoint, the loaded config (encoder name and
+            inner loop) goes into the hash.
+        encoder_path (`str`, *optional*): without a checkpoint, the encoder's folder: its weight
+            file goes into the hash when there is one.
+
+    Returns:
+        `str`: 64 hex digits.
+    """
+    digest = hashlib.sha256()
+    if checkpoint is not None:
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            digest.update(name.encode())
+            _hash_file(digest, Path(checkpoint) / name)
+        return digest.hexdigest()
+    digest.update(config.model_dump_json(include={"algorithm", "encoder", "inner_loop"}).encode())
+    folder = Path(encoder_path) if encoder_path else None
+    weights = [folder / name for name in _WEIGHT_FILES if folder is not None and (folder / name).is_file()]
+    if weights:
+        _hash_file(digest, weights[0])
+    return digest.hexdigest()
+
+
+__all__ = ["DomainStore", "ModelService", "StoredDomain", "model_fingerprint"]

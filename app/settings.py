@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads (default: torch's choice)")
     max_examples: int = Field(default=256, ge=2, description="support examples per domain")
     max_texts: int = Field(default=512, ge=1, description="texts per classify request")
-    max_domains: int = Field(default=200, ge=1, description="adapted domains kept in memory")
+    max_domains_per_tenant: int = Field(default=200, ge=1, description="adapted domains each tenant may keep")
     max_text_chars: int = Field(
         default=20_000,
         ge=1,
@@ -40,6 +40,39 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="how long a classify request waits for concurrent ones to share its batch"
     )
     log_level: str = "INFO"
+    data_dir: Path = Field(
+        default=Path("metasent-data"), description="directory of the default SQLite database (created if missing)"
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the domain store, e.g. postgresql+psycopg://user:pass@host/metasent "
+        "(default: sqlite:///<data_dir>/metasent.db)",
+    )
+    api_keys: SecretStr | None = Field(
+        default=None,
+        description="comma-separated bearer tokens, each its own tenant; none: one open tenant 'default'",
+    )
+    cache_domains: int = Field(default=256, ge=0, description="domains whose adapted tensors stay in memory (LRU)")
+    readapt_on_load: bool = Field(
+        default=False, description="re-adapt every domain adapted with another checkpoint at start-up"
+    )
+    test_adapt_delay_s: float = Field(
+        default=0.0, ge=0, description="TEST ONLY: seconds slept after each adaptation, before it is stored"
+    )
+    test_write_delay_s: float = Field(
+        default=0.0, ge=0, description="TEST ONLY: seconds slept inside each write transaction, before the commit"
+    )
+
+    def database(self) -> str:
+        """The database URL: ``database_url``, or a SQLite file in ``data_dir``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'metasent.db'}"
+
+    def key_list(self) -> list[str]:
+        """The API keys, stripped, empty entries dropped."""
+        raw = self.api_keys.get_secret_value() if self.api_keys else ""
+        return [key.strip() for key in raw.split(",") if key.strip()]
 
 
 @lru_cache

@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -111,7 +113,8 @@ def main() -> None:
         if args.checkpoint:
             command += ["--checkpoint", args.checkpoint]
         logger.info("starting %s", " ".join(command))
-        process = subprocess.Popen(command)
+        env = dict(os.environ, METASENT_DATA_DIR=tempfile.mkdtemp(prefix="metasent-bench-"))  # a fresh store
+        process = subprocess.Popen(command, env=env)
     try:
         wait_ready(url, process)
         result = run(url, args.arsc, args.seed, args.n_query, args.repeats)

@@ -21,6 +21,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -228,7 +229,8 @@ def bench_server(
     command = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
     if checkpoint is not None:
         command += ["--checkpoint", str(checkpoint)]
-    env = dict(os.environ, METASENT_LOG_LEVEL="WARNING", METASENT_MAX_DOMAINS=str(domains + 10))
+    env = dict(os.environ, METASENT_LOG_LEVEL="WARNING", METASENT_MAX_DOMAINS_PER_TENANT=str(domains + 10))
+    env["METASENT_DATA_DIR"] = tempfile.mkdtemp(prefix="metasent-bench-")  # a fresh domain store per run
     if threads:
         env["METASENT_THREADS"] = str(threads)
     process = subprocess.Popen(command, env=env)

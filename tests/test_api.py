@@ -27,13 +27,14 @@ def valid_domain() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def client(tiny_checkpoint: Path) -> Iterator[TestClient]:
+def client(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     settings = Settings(
         checkpoint=tiny_checkpoint,
         device="cpu",
         max_examples=MAX_EXAMPLES,
         max_texts=MAX_TEXTS,
-        max_domains=MAX_DOMAINS,
+        max_domains_per_tenant=MAX_DOMAINS,
+        data_dir=tmp_path_factory.mktemp("api-data"),
     )
     with TestClient(create_app(settings)) as test_client:
         yield test_client

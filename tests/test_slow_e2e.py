@@ -17,11 +17,11 @@ pytestmark = [
 ]
 
 
-def test_adapt_to_gourmet_food_and_classify_over_http() -> None:
+def test_adapt_to_gourmet_food_and_classify_over_http(tmp_path) -> None:
     (task,) = [t for t in read_arsc(ARSC_DIR, include=["gourmet_food"]) if t.name == "gourmet_food.t2"]
     episode = EpisodeSampler([task], k_shot=5, q_query=None, query_split="test", seed=0).sample()
     queries = episode.query[:40]
-    with TestClient(create_app(Settings(device="cpu"))) as client:
+    with TestClient(create_app(Settings(device="cpu", data_dir=tmp_path))) as client:
         created = client.post(
             "/v1/domains",
             json={

@@ -1,41 +1,74 @@
-"""``/v1/domains``: adapt a domain from a support set, list, show, delete, classify."""
+"""``/v1/domains``: adapt a domain from a support set, list, show, update its examples, delete,
+classify. Every route needs the caller's API key and sees only its tenant's domains."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Depends, Response, status
 from starlette.concurrency import run_in_threadpool
+from torch import Tensor
 
+from app.adaptation import Examples, adapt, predictions, refresh
+from app.auth import require_tenant
 from app.batching import SHARED_ENCODER
-from app.dependencies import BatcherDep, ServiceDep, SettingsDep, StoreDep
+from app.dependencies import BatcherDep, ServiceDep, SettingsDep, StoreDep, TenantDep
 from app.errors import ApiError
-from app.schemas import ClassifyRequest, ClassifyResponse, CreateDomain, Domain, DomainList, ErrorResponse
-from app.service import DomainStore, StoredDomain
+from app.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    CreateDomain,
+    Domain,
+    DomainExamples,
+    DomainList,
+    ErrorResponse,
+    LabelledText,
+    UpdateExamples,
+)
+from app.service import ModelService
+from app.settings import Settings
+from app.store import DomainLimitError, DomainStore, StoredDomain, VersionConflictError
 from meta.inner_loop import is_head_only
 
-router = APIRouter(prefix="/v1/domains", tags=["domains"])
+AUTH_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorResponse, "description": "Missing or unknown API key"},
+}
+router = APIRouter(
+    prefix="/v1/domains", tags=["domains"], dependencies=[Depends(require_tenant)], responses=AUTH_ERRORS
+)
 
-_ERRORS: dict[int | str, dict[str, object]] = {
+REQUEST_ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "Malformed JSON"},
     413: {"model": ErrorResponse, "description": "More examples or texts than the server's limits"},
     422: {"model": ErrorResponse, "description": "Invalid field (the error names it and the fix)"},
 }
 _NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"model": ErrorResponse, "description": "Unknown domain"}}
+_CONFLICT: dict[int | str, dict[str, object]] = {
+    409: {"model": ErrorResponse, "description": "expected_version is not the domain's version"}
+}
 
 
-def _require(store: DomainStore, domain_id: str) -> StoredDomain:
-    domain = store.get(domain_id)
-    if domain is None:
-        raise ApiError(
-            404,
-            "domain_not_found",
-            f"no domain {domain_id!r}",
-            "domain_id",
-            "use a domain_id returned by POST /v1/domains (see GET /v1/domains)",
-        )
-    return domain
+def _not_found(domain_id: str) -> ApiError:
+    return ApiError(
+        404,
+        "domain_not_found",
+        f"no domain {domain_id!r}",
+        "domain_id",
+        "use a domain_id returned by POST /v1/domains (see GET /v1/domains)",
+    )
 
 
-def _check_limit(count: int, limit: int, field: str, setting: str) -> None:
+def _conflict(domain_id: str, current: int, expected: int | None) -> ApiError:
+    expected_text = f"expected version {expected}" if expected is not None else "the version this update read"
+    return ApiError(
+        409,
+        "version_conflict",
+        f"domain {domain_id!r} is at version {current}, not {expected_text}",
+        "expected_version",
+        f"GET /v1/domains/{domain_id} (and its /examples), then retry with expected_version={current}",
+    )
+
+
+def check_limit(count: int, limit: int, field: str, setting: str) -> None:
+    """Raises a 413 :class:`ApiError` naming ``field`` when ``count`` exceeds ``limit``."""
     if count > limit:
         raise ApiError(
             413,
@@ -46,63 +79,168 @@ def _check_limit(count: int, limit: int, field: str, setting: str) -> None:
         )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=Domain, responses=_ERRORS)
+def _too_many_domains(limit: int) -> ApiError:
+    return ApiError(
+        422,
+        "too_many_domains",
+        f"this API key already keeps {limit} domains, the most this server allows per tenant",
+        "domains",
+        "DELETE /v1/domains/{domain_id} a domain you no longer need "
+        "(or raise the server setting METASENT_MAX_DOMAINS_PER_TENANT)",
+    )
+
+
+def pairs(examples: list[LabelledText]) -> Examples:
+    """``(text, label)`` pairs of request examples."""
+    return [(ex.text, ex.label) for ex in examples]
+
+
+async def _require(store: DomainStore, tenant: str, domain_id: str, with_examples: bool = False) -> StoredDomain:
+    domain = await run_in_threadpool(store.get, tenant, domain_id, with_examples)
+    if domain is None:
+        raise _not_found(domain_id)
+    return domain
+
+
+async def _fresh(service: ModelService, store: DomainStore, tenant: str, domain_id: str) -> StoredDomain:
+    """The tenant's domain, re-adapted first when another checkpoint adapted it."""
+    domain = await _require(store, tenant, domain_id)
+    try:
+        return await run_in_threadpool(refresh, service, store, domain)
+    except KeyError:
+        raise _not_found(domain_id) from None
+
+
+async def _with_params(
+    service: ModelService, store: DomainStore, tenant: str, domain_id: str
+) -> tuple[StoredDomain, dict[str, Tensor]]:
+    """The fresh domain and its tensors (read again if a concurrent update changed it)."""
+    for _ in range(3):
+        domain = await _fresh(service, store, tenant, domain_id)
+        try:
+            return domain, await run_in_threadpool(store.params, domain)
+        except KeyError:
+            continue
+    raise _conflict(domain_id, domain.version, None)
+
+
+def _public(domain: StoredDomain, service: ModelService) -> Domain:
+    return Domain(**domain.public(service.checkpoint_hash))
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=Domain, responses=REQUEST_ERRORS)
 async def create_domain(
-    body: CreateDomain, response: Response, service: ServiceDep, store: StoreDep, settings: SettingsDep
+    body: CreateDomain,
+    response: Response,
+    service: ServiceDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
 ) -> Domain:
     """Adapt a new domain: run the checkpoint's inner loop (prototype-initialised head, then k SGD
-    steps on the support loss) on the examples, and keep the adapted parameters."""
-    _check_limit(len(body.examples), settings.max_examples, "examples", "MAX_EXAMPLES")
-    if len(store) >= settings.max_domains:
-        raise ApiError(
-            422,
-            "too_many_domains",
-            f"this server keeps at most {settings.max_domains} domains",
-            "domains",
-            "DELETE /v1/domains/{domain_id} a domain you no longer need",
+    steps on the support loss) on the examples, and store the domain with its support set."""
+    check_limit(len(body.examples), settings.max_examples, "examples", "MAX_EXAMPLES")
+    limit = settings.max_domains_per_tenant
+    if await run_in_threadpool(store.count, tenant) >= limit:
+        raise _too_many_domains(limit)
+    examples = pairs(body.examples)
+    adaptation = await run_in_threadpool(adapt, service, settings, examples)
+    try:
+        domain = await run_in_threadpool(
+            store.add, tenant, body.name, adaptation, examples, service.checkpoint_hash, service.device, limit
         )
-    texts = [ex.text for ex in body.examples]
-    labels = [ex.label for ex in body.examples]
-    adaptation = await run_in_threadpool(service.adapt, texts, labels)
-    domain = store.add(body.name, adaptation, len(texts), service.device)
+    except DomainLimitError:
+        raise _too_many_domains(limit) from None
     response.headers["Location"] = f"/v1/domains/{domain.domain_id}"
-    return Domain(**domain.public())
+    return _public(domain, service)
 
 
 @router.get("", response_model=DomainList)
-async def list_domains(store: StoreDep) -> DomainList:
-    """Every adapted domain (metadata only)."""
-    return DomainList(domains=[Domain(**d.public()) for d in store.list()])
+async def list_domains(store: StoreDep, service: ServiceDep, tenant: TenantDep) -> DomainList:
+    """Your domains (metadata only; ``stale`` ones are re-adapted on their next use)."""
+    return DomainList(domains=[_public(d, service) for d in await run_in_threadpool(store.list, tenant)])
 
 
 @router.get("/{domain_id}", response_model=Domain, responses=_NOT_FOUND)
-async def get_domain(domain_id: str, store: StoreDep) -> Domain:
-    """One domain's metadata."""
-    return Domain(**_require(store, domain_id).public())
+async def get_domain(domain_id: str, store: StoreDep, service: ServiceDep, tenant: TenantDep) -> Domain:
+    """One domain's metadata (a stale domain is re-adapted first)."""
+    return _public(await _fresh(service, store, tenant, domain_id), service)
+
+
+@router.get("/{domain_id}/examples", response_model=DomainExamples, responses=_NOT_FOUND)
+async def get_examples(domain_id: str, store: StoreDep, tenant: TenantDep) -> DomainExamples:
+    """The domain's stored support set and its version."""
+    domain = await _require(store, tenant, domain_id, with_examples=True)
+    examples = [LabelledText(text=t, label=lab) for t, lab in domain.examples or []]
+    return DomainExamples(domain_id=domain_id, version=domain.version, examples=examples)
+
+
+def _merged(domain: StoredDomain, body: UpdateExamples, settings: Settings) -> Examples:
+    """The support set after ``body``; raises 413/422 naming ``examples`` when it is not usable."""
+    examples = (list(domain.examples or []) if body.mode == "add" else []) + pairs(body.examples)
+    check_limit(len(examples), settings.max_examples, "examples", "MAX_EXAMPLES")
+    if len({label for _, label in examples}) < 2:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"the support set after this {body.mode} has fewer than 2 distinct labels",
+            "examples",
+            "send examples of at least 2 distinct labels (with mode 'replace', the whole new support set)",
+        )
+    return examples
+
+
+@router.put(
+    "/{domain_id}/examples", response_model=Domain, responses={**REQUEST_ERRORS, **_NOT_FOUND, **_CONFLICT}
+)  # fmt: skip
+async def update_examples(
+    domain_id: str,
+    body: UpdateExamples,
+    service: ServiceDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+) -> Domain:
+    """Add examples to the domain's support set (``mode: add``) or replace it (``mode:
+    replace``), re-adapt, and store the result as the next version. With ``expected_version``,
+    the update is refused (409) unless the domain is still at that version."""
+    domain = await _require(store, tenant, domain_id, with_examples=True)
+    if body.expected_version is not None and body.expected_version != domain.version:
+        raise _conflict(domain_id, domain.version, body.expected_version)
+    examples = _merged(domain, body, settings)
+    adaptation = await run_in_threadpool(adapt, service, settings, examples)
+    try:
+        stored = await run_in_threadpool(
+            store.replace, domain, adaptation, examples, service.checkpoint_hash, service.device
+        )
+    except VersionConflictError as error:
+        raise _conflict(domain_id, error.current, body.expected_version) from None
+    except KeyError:
+        raise _not_found(domain_id) from None
+    return _public(stored, service)
 
 
 @router.delete("/{domain_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_NOT_FOUND)
-async def delete_domain(domain_id: str, store: StoreDep) -> Response:
-    """Forget a domain and its adapted parameters."""
-    _require(store, domain_id)
-    store.delete(domain_id)
+async def delete_domain(domain_id: str, store: StoreDep, tenant: TenantDep) -> Response:
+    """Forget a domain, its support set and its adapted parameters."""
+    if not await run_in_threadpool(store.delete, tenant, domain_id):
+        raise _not_found(domain_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/{domain_id}/classify", response_model=ClassifyResponse, responses={**_ERRORS, **_NOT_FOUND})
+@router.post("/{domain_id}/classify", response_model=ClassifyResponse, responses={**REQUEST_ERRORS, **_NOT_FOUND})
 async def classify(
-    domain_id: str, body: ClassifyRequest, batcher: BatcherDep, store: StoreDep, settings: SettingsDep
+    domain_id: str,
+    body: ClassifyRequest,
+    batcher: BatcherDep,
+    service: ServiceDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
 ) -> ClassifyResponse:
     """Classify texts with a domain's adapted parameters; predictions come in input order."""
-    domain = _require(store, domain_id)
-    _check_limit(len(body.texts), settings.max_texts, "texts", "MAX_TEXTS")
-    key = SHARED_ENCODER if is_head_only(domain.params) else domain_id  # head-only domains share the encoder pass
-    probs = await batcher.classify(key, domain.params, body.texts)  # (texts, classes)
-    predictions = [
-        {
-            "label": domain.labels[int(row.argmax())],
-            "scores": {label: round(float(p), 6) for label, p in zip(domain.labels, row, strict=True)},
-        }
-        for row in probs
-    ]
-    return ClassifyResponse(domain_id=domain_id, predictions=predictions)  # type: ignore[arg-type]
+    check_limit(len(body.texts), settings.max_texts, "texts", "MAX_TEXTS")
+    domain, params = await _with_params(service, store, tenant, domain_id)
+    key = SHARED_ENCODER if is_head_only(params) else domain_id  # head-only domains share the encoder pass
+    probs = await batcher.classify(key, params, body.texts)  # (texts, classes)
+    return ClassifyResponse(domain_id=domain_id, predictions=predictions(domain.labels, probs))  # type: ignore[arg-type]

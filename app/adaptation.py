@@ -1,0 +1,129 @@
+"""Adapting domains on the service and keeping them fresh in the store.
+
+Every function here is blocking (torch work and database I/O): call it through
+``run_in_threadpool``, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from typing import Any
+
+from torch import Tensor
+
+from app.service import ModelService
+from app.settings import Settings
+from app.store import DomainStore, StoredDomain, VersionConflictError
+from meta.inner_loop import Adaptation
+
+logger = logging.getLogger(__name__)
+Examples = list[tuple[str, str]]
+
+_locks: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
+_locks_guard = threading.Lock()
+
+
+def _domain_lock(domain_id: str) -> threading.Lock:
+    with _locks_guard:
+        lock = _locks.get(domain_id)
+        if lock is None:
+            lock = threading.Lock()
+            _locks[domain_id] = lock
+        return lock
+
+
+def adapt(service: ModelService, settings: Settings, examples: Examples) -> Adaptation:
+    """Run the checkpoint's inner loop on ``examples`` (``(text, label)`` pairs).
+
+    Args:
+        service (`ModelService`): the model.
+        settings (`Settings`): ``test_adapt_delay_s`` (test-only) sleeps after the inner loop.
+        examples (`list[tuple[str, str]]`): the support set.
+
+    Returns:
+        `Adaptation`: the adapted tensors and the run's figures.
+    """
+    adaptation = service.adapt([text for text, _ in examples], [label for _, label in examples])
+    if settings.test_adapt_delay_s:
+        logger.warning("test adapt delay: sleeping %.1f s before storing the adaptation", settings.test_adapt_delay_s)
+        time.sleep(settings.test_adapt_delay_s)
+    return adaptation
+
+
+def refresh(service: ModelService, store: DomainStore, domain: StoredDomain) -> StoredDomain:
+    """``domain``, re-adapted from its stored support set first if another checkpoint adapted it.
+
+    One re-adaptation per domain runs at a time; requests that waited for it get its result.
+    The version is kept (the support set did not change); the new checkpoint hash is recorded.
+
+    Args:
+        service (`ModelService`): the loaded model and its ``checkpoint_hash``.
+        store (`DomainStore`): where the domain lives.
+        domain (`StoredDomain`): the domain as read.
+
+    Returns:
+        `StoredDomain`: the domain adapted with the loaded checkpoint.
+
+    Raises:
+        KeyError: when the domain was deleted in the meantime.
+    """
+    if domain.checkpoint_hash == service.checkpoint_hash:
+        return domain
+    with _domain_lock(domain.domain_id):
+        current = store.get(domain.tenant, domain.domain_id, with_examples=True)
+        if current is None:
+            raise KeyError(domain.domain_id)
+        if current.checkpoint_hash == service.checkpoint_hash or not current.examples:
+            return current
+        adaptation = service.adapt([t for t, _ in current.examples], [lab for _, lab in current.examples])
+        try:
+            stored = store.replace(
+                current, adaptation, current.examples, service.checkpoint_hash, service.device, bump_version=False
+            )
+        except VersionConflictError:  # a concurrent PUT stored a newer support set: use it
+            newer = store.get(domain.tenant, domain.domain_id)
+            if newer is None:
+                raise KeyError(domain.domain_id) from None
+            return newer
+    logger.info(
+        "re-adapted stale domain %s (checkpoint %s -> %s)",
+        domain.domain_id, domain.checkpoint_hash[:12], service.checkpoint_hash[:12],
+    )  # fmt: skip
+    return stored
+
+
+def readapt_all(service: ModelService, store: DomainStore) -> int:
+    """Re-adapt every domain adapted with another checkpoint (``METASENT_READAPT_ON_LOAD``).
+
+    Returns:
+        `int`: how many domains were re-adapted.
+    """
+    stale = store.stale(service.checkpoint_hash)
+    logger.info("re-adapting %d stale domains at start-up", len(stale))
+    done = 0
+    for tenant, domain_id in stale:
+        domain = store.get(tenant, domain_id)
+        if domain is not None:
+            try:
+                refresh(service, store, domain)
+                done += 1
+            except KeyError:  # deleted meanwhile
+                continue
+    return done
+
+
+def predictions(labels: tuple[str, ...] | list[str], probs: Tensor) -> list[dict[str, Any]]:
+    """Per row of ``probs`` (texts, classes): the best label and every label's score."""
+    return [
+        {
+            "label": labels[int(row.argmax())],
+            "scores": {label: round(float(p), 6) for label, p in zip(labels, row, strict=True)},
+        }
+        for row in probs
+    ]
+
+
+__all__ = ["adapt", "predictions", "readapt_all", "refresh"]

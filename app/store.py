@@ -1,0 +1,420 @@
+"""Durable domains: metadata, support set and adapted tensors in one database row.
+
+The database (SQLite by default, PostgreSQL for several replicas) is the source of truth. Each
+domain is one row of ``domains``: its metadata, its support set (a JSON column) and its adapted
+tensors as safetensors bytes (a blob column), so one transaction writes a domain atomically: a
+crash leaves either the old row or the new one, never half of it. An in-memory LRU cache keeps
+the hot domains' tensors, keyed by domain, version and checkpoint hash, so a change made by
+another replica is never served from a stale cache entry.
+
+Every method is blocking (database I/O): call it from a worker thread, not the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from sqlalchemy import JSON, Engine, Integer, LargeBinary, String, create_engine, event, func, select, text, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, deferred, mapped_column, sessionmaker
+from torch import Tensor
+
+from meta.inner_loop import Adaptation
+
+logger = logging.getLogger(__name__)
+Examples = list[tuple[str, str]]  # a support set, (text, label) pairs
+DomainKeys = list[tuple[str, str]]  # (tenant, domain_id) pairs
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class DomainRow(Base):
+    """One adapted domain: metadata, support set and adapted tensors (safetensors bytes)."""
+
+    __tablename__ = "domains"
+
+    domain_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    labels: Mapped[list[str]] = mapped_column(JSON)
+    examples: Mapped[list[list[str]]] = deferred(mapped_column(JSON))  # [[text, label], ...]
+    num_examples: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(Integer)
+    checkpoint_hash: Mapped[str] = mapped_column(String(64))
+    adaptation: Mapped[dict[str, Any]] = mapped_column(JSON)
+    params: Mapped[bytes] = deferred(mapped_column(LargeBinary))
+    created_at: Mapped[str] = mapped_column(String(40))
+    updated_at: Mapped[str] = mapped_column(String(40))
+
+
+@dataclass
+class StoredDomain:
+    """A domain's metadata as stored (its tensors come from :meth:`DomainStore.params`)."""
+
+    domain_id: str
+    tenant: str
+    name: str
+    labels: tuple[str, ...]
+    num_examples: int
+    version: int
+    checkpoint_hash: str
+    adaptation: dict[str, Any]
+    created_at: str
+    updated_at: str
+    examples: list[tuple[str, str]] | None = field(default=None, repr=False)
+
+    def public(self, current_hash: str | None = None) -> dict[str, Any]:
+        """The fields the API shows; ``stale`` when ``current_hash`` differs from the domain's."""
+        return {
+            "domain_id": self.domain_id,
+            "name": self.name,
+            "labels": list(self.labels),
+            "num_examples": self.num_examples,
+            "version": self.version,
+            "checkpoint_hash": self.checkpoint_hash,
+            "stale": current_hash is not None and current_hash != self.checkpoint_hash,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "adaptation": self.adaptation,
+        }
+
+
+class DomainLimitError(Exception):
+    """The tenant already keeps its maximum number of domains."""
+
+
+class VersionConflictError(Exception):
+    """The domain's version is not the one the write was based on."""
+
+    def __init__(self, current: int) -> None:
+        super().__init__(f"the domain is at version {current}")
+        self.current = current
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def adaptation_info(adaptation: Adaptation, device: str) -> dict[str, Any]:
+    """The figures of an adaptation the API shows."""
+    return {
+        "steps": adaptation.steps,
+        "seconds": round(adaptation.seconds, 4),
+        "device": device,
+        "support_accuracy": round(adaptation.support_accuracy, 4),
+    }
+
+
+def _serialise(params: dict[str, Tensor]) -> bytes:
+    return save_tensors({name: t.detach().cpu().contiguous() for name, t in params.items()})
+
+
+def _domain(row: DomainRow, with_examples: bool = False) -> StoredDomain:
+    return StoredDomain(
+        domain_id=row.domain_id,
+        tenant=row.tenant,
+        name=row.name,
+        labels=tuple(row.labels),
+        num_examples=row.num_examples,
+        version=row.version,
+        checkpoint_hash=row.checkpoint_hash,
+        adaptation=dict(row.adaptation),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        examples=[(t, lab) for t, lab in row.examples] if with_examples else None,
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+    cursor.execute("PRAGMA synchronous=FULL")  # a commit is on disk before it is acknowledged
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL and ``synchronous=FULL`` on every connection."""
+    engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+class _ParamsCache:
+    """LRU of adapted tensors by domain id, valid for one (version, checkpoint hash)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, tuple[tuple[int, str], dict[str, Tensor]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, domain_id: str, key: tuple[int, str]) -> dict[str, Tensor] | None:
+        with self._lock:
+            item = self._items.get(domain_id)
+            if item is None or item[0] != key:
+                return None
+            self._items.move_to_end(domain_id)
+            return item[1]
+
+    def put(self, domain_id: str, key: tuple[int, str], params: dict[str, Tensor]) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._items[domain_id] = (key, params)
+            self._items.move_to_end(domain_id)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def drop(self, domain_id: str) -> None:
+        with self._lock:
+            self._items.pop(domain_id, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class DomainStore:
+    """Adapted domains of every tenant in a SQL database, with an LRU cache of their tensors.
+
+    Args:
+        url (`str`): SQLAlchemy database URL, e.g. ``sqlite:///metasent-data/metasent.db`` or
+            ``postgresql+psycopg://user:pass@host/metasent``.
+        device (`str`, defaults to ``"cpu"``): where loaded tensors are placed.
+        cache_size (`int`, defaults to 256): domains whose tensors stay in memory.
+        write_delay_s (`float`, defaults to 0): test-only fault injection, seconds slept inside
+            each write transaction after the row is written and before the commit.
+    """
+
+    def __init__(self, url: str, device: str = "cpu", cache_size: int = 256, write_delay_s: float = 0.0) -> None:
+        self.engine = make_engine(url)
+        database = self.engine.url.database
+        if self.engine.dialect.name == "sqlite" and database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        self.device = device
+        self.write_delay_s = write_delay_s
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._cache = _ParamsCache(cache_size)
+        Base.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        """Run ``SELECT 1``.
+
+        Raises:
+            sqlalchemy.exc.SQLAlchemyError: when the database is unreachable.
+        """
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """A write transaction; the optional test delay runs after the flush, before the commit."""
+        with self._sessions() as session, session.begin():
+            yield session
+            session.flush()
+            if self.write_delay_s:
+                logger.warning("test write delay: sleeping %.1f s inside the write transaction", self.write_delay_s)
+                time.sleep(self.write_delay_s)
+
+    def __len__(self) -> int:
+        """Domains of every tenant."""
+        with self._sessions() as session:
+            return int(session.scalar(select(func.count()).select_from(DomainRow)) or 0)
+
+    def count(self, tenant: str) -> int:
+        """Domains of ``tenant``."""
+        with self._sessions() as session:
+            return self._count(session, tenant)
+
+    @staticmethod
+    def _count(session: Session, tenant: str) -> int:
+        query = select(func.count()).select_from(DomainRow).where(DomainRow.tenant == tenant)
+        return int(session.scalar(query) or 0)
+
+    def add(
+        self,
+        tenant: str,
+        name: str,
+        adaptation: Adaptation,
+        examples: Examples,
+        checkpoint_hash: str,
+        device: str,
+        limit: int | None = None,
+    ) -> StoredDomain:
+        """Store a new domain (version 1) in one transaction.
+
+        Args:
+            tenant (`str`): owner.
+            name (`str`): the domain's name.
+            adaptation (`Adaptation`): the inner loop's result on ``examples``.
+            examples (`list[tuple[str, str]]`): the support set, ``(text, label)``.
+            checkpoint_hash (`str`): hash of the model it was adapted with.
+            device (`str`): where it was adapted (shown in its metadata).
+            limit (`int`, *optional*): most domains ``tenant`` may keep.
+
+        Returns:
+            `StoredDomain`: the stored domain.
+
+        Raises:
+            DomainLimitError: when ``tenant`` already keeps ``limit`` domains.
+        """
+        now = _now()
+        row = DomainRow(
+            domain_id=uuid.uuid4().hex,
+            tenant=tenant,
+            name=name,
+            labels=list(adaptation.labels),
+            examples=[list(ex) for ex in examples],
+            num_examples=len(examples),
+            version=1,
+            checkpoint_hash=checkpoint_hash,
+            adaptation=adaptation_info(adaptation, device),
+            params=_serialise(adaptation.params),
+            created_at=now,
+            updated_at=now,
+        )
+        with self._write() as session:
+            if limit is not None and self._count(session, tenant) >= limit:
+                raise DomainLimitError(f"{tenant} keeps {limit} domains")
+            session.add(row)
+        self._cache.put(row.domain_id, (1, checkpoint_hash), adaptation.params)
+        return _domain(row, with_examples=True)
+
+    def get(self, tenant: str, domain_id: str, with_examples: bool = False) -> StoredDomain | None:
+        """``tenant``'s domain ``domain_id``, or ``None`` (also when another tenant owns it)."""
+        with self._sessions() as session:
+            row = session.get(DomainRow, domain_id)
+            if row is None or row.tenant != tenant:
+                return None
+            return _domain(row, with_examples)
+
+    def list(self, tenant: str) -> list[StoredDomain]:
+        """``tenant``'s domains, oldest first."""
+        with self._sessions() as session:
+            query = select(DomainRow).where(DomainRow.tenant == tenant).order_by(DomainRow.created_at)
+            return [_domain(row) for row in session.scalars(query)]
+
+    def stale(self, checkpoint_hash: str) -> DomainKeys:
+        """``(tenant, domain_id)`` of every domain adapted with another checkpoint."""
+        with self._sessions() as session:
+            query = select(DomainRow.tenant, DomainRow.domain_id).where(DomainRow.checkpoint_hash != checkpoint_hash)
+            return [(tenant, domain_id) for tenant, domain_id in session.execute(query)]
+
+    def delete(self, tenant: str, domain_id: str) -> bool:
+        """Forget ``tenant``'s domain; ``False`` when there is none."""
+        self._cache.drop(domain_id)
+        with self._sessions() as session, session.begin():
+            row = session.get(DomainRow, domain_id)
+            if row is None or row.tenant != tenant:
+                return False
+            session.delete(row)
+        return True
+
+    def replace(
+        self,
+        domain: StoredDomain,
+        adaptation: Adaptation,
+        examples: Examples,
+        checkpoint_hash: str,
+        device: str,
+        bump_version: bool = True,
+    ) -> StoredDomain:
+        """Write a new adaptation of ``domain`` if it is still at ``domain.version``.
+
+        Args:
+            domain (`StoredDomain`): the domain as read before adapting.
+            adaptation (`Adaptation`): the inner loop's result on ``examples``.
+            examples (`list[tuple[str, str]]`): the (new) support set.
+            checkpoint_hash (`str`): hash of the model it was adapted with.
+            device (`str`): where it was adapted.
+            bump_version (`bool`, defaults to `True`): add 1 to the version (a new support set);
+                `False` for a re-adaptation of the same support set with a new checkpoint.
+
+        Returns:
+            `StoredDomain`: the domain as now stored.
+
+        Raises:
+            VersionConflictError: when another write changed the domain in the meantime.
+            KeyError: when the domain was deleted in the meantime.
+        """
+        version = domain.version + (1 if bump_version else 0)
+        values = {
+            "labels": list(adaptation.labels),
+            "examples": [list(ex) for ex in examples],
+            "num_examples": len(examples),
+            "version": version,
+            "checkpoint_hash": checkpoint_hash,
+            "adaptation": adaptation_info(adaptation, device),
+            "params": _serialise(adaptation.params),
+            "updated_at": _now(),
+        }
+        query = (
+            update(DomainRow)
+            .where(DomainRow.domain_id == domain.domain_id, DomainRow.tenant == domain.tenant)
+            .where(DomainRow.version == domain.version)
+            .values(**values)
+        )
+        if not bump_version:  # a re-adaptation only replaces the adaptation it was based on
+            query = query.where(DomainRow.checkpoint_hash == domain.checkpoint_hash)
+        with self._write() as session:
+            if session.execute(query).rowcount != 1:  # type: ignore[attr-defined]
+                current = session.get(DomainRow, domain.domain_id)
+                if current is None:
+                    raise KeyError(domain.domain_id)
+                raise VersionConflictError(current.version)
+        self._cache.put(domain.domain_id, (version, checkpoint_hash), adaptation.params)
+        stored = self.get(domain.tenant, domain.domain_id, with_examples=True)
+        if stored is None:
+            raise KeyError(domain.domain_id)
+        return stored
+
+    def params(self, domain: StoredDomain) -> dict[str, Tensor]:
+        """The adapted tensors of ``domain`` (as read), from the cache or the database.
+
+        Raises:
+            KeyError: when the domain is gone or changed since ``domain`` was read.
+        """
+        key = (domain.version, domain.checkpoint_hash)
+        cached = self._cache.get(domain.domain_id, key)
+        if cached is not None:
+            return cached
+        with self._sessions() as session:
+            query = select(DomainRow.params).where(
+                DomainRow.domain_id == domain.domain_id,
+                DomainRow.version == domain.version,
+                DomainRow.checkpoint_hash == domain.checkpoint_hash,
+            )
+            blob = session.scalar(query)
+        if blob is None:
+            raise KeyError(domain.domain_id)
+        params = {name: t.to(self.device) for name, t in load_tensors(blob).items()}
+        self._cache.put(domain.domain_id, key, params)
+        return params
+
+
+__all__ = [
+    "adaptation_info",
+    "DomainLimitError",
+    "DomainRow",
+    "DomainStore",
+    "StoredDomain",
+    "VersionConflictError",
+    "make_engine",
+]

@@ -1,0 +1,181 @@
+"""Crash safety: ``metasent serve`` killed with SIGKILL during an adaptation and in the middle of
+a write transaction (insert and update) loses no acknowledged domain and shows no half-written
+one. The mid-write kill is made deterministic by the test-only METASENT_TEST_WRITE_DELAY_S
+(sleeps inside the write transaction, after the row is written, before the commit) and the
+mid-adaptation one by METASENT_TEST_ADAPT_DELAY_S (sleeps after the inner loop, before the write).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from safetensors.torch import load as load_tensors
+
+from tests.test_api import support
+from tests.test_store import TEXTS, assert_same_scores
+
+pytestmark = pytest.mark.slow
+KEY = "crash-test-key"
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """A ``metasent serve`` subprocess on the tiny checkpoint, logging to a file."""
+
+    def __init__(self, checkpoint: Path, data_dir: Path, log: Path, **env: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port), "--checkpoint", str(checkpoint)]
+        environment = dict(
+            os.environ,
+            METASENT_DATA_DIR=str(data_dir),
+            METASENT_API_KEYS=KEY,
+            METASENT_DEVICE="cpu",
+            METASENT_THREADS="1",
+            METASENT_BATCH_WINDOW_MS="0",
+            **env,
+        )
+        self._log_file = log.open("w")
+        self.process = subprocess.Popen(
+            command, env=environment, cwd=data_dir.parent, stdout=self._log_file, stderr=subprocess.STDOUT
+        )
+        self.client = httpx.Client(base_url=self.url, headers=HEADERS, timeout=60)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).json().get("status") == "ok":
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server not ready in {timeout} s:\n{self.log.read_text()}")
+
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while self.log.read_text().count(text) < count:
+            assert time.monotonic() < deadline, f"{text!r} not logged:\n{self.log.read_text()}"
+            time.sleep(0.05)
+
+    def in_background(self, method: str, path: str, body: dict[str, Any]) -> threading.Thread:
+        """Send a request that is expected never to be answered (the server gets killed)."""
+
+        def send() -> None:
+            try:
+                response = self.client.request(method, path, json=body)
+                raise AssertionError(f"answered before the kill: {response.status_code} {response.text}")
+            except httpx.TransportError:
+                pass
+
+        thread = threading.Thread(target=send, daemon=True)
+        thread.start()
+        return thread
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handler, no flush, no commit runs."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.client.close()
+        self._log_file.close()
+        assert self.process.returncode == -signal.SIGKILL
+
+
+@contextmanager
+def server(checkpoint: Path, data_dir: Path, log: Path, **env: str) -> Iterator[Server]:
+    started = Server(checkpoint, data_dir, log, **env)
+    try:
+        yield started
+    finally:
+        if started.process.poll() is None:
+            started.kill()
+
+
+def _scores(client: httpx.Client, domain_id: str) -> list[dict[str, float]]:
+    response = client.post(f"/v1/domains/{domain_id}/classify", json={"texts": TEXTS})
+    assert response.status_code == 200, response.text
+    return [p["scores"] for p in response.json()["predictions"]]
+
+
+def _acknowledge(client: httpx.Client) -> dict[str, dict[str, Any]]:
+    """Create 3 domains and update one; every answer is an acknowledgement."""
+    domains = {}
+    for i, (pos, neg) in enumerate([("positive", "negative"), ("good", "bad"), ("yes", "no")]):
+        response = client.post("/v1/domains", json={"name": f"acked-{i}", "examples": support(pos, neg, k=4 + i)})
+        assert response.status_code == 201, response.text
+        domains[response.json()["domain_id"]] = response.json()
+    first = next(iter(domains))
+    response = client.put(f"/v1/domains/{first}/examples", json={"examples": [{"text": "okay", "label": "meh"}]})
+    assert response.status_code == 200 and response.json()["version"] == 2, response.text
+    domains[first] = response.json()
+    return domains
+
+
+def _check_database(path: Path, expected: set[str]) -> None:
+    """The SQLite file is consistent and holds exactly the acknowledged domains, each loadable."""
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        rows = connection.execute("SELECT domain_id, name, params, examples FROM domains").fetchall()
+    assert {row[0] for row in rows} == expected, [row[1] for row in rows]
+    for _, _, blob, examples in rows:
+        assert load_tensors(blob) and examples
+
+
+def test_sigkill_during_adaptation_and_writes_loses_nothing(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    started = time.monotonic()
+    with server(tiny_checkpoint, data_dir, tmp_path / "0-acknowledge.log") as srv:
+        acked = _acknowledge(srv.client)
+        expected = {domain_id: _scores(srv.client, domain_id) for domain_id in acked}
+        srv.kill()  # straight after the acknowledgements
+    first, second, _ = acked
+
+    # (a) killed during adaptations: a new domain and an update of an existing one
+    with server(tiny_checkpoint, data_dir, tmp_path / "a-adapt.log", METASENT_TEST_ADAPT_DELAY_S="60") as srv:
+        srv.in_background("POST", "/v1/domains", {"name": "killed-adapting", "examples": support()})
+        srv.in_background("PUT", f"/v1/domains/{second}/examples", {"examples": support("x", "y"), "mode": "replace"})
+        srv.wait_for_log("test adapt delay", count=2)
+        srv.kill()
+
+    # (b) killed inside a write transaction, after the row is written and before the commit
+    for name, method, path, body in [
+        ("b-insert", "POST", "/v1/domains", {"name": "killed-writing", "examples": support()}),
+        ("b-update", "PUT", f"/v1/domains/{first}/examples", {"examples": support("x", "y"), "mode": "replace"}),
+    ]:
+        with server(tiny_checkpoint, data_dir, tmp_path / f"{name}.log", METASENT_TEST_WRITE_DELAY_S="60") as srv:
+            srv.in_background(method, path, body)
+            srv.wait_for_log("test write delay")
+            srv.kill()
+
+    _check_database(data_dir / "metasent.db", set(acked))
+    with server(tiny_checkpoint, data_dir, tmp_path / "verify.log") as srv:
+        listed = srv.client.get("/v1/domains").json()["domains"]
+        assert {d["domain_id"]: d for d in listed} == acked  # same versions, labels, hashes, times
+        for domain_id, scores in expected.items():
+            assert_same_scores(_scores(srv.client, domain_id), scores)
+        examples = srv.client.get(f"/v1/domains/{first}/examples").json()
+        assert examples["version"] == 2 and examples["examples"][-1] == {"text": "okay", "label": "meh"}
+    assert time.monotonic() - started < 120
