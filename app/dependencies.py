@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.batching import MicroBatcher
+from app.queue import AdaptationQueue
 from app.service import DomainStore, ModelService
 from app.settings import Settings
 
@@ -27,7 +28,12 @@ def get_store(request: Request) -> DomainStore:
     return request.app.state.store
 
 
+def get_adapt_queue(request: Request) -> AdaptationQueue:
+    return request.app.state.adapt_queue
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[ModelService, Depends(get_service)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 StoreDep = Annotated[DomainStore, Depends(get_store)]
+AdaptQueueDep = Annotated[AdaptationQueue, Depends(get_adapt_queue)]

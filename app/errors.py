@@ -23,11 +23,15 @@ class ApiError(Exception):
         message (`str`): what went wrong.
         field (`str`): which part of the request.
         fix (`str`): what to change.
+        headers (`dict[str, str]`, *optional*): response headers, e.g. ``Retry-After``.
     """
 
-    def __init__(self, status: int, code: str, message: str, field: str, fix: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, field: str, fix: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.field, self.fix = status, code, message, field, fix
+        self.headers = headers
 
 
 def error_body(code: str, message: str, details: list[dict[str, str]]) -> dict[str, Any]:
@@ -70,8 +74,13 @@ def _validation_details(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    """The JSON error response of ``exc`` (also used by the ASGI middlewares, outside the routes)."""
     details = [{"field": exc.field, "message": exc.message, "fix": exc.fix}]
-    return JSONResponse(error_body(exc.code, exc.message, details), status_code=exc.status)
+    return JSONResponse(error_body(exc.code, exc.message, details), status_code=exc.status, headers=exc.headers)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:

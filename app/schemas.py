@@ -89,6 +89,9 @@ class ClassifyRequest(BaseModel):
 class Prediction(BaseModel):
     label: str
     scores: dict[str, float] = Field(description="probability per label, summing to 1")
+    truncated: bool = Field(
+        default=False, description="whether the text was longer than the encoder's token limit and was cut to it"
+    )
 
 
 class ClassifyResponse(BaseModel):
@@ -120,3 +123,9 @@ class Health(BaseModel):
     checkpoint: str | None = None
     device: str | None = None
     domains: int = 0
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ready or not_ready")
+    model_loaded: bool
+    store_reachable: bool

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from app.batching import SHARED_ENCODER
-from app.dependencies import BatcherDep, ServiceDep, SettingsDep, StoreDep
+from app.dependencies import AdaptQueueDep, BatcherDep, ServiceDep, SettingsDep, StoreDep
 from app.errors import ApiError
 from app.schemas import ClassifyRequest, ClassifyResponse, CreateDomain, Domain, DomainList, ErrorResponse
 from app.service import DomainStore, StoredDomain
@@ -16,8 +18,12 @@ router = APIRouter(prefix="/v1/domains", tags=["domains"])
 
 _ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "Malformed JSON"},
-    413: {"model": ErrorResponse, "description": "More examples or texts than the server's limits"},
+    413: {"model": ErrorResponse, "description": "More examples or texts, or a larger body, than the server's limits"},
     422: {"model": ErrorResponse, "description": "Invalid field (the error names it and the fix)"},
+    503: {"model": ErrorResponse, "description": "The request took longer than the server's timeout (Retry-After)"},
+}
+_QUEUE_FULL: dict[int | str, dict[str, object]] = {
+    429: {"model": ErrorResponse, "description": "The adaptation queue is full (Retry-After)"}
 }
 _NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"model": ErrorResponse, "description": "Unknown domain"}}
 
@@ -46,9 +52,14 @@ def _check_limit(count: int, limit: int, field: str, setting: str) -> None:
         )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=Domain, responses=_ERRORS)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=Domain, responses={**_ERRORS, **_QUEUE_FULL})
 async def create_domain(
-    body: CreateDomain, response: Response, service: ServiceDep, store: StoreDep, settings: SettingsDep
+    body: CreateDomain,
+    response: Response,
+    service: ServiceDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    adapt_queue: AdaptQueueDep,
 ) -> Domain:
     """Adapt a new domain: run the checkpoint's inner loop (prototype-initialised head, then k SGD
     steps on the support loss) on the examples, and keep the adapted parameters."""
@@ -63,7 +74,7 @@ async def create_domain(
         )
     texts = [ex.text for ex in body.examples]
     labels = [ex.label for ex in body.examples]
-    adaptation = await run_in_threadpool(service.adapt, texts, labels)
+    adaptation = await adapt_queue.run(service.adapt, texts, labels)  # 429 when full
     domain = store.add(body.name, adaptation, len(texts), service.device)
     response.headers["Location"] = f"/v1/domains/{domain.domain_id}"
     return Domain(**domain.public())
@@ -91,18 +102,26 @@ async def delete_domain(domain_id: str, store: StoreDep) -> Response:
 
 @router.post("/{domain_id}/classify", response_model=ClassifyResponse, responses={**_ERRORS, **_NOT_FOUND})
 async def classify(
-    domain_id: str, body: ClassifyRequest, batcher: BatcherDep, store: StoreDep, settings: SettingsDep
+    domain_id: str,
+    body: ClassifyRequest,
+    batcher: BatcherDep,
+    service: ServiceDep,
+    store: StoreDep,
+    settings: SettingsDep,
 ) -> ClassifyResponse:
     """Classify texts with a domain's adapted parameters; predictions come in input order."""
     domain = _require(store, domain_id)
     _check_limit(len(body.texts), settings.max_texts, "texts", "MAX_TEXTS")
     key = SHARED_ENCODER if is_head_only(domain.params) else domain_id  # head-only domains share the encoder pass
-    probs = await batcher.classify(key, domain.params, body.texts)  # (texts, classes)
+    probs, truncated = await asyncio.gather(  # (texts, classes); per text
+        batcher.classify(key, domain.params, body.texts), run_in_threadpool(service.truncated, body.texts)
+    )
     predictions = [
         {
             "label": domain.labels[int(row.argmax())],
             "scores": {label: round(float(p), 6) for label, p in zip(domain.labels, row, strict=True)},
+            "truncated": cut,
         }
-        for row in probs
+        for row, cut in zip(probs, truncated, strict=True)
     ]
     return ClassifyResponse(domain_id=domain_id, predictions=predictions)  # type: ignore[arg-type]
