@@ -1,0 +1,218 @@
+"""The Python client against the app (in process and over a real socket), its error mapping, and
+the ``metasent adapt`` / ``metasent classify`` commands against a live server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from app.cli import app as cli
+from app.client import MetasentClient, MetasentError, read_examples, read_texts
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import NEGATIVE, POSITIVE
+from tests.test_api import support
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def test_client(tiny_checkpoint: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(checkpoint=tiny_checkpoint, device="cpu", max_texts=5))) as client:
+        yield client
+
+
+@pytest.fixture
+def client(test_client: TestClient) -> Iterator[MetasentClient]:
+    with MetasentClient(http_client=test_client) as metasent:
+        yield metasent
+        for domain in metasent.list_domains():
+            metasent.delete_domain(domain["domain_id"])
+
+
+def test_client_round_trip(client: MetasentClient) -> None:
+    domain = client.create_domain("food", support())
+    assert domain["labels"] == ["positive", "negative"] and domain["num_examples"] == 10
+    assert client.get_domain(domain["domain_id"]) == domain
+    assert [d["domain_id"] for d in client.list_domains()] == [domain["domain_id"]]
+    result = client.classify(domain["domain_id"], [POSITIVE[9], NEGATIVE[9]])
+    assert result["domain_id"] == domain["domain_id"] and len(result["predictions"]) == 2
+    assert all(p["truncated"] is False for p in result["predictions"])
+    assert client.delete_domain(domain["domain_id"]) is None
+    assert client.list_domains() == []
+
+
+def test_client_maps_errors(client: MetasentClient) -> None:
+    with pytest.raises(MetasentError) as missing:
+        client.get_domain("nope")
+    error = missing.value
+    assert (error.status, error.code, error.field) == (404, "domain_not_found", "domain_id")
+    assert error.fix and "POST /v1/domains" in error.fix and "domain_not_found" in str(error)
+
+    with pytest.raises(MetasentError) as invalid:
+        client.create_domain("x", [{"text": "great", "label": "positive"}, {"text": "", "label": "negative"}])
+    error = invalid.value
+    assert (error.status, error.code, error.field) == (422, "invalid_request", "examples[1].text")
+
+    domain = client.create_domain("food", support())
+    with pytest.raises(MetasentError) as too_many:
+        client.classify(domain["domain_id"], ["great"] * 6)
+    assert (too_many.value.status, too_many.value.code, too_many.value.field) == (413, "too_many_items", "texts")
+
+
+def recording_client(status: int = 200, body: object = None, text: str | None = None, **kwargs) -> tuple:
+    """A client whose transport records requests and answers ``status`` with ``body``."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if text is not None:
+            return httpx.Response(status, text=text, headers={"Retry-After": "7"})
+        return httpx.Response(status, json=body if body is not None else {"ok": True})
+
+    http = httpx.Client(base_url="http://metasent", transport=httpx.MockTransport(handler))
+    return MetasentClient(http_client=http, **kwargs), seen
+
+
+def test_client_sends_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    client, seen = recording_client(api_key="secret")
+    client.get_domain("abc")
+    assert seen[-1].headers["Authorization"] == "Bearer secret"
+
+    monkeypatch.setenv("METASENT_API_KEY", "from-env")
+    client, seen = recording_client()
+    client.get_domain("abc")
+    assert seen[-1].headers["Authorization"] == "Bearer from-env"
+
+    monkeypatch.delenv("METASENT_API_KEY")
+    client, seen = recording_client()
+    client.get_domain("abc")
+    assert "Authorization" not in seen[-1].headers
+
+
+def test_client_examples_and_stateless_endpoints() -> None:
+    client, seen = recording_client()
+    examples = [{"text": "tasty", "label": "positive"}]
+    client.update_examples("d1", examples, mode="replace", expected_version=3)
+    request = seen[-1]
+    assert (request.method, request.url.path) == ("PUT", "/v1/domains/d1/examples")
+    assert json.loads(request.content) == {"examples": examples, "mode": "replace", "expected_version": 3}
+    client.update_examples("d1", examples)
+    assert json.loads(seen[-1].content) == {"examples": examples, "mode": "add"}
+    client.classify_stateless(examples, ["lovely"])
+    request = seen[-1]
+    assert (request.method, request.url.path) == ("POST", "/v1/classify")
+    assert json.loads(request.content) == {"examples": examples, "texts": ["lovely"]}
+
+
+def test_client_error_without_json_body_and_retry_after() -> None:
+    client, _ = recording_client(502, text="<html>bad gateway</html>")
+    with pytest.raises(MetasentError) as raised:
+        client.list_domains()
+    assert (raised.value.status, raised.value.code) == (502, "http_502")
+    assert "bad gateway" in raised.value.message and raised.value.retry_after == 7
+
+
+def test_client_connection_error() -> None:
+    with MetasentClient(f"http://127.0.0.1:{_free_port()}", timeout=2) as client:
+        with pytest.raises(MetasentError) as raised:
+            client.list_domains()
+    assert raised.value.status is None and raised.value.code == "connection_error"
+
+
+def test_read_examples_and_texts(tmp_path: Path) -> None:
+    jsonl = tmp_path / "support.jsonl"
+    jsonl.write_text('{"text": "tasty", "label": "positive"}\n\n{"text": "stale", "label": "negative"}\n')
+    csv_file = tmp_path / "support.csv"
+    csv_file.write_text('text,label\n"tasty, fresh",positive\nstale,negative\n')
+    assert read_examples(jsonl) == [{"text": "tasty", "label": "positive"}, {"text": "stale", "label": "negative"}]
+    assert read_examples(csv_file)[0] == {"text": "tasty, fresh", "label": "positive"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "tasty"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        read_examples(bad)
+    texts = tmp_path / "texts.txt"
+    texts.write_text('plain line\n{"text": "from json"}\n')
+    assert read_texts(texts) == ["plain line", "from json"]
+
+
+# -- the CLI against a live server ---------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(tiny_checkpoint: Path) -> Iterator[str]:
+    port = _free_port()
+    config = uvicorn.Config(
+        create_app(Settings(checkpoint=tiny_checkpoint, device="cpu")), host="127.0.0.1", port=port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_cli_adapt_and_classify(live_server: str, tmp_path: Path) -> None:
+    examples = tmp_path / "support.jsonl"
+    examples.write_text("\n".join(json.dumps(e) for e in support()) + "\n")
+    adapted = runner.invoke(cli, ["adapt", "--server", live_server, "--name", "food", "--examples", str(examples)])
+    assert adapted.exit_code == 0, adapted.output
+    domain = json.loads(adapted.output)
+    assert domain["name"] == "food" and domain["labels"] == ["positive", "negative"]
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text(f"{NEGATIVE[9]}\n")
+    args = ["classify", "--server", live_server, "--domain", domain["domain_id"], POSITIVE[9], "--file", str(texts)]
+    classified = runner.invoke(cli, args)
+    assert classified.exit_code == 0, classified.output
+    result = json.loads(classified.output)
+    assert result["domain_id"] == domain["domain_id"] and len(result["predictions"]) == 2
+
+    with MetasentClient(live_server) as client:
+        assert [d["domain_id"] for d in client.list_domains()] == [domain["domain_id"]]
+
+
+def test_cli_csv_examples_and_env_server(live_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    examples = tmp_path / "support.csv"
+    examples.write_text("text,label\n" + "\n".join(f"{e['text']},{e['label']}" for e in support()) + "\n")
+    monkeypatch.setenv("METASENT_SERVER", live_server)
+    adapted = runner.invoke(cli, ["adapt", "--name", "csv", "--examples", str(examples)])
+    assert adapted.exit_code == 0, adapted.output
+    assert json.loads(adapted.output)["num_examples"] == 10
+
+
+def test_cli_errors(live_server: str, tmp_path: Path) -> None:
+    unknown = runner.invoke(cli, ["classify", "--server", live_server, "--domain", "nope", "great"])
+    assert unknown.exit_code == 1
+    assert "404 domain_not_found" in unknown.output and "fix:" in unknown.output
+
+    one_label = tmp_path / "one.jsonl"
+    one_label.write_text('{"text": "tasty", "label": "positive"}\n{"text": "fresh", "label": "positive"}\n')
+    invalid = runner.invoke(cli, ["adapt", "--server", live_server, "--name", "x", "--examples", str(one_label)])
+    assert invalid.exit_code == 1 and "422 invalid_request" in invalid.output
+
+    missing = runner.invoke(cli, ["adapt", "--server", live_server, "--name", "x", "--examples", "nope.jsonl"])
+    assert missing.exit_code == 2 and "--examples" in missing.output
+    no_texts = runner.invoke(cli, ["classify", "--server", live_server, "--domain", "nope"])
+    assert no_texts.exit_code == 2
