@@ -3,6 +3,8 @@ the ``metasent adapt`` / ``metasent classify`` commands against a live server.""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import socket
 import threading
@@ -20,6 +22,7 @@ from app.cli import app as cli
 from app.client import MetasentClient, MetasentError, read_examples, read_texts
 from app.main import create_app
 from app.settings import Settings
+from bench.load import FALLBACK, percentile, run_load
 from tests.conftest import NEGATIVE, POSITIVE
 from tests.test_api import support
 
@@ -216,3 +219,22 @@ def test_cli_errors(live_server: str, tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "--examples" in missing.output
     no_texts = runner.invoke(cli, ["classify", "--server", live_server, "--domain", "nope"])
     assert no_texts.exit_code == 2
+
+
+def test_load_script_against_a_live_server(live_server: str) -> None:
+    args = argparse.Namespace(clients=4, duration=2.0, adapt_share=0.3, texts=4, timeout=60.0, seed=0)
+    result = asyncio.run(run_load(live_server, FALLBACK, args))
+    assert result["errors"] == 0, result["error_samples"]
+    operations = result["operations"]
+    assert operations["classify"]["requests"] > 0 and operations["adapt"]["requests"] > 0
+    assert set(operations["classify"]["statuses"]) == {"200"}
+    assert operations["adapt"]["statuses"].get("201", 0) == operations["delete"]["statuses"]["204"]
+    assert 0 < operations["classify"]["p50_ms"] <= operations["classify"]["p99_ms"]
+    assert result["server_adaptation_seconds_mean"] > 0
+    with MetasentClient(live_server) as client:  # the script cleans up after itself
+        assert all(d["name"] not in ("load", "shared") for d in client.list_domains())
+
+
+def test_percentile() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50 and percentile(values, 0.99) == 99 and percentile([3.0], 0.99) == 3
