@@ -1,7 +1,10 @@
 """Adapting domains on the service and keeping them fresh in the store.
 
-Every function here is blocking (torch work and database I/O): call it through
-``run_in_threadpool``, never on the event loop.
+The plain functions are blocking (torch work and database I/O). Request handlers call their
+queued forms, :func:`adapt_queued` and :func:`refresh_queued`, which run them through the bounded
+:class:`app.queue.AdaptationQueue` (one adaptation at a time, 429 with ``Retry-After`` when
+full), so every adaptation a request can trigger is back-pressured the same way. Only the
+start-up re-adaptation (:func:`readapt_all`) calls them directly, before traffic is served.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
+from app.queue import AdaptationQueue
 from app.service import ModelService
 from app.settings import Settings
 from app.store import DomainStore, StoredDomain, VersionConflictError
@@ -95,6 +99,38 @@ def refresh(service: ModelService, store: DomainStore, domain: StoredDomain) -> 
     return stored
 
 
+async def adapt_queued(
+    queue: AdaptationQueue, service: ModelService, settings: Settings, examples: Examples
+) -> Adaptation:
+    """:func:`adapt` through the adaptation queue; nothing is stored here.
+
+    A request that gives up (timeout, client gone) while its adaptation still waits leaves the
+    queue; one already running finishes and its result is dropped.
+
+    Raises:
+        ApiError: 429 ``adaptation_queue_full`` (with ``Retry-After``) when the queue is full.
+    """
+    return await queue.run(adapt, service, settings, examples)
+
+
+async def refresh_queued(
+    queue: AdaptationQueue, service: ModelService, store: DomainStore, domain: StoredDomain
+) -> StoredDomain:
+    """:func:`refresh` through the adaptation queue when ``domain`` is stale; a fresh domain
+    returns at once without taking a queue slot.
+
+    A stale domain's re-adaptation keeps its version and support set, so one that finishes after
+    its request gave up is still stored: the next request finds the domain fresh.
+
+    Raises:
+        ApiError: 429 ``adaptation_queue_full`` (with ``Retry-After``) when the queue is full.
+        KeyError: when the domain was deleted in the meantime.
+    """
+    if domain.checkpoint_hash == service.checkpoint_hash:
+        return domain
+    return await queue.run(refresh, service, store, domain)
+
+
 def readapt_all(service: ModelService, store: DomainStore) -> int:
     """Re-adapt every domain adapted with another checkpoint (``METASENT_READAPT_ON_LOAD``).
 
@@ -115,15 +151,18 @@ def readapt_all(service: ModelService, store: DomainStore) -> int:
     return done
 
 
-def predictions(labels: tuple[str, ...] | list[str], probs: Tensor) -> list[dict[str, Any]]:
-    """Per row of ``probs`` (texts, classes): the best label and every label's score."""
+def predictions(labels: tuple[str, ...] | list[str], probs: Tensor, truncated: list[bool]) -> list[dict[str, Any]]:
+    """Per row of ``probs`` (texts, classes): the best label, every label's score and whether the
+    text was cut before the encoder saw all of it (``truncated``, one flag per text, from
+    :meth:`app.service.ModelService.truncated`)."""
     return [
         {
             "label": labels[int(row.argmax())],
             "scores": {label: round(float(p), 6) for label, p in zip(labels, row, strict=True)},
+            "truncated": cut,
         }
-        for row in probs
+        for row, cut in zip(probs, truncated, strict=True)
     ]
 
 
-__all__ = ["adapt", "predictions", "readapt_all", "refresh"]
+__all__ = ["adapt", "adapt_queued", "predictions", "readapt_all", "refresh", "refresh_queued"]

@@ -249,18 +249,31 @@ def serve(
         typer.Option(help="Checkpoint directory (METASENT_CHECKPOINT); none: the un-meta-trained encoder"),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda (METASENT_DEVICE)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (METASENT_THREADS)")] = None,
 ) -> None:
     """Start the REST server: POST /v1/domains adapts a domain from a support set with the
-    checkpoint's inner loop; POST /v1/domains/{id}/classify classifies texts. Docs at /docs."""
+    checkpoint's inner loop; POST /v1/domains/{id}/classify classifies texts; PUT
+    /v1/domains/{id}/examples updates a support set; POST /v1/classify adapts and classifies
+    without storing. Domains persist in METASENT_DATA_DIR (SQLite) or METASENT_DATABASE_URL;
+    METASENT_API_KEYS turns on API keys. /healthz, /readyz and /metrics for operators. Docs at /docs."""
     import uvicorn
 
     from app.main import create_app
+    from app.observability import configure_logging
     from app.settings import Settings
 
-    overrides = {"host": host, "port": port, "checkpoint": checkpoint, "device": device}
+    overrides = {"host": host, "port": port, "checkpoint": checkpoint, "device": device, "threads": threads}
     settings = Settings.model_validate({k: v for k, v in overrides.items() if v is not None})
+    configure_logging(settings.log_level, settings.log_format)  # one place, before uvicorn starts
     _setup(settings.threads, settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        log_config=None,  # keep the logging configured above
+        access_log=False,  # the request-id middleware logs every request
+    )
 
 
 @app.command()
@@ -354,6 +367,69 @@ def benchmark(
     result = run_benchmark(Path(data), output, budget, _split(methods), loaded, encoder, device, runs, seed, label)
     typer.echo((output / f"benchmark_{label or budget}.md").read_text())
     typer.echo(f"default: {result['default']}")
+
+
+ServerOption = Annotated[str, typer.Option(envvar="METASENT_SERVER", help="Server base URL (METASENT_SERVER)")]
+ApiKeyOption = Annotated[
+    str | None, typer.Option(envvar="METASENT_API_KEY", help="API key, sent as a Bearer token (METASENT_API_KEY)")
+]
+
+
+def _call(fn, *args):
+    """Run a client call; a server error is printed (code, message, fix) and exits 1."""
+    from app.client import MetasentError
+
+    try:
+        return fn(*args)
+    except MetasentError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from error
+
+
+@app.command()
+def adapt(
+    name: Annotated[str, typer.Option(help="A name for the domain")],
+    examples: Annotated[Path, typer.Option(help="Support set: JSONL ({text, label} a line) or CSV (text,label)")],
+    server: ServerOption = "http://127.0.0.1:8000",
+    api_key: ApiKeyOption = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the adaptation")] = 300.0,
+) -> None:
+    """Adapt a new domain on a running server from a labelled support set; prints the domain as
+    JSON (its domain_id is what `metasent classify --domain` takes)."""
+    from app.client import MetasentClient, read_examples
+
+    try:
+        support = read_examples(examples)
+    except (OSError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="--examples") from error
+    with MetasentClient(server, api_key, timeout) as client:
+        domain = _call(client.create_domain, name, support)
+    typer.echo(json.dumps(domain, indent=2))
+
+
+@app.command()
+def classify(
+    domain: Annotated[str, typer.Option(help="domain_id returned by `metasent adapt`")],
+    texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify")] = None,
+    file: Annotated[Path | None, typer.Option(help="More texts: one a line, or JSONL with a text field")] = None,
+    server: ServerOption = "http://127.0.0.1:8000",
+    api_key: ApiKeyOption = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait")] = 120.0,
+) -> None:
+    """Classify texts with an adapted domain on a running server; prints the predictions as JSON."""
+    from app.client import MetasentClient, read_texts
+
+    all_texts = list(texts or [])
+    if file is not None:
+        try:
+            all_texts += read_texts(file)
+        except (OSError, UnicodeDecodeError) as error:
+            raise typer.BadParameter(str(error), param_hint="--file") from error
+    if not all_texts:
+        raise typer.BadParameter("give texts as arguments or --file", param_hint="TEXTS")
+    with MetasentClient(server, api_key, timeout) as client:
+        result = _call(client.classify, domain, all_texts)
+    typer.echo(json.dumps(result, indent=2))
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 
 from app.auth import TenantDep
 from app.batching import MicroBatcher
+from app.queue import AdaptationQueue
 from app.service import ModelService
 from app.settings import Settings
 from app.store import DomainStore
@@ -29,9 +30,14 @@ def get_store(request: Request) -> DomainStore:
     return request.app.state.store
 
 
+def get_adapt_queue(request: Request) -> AdaptationQueue:
+    return request.app.state.adapt_queue
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[ModelService, Depends(get_service)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 StoreDep = Annotated[DomainStore, Depends(get_store)]
+AdaptQueueDep = Annotated[AdaptationQueue, Depends(get_adapt_queue)]
 
-__all__ = ["BatcherDep", "ServiceDep", "SettingsDep", "StoreDep", "TenantDep"]
+__all__ = ["AdaptQueueDep", "BatcherDep", "ServiceDep", "SettingsDep", "StoreDep", "TenantDep"]

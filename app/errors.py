@@ -9,6 +9,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -23,7 +25,8 @@ class ApiError(Exception):
         message (`str`): what went wrong.
         field (`str`): which part of the request.
         fix (`str`): what to change.
-        headers (`dict[str, str]`, *optional*): response headers, e.g. ``WWW-Authenticate``.
+        headers (`dict[str, str]`, *optional*): response headers, e.g. ``WWW-Authenticate`` or
+            ``Retry-After``.
     """
 
     def __init__(
@@ -74,6 +77,11 @@ def _validation_details(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    """The JSON error response of ``exc`` (also used by the ASGI middlewares, outside the routes)."""
     details = [{"field": exc.field, "message": exc.message, "fix": exc.fix}]
     return JSONResponse(error_body(exc.code, exc.message, details), status_code=exc.status, headers=exc.headers)
 
@@ -103,6 +111,25 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+STORE_RETRY_AFTER_S = 5
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """A database that does not answer (connection lost, locked past its busy timeout, pool
+    exhausted): 503, not an internal error; nothing was written (each write is one transaction)."""
+    logger.error("domain store unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(
+        ApiError(
+            503,
+            "store_unavailable",
+            "the domain store (database) is not reachable; nothing was changed",
+            "server",
+            f"retry in {STORE_RETRY_AFTER_S} s (Retry-After header); /readyz reports when the store is back",
+            headers={"Retry-After": str(STORE_RETRY_AFTER_S)},
+        )
+    )
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     detail = {"field": "server", "message": "internal error", "fix": "retry; report it if it persists"}
@@ -110,9 +137,11 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map :class:`ApiError`, validation errors, HTTP errors and anything unexpected to the
-    JSON error body."""
+    """Map :class:`ApiError`, validation errors, HTTP errors, an unreachable database (503) and
+    anything unexpected to the JSON error body."""
     app.add_exception_handler(ApiError, _api_error)
+    for unreachable in (OperationalError, InterfaceError, PoolTimeoutError):
+        app.add_exception_handler(unreachable, _store_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -15,7 +15,11 @@ from app.adaptation import readapt_all
 from app.auth import KeyRing
 from app.batching import MicroBatcher
 from app.errors import install_error_handlers
-from app.routers import classify, domains, health
+from app.limits import BodyLimitMiddleware, TimeoutMiddleware
+from app.metrics import Metrics, MetricsMiddleware
+from app.observability import request_id_var
+from app.queue import AdaptationQueue
+from app.routers import classify, domains, health, ops
 from app.service import ModelService, model_fingerprint
 from app.settings import Settings, get_settings
 from app.store import DomainStore
@@ -60,14 +64,24 @@ def _open_store(settings: Settings, service: ModelService) -> DomainStore:
 async def _request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
     """Echo the client's ``X-Request-ID`` (or a new one) on every response and in the log."""
     request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-    start = time.perf_counter()
-    response = await call_next(request)
-    response.headers[REQUEST_ID_HEADER] = request_id
-    logger.info(
-        "request_id=%s %s %s -> %d in %.1f ms",
-        request_id, request.method, request.url.path, response.status_code, 1000 * (time.perf_counter() - start),
-    )  # fmt: skip
-    return response
+    token = request_id_var.set(request_id)  # on every log line of this request
+    try:
+        start = time.perf_counter()
+        response = await call_next(request)
+        response.headers[REQUEST_ID_HEADER] = request_id
+        ms = round(1000 * (time.perf_counter() - start), 1)
+        logger.info(
+            "%s %s -> %d in %.1f ms", request.method, request.url.path, response.status_code, ms,
+            extra={"method": request.method, "path": request.url.path, "status": response.status_code, "ms": ms},
+        )  # fmt: skip
+        return response
+    finally:
+        request_id_var.reset(token)
+
+
+def _retry_after(app: FastAPI) -> int:
+    queue = getattr(app.state, "adapt_queue", None)
+    return queue.retry_after() if queue is not None else 1
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -79,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings (`Settings`, *optional*): defaults to the ``METASENT_*`` environment.
     """
     settings = settings or get_settings()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -87,7 +102,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             logger.warning("no METASENT_API_KEYS: the API is open, every client is tenant 'default'")
         else:
             logger.info("API keys: %d tenants", len(settings.key_list()))
+        app.state.adapt_queue = AdaptationQueue(settings.adapt_queue_size, metrics.adaptation.observe)
         service = await run_in_threadpool(_load_service, settings)
+        checkpoint = str(settings.checkpoint) if settings.checkpoint else None
+        metrics.set_model(service.config.algorithm, service.config.encoder.name_or_path, service.device, checkpoint)
         app.state.store = await run_in_threadpool(_open_store, settings, service)
         app.state.service = service
         app.state.batcher = MicroBatcher(
@@ -108,9 +126,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.keyring = KeyRing(settings.key_list())
+    app.state.metrics = metrics
+    metrics.bind(app.state)
     install_error_handlers(app)
+    # innermost first: timeout, body limit, metrics, then the request id around everything
+    app.add_middleware(TimeoutMiddleware, seconds=settings.request_timeout_s, retry_after=lambda: _retry_after(app))
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.middleware("http")(_request_id)
     app.include_router(health.router)
+    app.include_router(ops.router)
     app.include_router(domains.router)
     app.include_router(classify.router)
     return app

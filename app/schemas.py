@@ -158,6 +158,9 @@ class AdaptAndClassify(BaseModel):
 class Prediction(BaseModel):
     label: str
     scores: dict[str, float] = Field(description="probability per label, summing to 1")
+    truncated: bool = Field(
+        default=False, description="whether the text was longer than the encoder's token limit and was cut to it"
+    )
 
 
 class ClassifyResponse(BaseModel):
@@ -194,4 +197,10 @@ class Health(BaseModel):
     encoder: str | None = None
     checkpoint: str | None = None
     device: str | None = None
-    domains: int = 0
+    domains: int | None = Field(default=0, description="stored domains of every tenant; null when the store is down")
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ready or not_ready")
+    model_loaded: bool
+    store_reachable: bool

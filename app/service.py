@@ -7,9 +7,11 @@ model is loaded once and shared by every domain and request. Domains live in
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,10 +53,28 @@ class ModelService:
         self.batch_size = batch_size
         self.max_text_chars = max_text_chars
         self._lock = threading.Lock()
+        self._counter: Any = None  # a copy of the tokenizer for token counts, off the model's lock
+        self._counter_lock = threading.Lock()
 
     @property
     def device(self) -> str:
         return str(self.model.device)
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens of each text before truncation (special tokens included), of its first
+        ``max_text_chars`` characters."""
+        with self._counter_lock:
+            if self._counter is None:
+                self._counter = copy.deepcopy(self.model.tokenizer)
+            ids = self._counter([t[: self.max_text_chars] for t in texts], truncation=False, verbose=False)
+        return [len(row) for row in ids["input_ids"]]
+
+    def truncated(self, texts: list[str]) -> list[bool]:
+        """Whether each text is cut before the encoder sees all of it (over ``max_text_chars``
+        characters or over the encoder's ``max_length`` tokens)."""
+        limit = self.model.max_length()
+        counts = self.token_counts(texts)
+        return [len(t) > self.max_text_chars or n > limit for t, n in zip(texts, counts, strict=True)]
 
     def adapt(self, texts: list[str], labels: list[str]) -> Adaptation:
         """Run the checkpoint's inner loop on a support set (see :func:`meta.inner_loop.inner_loop`)."""

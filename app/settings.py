@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,6 +41,9 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="how long a classify request waits for concurrent ones to share its batch"
     )
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one JSON object per log line (with request_id); text: plain lines"
+    )
     data_dir: Path = Field(
         default=Path("metasent-data"), description="directory of the default SQLite database (created if missing)"
     )
@@ -61,6 +65,17 @@ class Settings(BaseSettings):
     )
     test_write_delay_s: float = Field(
         default=0.0, ge=0, description="TEST ONLY: seconds slept inside each write transaction, before the commit"
+    )
+    adapt_queue_size: int = Field(
+        default=8,
+        ge=1,
+        description="adaptations waiting or running at once (one runs at a time); more answer 429 with Retry-After",
+    )
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, description="seconds a request may take before it answers 503 with Retry-After"
+    )
+    max_body_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="bytes of a request body; larger bodies answer 413"
     )
 
     def database(self) -> str:

@@ -4,6 +4,7 @@ vocabulary, hand-written review tasks, and a checkpoint of the tiny model."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         inner_loop=InnerLoopConfig(steps=3, lr=0.1, adapted_layers=1),
     )
     return save_checkpoint(directory / "checkpoint", model, config)
+
+
+@pytest.fixture
+def modified_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    """The tiny checkpoint with a 2-step inner loop: same weights, another hash."""
+    copy = Path(shutil.copytree(tiny_checkpoint, tmp_path / "modified"))
+    config = CheckpointConfig.model_validate_json((copy / "metasent.json").read_text())
+    config.inner_loop.steps = 2
+    (copy / "metasent.json").write_text(config.model_dump_json(indent=2))
+    return copy

@@ -56,16 +56,6 @@ def put(client: TestClient, domain_id: str, **body: Any):
     return client.put(f"/v1/domains/{domain_id}/examples", json=body)
 
 
-@pytest.fixture
-def modified_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> Path:
-    """The tiny checkpoint with a 2-step inner loop: same weights, another hash."""
-    copy = Path(shutil.copytree(tiny_checkpoint, tmp_path / "modified"))
-    config = CheckpointConfig.model_validate_json((copy / "metasent.json").read_text())
-    config.inner_loop.steps = 2
-    (copy / "metasent.json").write_text(config.model_dump_json(indent=2))
-    return copy
-
-
 def test_domains_survive_a_restart(tiny_checkpoint: Path, tmp_path: Path) -> None:
     with serve(tiny_checkpoint, tmp_path) as client:
         first, second = create(client), create(client, support("good", "bad"), "other")

@@ -2,32 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
-from app.adaptation import adapt, predictions
+from app.adaptation import adapt_queued, predictions
 from app.auth import require_tenant
-from app.dependencies import ServiceDep, SettingsDep
-from app.routers.domains import AUTH_ERRORS, REQUEST_ERRORS, check_limit, pairs
+from app.dependencies import AdaptQueueDep, ServiceDep, SettingsDep
+from app.routers.domains import QUEUE_FULL, REQUEST_ERRORS, V1_ERRORS, check_limit, pairs
 from app.schemas import AdaptAndClassify, AdaptAndClassifyResponse
 from app.store import adaptation_info
 
-router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_tenant)], responses=AUTH_ERRORS)
+router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_tenant)], responses=V1_ERRORS)
 
 
-@router.post("/classify", response_model=AdaptAndClassifyResponse, responses=REQUEST_ERRORS)
+@router.post("/classify", response_model=AdaptAndClassifyResponse, responses={**REQUEST_ERRORS, **QUEUE_FULL})
 async def adapt_and_classify(
-    body: AdaptAndClassify, service: ServiceDep, settings: SettingsDep
+    body: AdaptAndClassify, service: ServiceDep, settings: SettingsDep, adapt_queue: AdaptQueueDep
 ) -> AdaptAndClassifyResponse:
-    """Adapt on ``examples`` with the checkpoint's inner loop, classify ``texts`` with the
-    adapted parameters, and forget them: no domain is created."""
+    """Adapt on ``examples`` with the checkpoint's inner loop (through the adaptation queue: 429
+    when it is full), classify ``texts`` with the adapted parameters, and forget them: no domain
+    is created. Each prediction says whether its text was ``truncated``."""
     check_limit(len(body.examples), settings.max_examples, "examples", "MAX_EXAMPLES")
     check_limit(len(body.texts), settings.max_texts, "texts", "MAX_TEXTS")
-    adaptation = await run_in_threadpool(adapt, service, settings, pairs(body.examples))
-    probs = await run_in_threadpool(service.classify, adaptation.params, body.texts)  # (texts, classes)
+    adaptation = await adapt_queued(adapt_queue, service, settings, pairs(body.examples))
+    probs, truncated = await asyncio.gather(  # (texts, classes); per text
+        run_in_threadpool(service.classify, adaptation.params, body.texts),
+        run_in_threadpool(service.truncated, body.texts),
+    )
     info = adaptation_info(adaptation, service.device)
     return AdaptAndClassifyResponse(
         labels=list(adaptation.labels),
-        predictions=predictions(adaptation.labels, probs),  # type: ignore[arg-type]
+        predictions=predictions(adaptation.labels, probs, truncated),  # type: ignore[arg-type]
         adaptation=info,  # type: ignore[arg-type]
     )

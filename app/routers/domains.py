@@ -3,15 +3,18 @@ classify. Every route needs the caller's API key and sees only its tenant's doma
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Response, status
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from app.adaptation import Examples, adapt, predictions, refresh
+from app.adaptation import Examples, adapt_queued, predictions, refresh_queued
 from app.auth import require_tenant
 from app.batching import SHARED_ENCODER
-from app.dependencies import BatcherDep, ServiceDep, SettingsDep, StoreDep, TenantDep
+from app.dependencies import AdaptQueueDep, BatcherDep, ServiceDep, SettingsDep, StoreDep, TenantDep
 from app.errors import ApiError
+from app.queue import AdaptationQueue
 from app.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -28,17 +31,19 @@ from app.settings import Settings
 from app.store import DomainLimitError, DomainStore, StoredDomain, VersionConflictError
 from meta.inner_loop import is_head_only
 
-AUTH_ERRORS: dict[int | str, dict[str, object]] = {
+V1_ERRORS: dict[int | str, dict[str, object]] = {  # every /v1 route: API key, request timeout
     401: {"model": ErrorResponse, "description": "Missing or unknown API key"},
+    503: {"model": ErrorResponse, "description": "The request took longer than the server's timeout (Retry-After)"},
 }
-router = APIRouter(
-    prefix="/v1/domains", tags=["domains"], dependencies=[Depends(require_tenant)], responses=AUTH_ERRORS
-)
+router = APIRouter(prefix="/v1/domains", tags=["domains"], dependencies=[Depends(require_tenant)], responses=V1_ERRORS)
 
 REQUEST_ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "Malformed JSON"},
-    413: {"model": ErrorResponse, "description": "More examples or texts than the server's limits"},
+    413: {"model": ErrorResponse, "description": "More examples or texts, or a larger body, than the server's limits"},
     422: {"model": ErrorResponse, "description": "Invalid field (the error names it and the fix)"},
+}
+QUEUE_FULL: dict[int | str, dict[str, object]] = {
+    429: {"model": ErrorResponse, "description": "The adaptation queue is full (Retry-After)"}
 }
 _NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"model": ErrorResponse, "description": "Unknown domain"}}
 _CONFLICT: dict[int | str, dict[str, object]] = {
@@ -102,21 +107,24 @@ async def _require(store: DomainStore, tenant: str, domain_id: str, with_example
     return domain
 
 
-async def _fresh(service: ModelService, store: DomainStore, tenant: str, domain_id: str) -> StoredDomain:
-    """The tenant's domain, re-adapted first when another checkpoint adapted it."""
+async def _fresh(
+    service: ModelService, store: DomainStore, queue: AdaptationQueue, tenant: str, domain_id: str
+) -> StoredDomain:
+    """The tenant's domain, re-adapted first (through the adaptation queue: 429 when it is full)
+    when another checkpoint adapted it."""
     domain = await _require(store, tenant, domain_id)
     try:
-        return await run_in_threadpool(refresh, service, store, domain)
+        return await refresh_queued(queue, service, store, domain)
     except KeyError:
         raise _not_found(domain_id) from None
 
 
 async def _with_params(
-    service: ModelService, store: DomainStore, tenant: str, domain_id: str
+    service: ModelService, store: DomainStore, queue: AdaptationQueue, tenant: str, domain_id: str
 ) -> tuple[StoredDomain, dict[str, Tensor]]:
     """The fresh domain and its tensors (read again if a concurrent update changed it)."""
     for _ in range(3):
-        domain = await _fresh(service, store, tenant, domain_id)
+        domain = await _fresh(service, store, queue, tenant, domain_id)
         try:
             return domain, await run_in_threadpool(store.params, domain)
         except KeyError:
@@ -128,7 +136,7 @@ def _public(domain: StoredDomain, service: ModelService) -> Domain:
     return Domain(**domain.public(service.checkpoint_hash))
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=Domain, responses=REQUEST_ERRORS)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=Domain, responses={**REQUEST_ERRORS, **QUEUE_FULL})
 async def create_domain(
     body: CreateDomain,
     response: Response,
@@ -136,6 +144,7 @@ async def create_domain(
     store: StoreDep,
     settings: SettingsDep,
     tenant: TenantDep,
+    adapt_queue: AdaptQueueDep,
 ) -> Domain:
     """Adapt a new domain: run the checkpoint's inner loop (prototype-initialised head, then k SGD
     steps on the support loss) on the examples, and store the domain with its support set."""
@@ -144,7 +153,7 @@ async def create_domain(
     if await run_in_threadpool(store.count, tenant) >= limit:
         raise _too_many_domains(limit)
     examples = pairs(body.examples)
-    adaptation = await run_in_threadpool(adapt, service, settings, examples)
+    adaptation = await adapt_queued(adapt_queue, service, settings, examples)  # 429 when the queue is full
     try:
         domain = await run_in_threadpool(
             store.add, tenant, body.name, adaptation, examples, service.checkpoint_hash, service.device, limit
@@ -161,10 +170,12 @@ async def list_domains(store: StoreDep, service: ServiceDep, tenant: TenantDep) 
     return DomainList(domains=[_public(d, service) for d in await run_in_threadpool(store.list, tenant)])
 
 
-@router.get("/{domain_id}", response_model=Domain, responses=_NOT_FOUND)
-async def get_domain(domain_id: str, store: StoreDep, service: ServiceDep, tenant: TenantDep) -> Domain:
+@router.get("/{domain_id}", response_model=Domain, responses={**_NOT_FOUND, **QUEUE_FULL})
+async def get_domain(
+    domain_id: str, store: StoreDep, service: ServiceDep, tenant: TenantDep, adapt_queue: AdaptQueueDep
+) -> Domain:
     """One domain's metadata (a stale domain is re-adapted first)."""
-    return _public(await _fresh(service, store, tenant, domain_id), service)
+    return _public(await _fresh(service, store, adapt_queue, tenant, domain_id), service)
 
 
 @router.get("/{domain_id}/examples", response_model=DomainExamples, responses=_NOT_FOUND)
@@ -191,8 +202,10 @@ def _merged(domain: StoredDomain, body: UpdateExamples, settings: Settings) -> E
 
 
 @router.put(
-    "/{domain_id}/examples", response_model=Domain, responses={**REQUEST_ERRORS, **_NOT_FOUND, **_CONFLICT}
-)  # fmt: skip
+    "/{domain_id}/examples",
+    response_model=Domain,
+    responses={**REQUEST_ERRORS, **_NOT_FOUND, **_CONFLICT, **QUEUE_FULL},
+)
 async def update_examples(
     domain_id: str,
     body: UpdateExamples,
@@ -200,6 +213,7 @@ async def update_examples(
     store: StoreDep,
     settings: SettingsDep,
     tenant: TenantDep,
+    adapt_queue: AdaptQueueDep,
 ) -> Domain:
     """Add examples to the domain's support set (``mode: add``) or replace it (``mode:
     replace``), re-adapt, and store the result as the next version. With ``expected_version``,
@@ -208,7 +222,7 @@ async def update_examples(
     if body.expected_version is not None and body.expected_version != domain.version:
         raise _conflict(domain_id, domain.version, body.expected_version)
     examples = _merged(domain, body, settings)
-    adaptation = await run_in_threadpool(adapt, service, settings, examples)
+    adaptation = await adapt_queued(adapt_queue, service, settings, examples)  # 429 when the queue is full
     try:
         stored = await run_in_threadpool(
             store.replace, domain, adaptation, examples, service.checkpoint_hash, service.device
@@ -228,7 +242,9 @@ async def delete_domain(domain_id: str, store: StoreDep, tenant: TenantDep) -> R
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/{domain_id}/classify", response_model=ClassifyResponse, responses={**REQUEST_ERRORS, **_NOT_FOUND})
+@router.post(
+    "/{domain_id}/classify", response_model=ClassifyResponse, responses={**REQUEST_ERRORS, **_NOT_FOUND, **QUEUE_FULL}
+)
 async def classify(
     domain_id: str,
     body: ClassifyRequest,
@@ -237,10 +253,17 @@ async def classify(
     store: StoreDep,
     settings: SettingsDep,
     tenant: TenantDep,
+    adapt_queue: AdaptQueueDep,
 ) -> ClassifyResponse:
-    """Classify texts with a domain's adapted parameters; predictions come in input order."""
+    """Classify texts with a domain's adapted parameters; predictions come in input order, each
+    with ``truncated`` when its text was cut to the encoder's limit."""
     check_limit(len(body.texts), settings.max_texts, "texts", "MAX_TEXTS")
-    domain, params = await _with_params(service, store, tenant, domain_id)
+    domain, params = await _with_params(service, store, adapt_queue, tenant, domain_id)
     key = SHARED_ENCODER if is_head_only(params) else domain_id  # head-only domains share the encoder pass
-    probs = await batcher.classify(key, params, body.texts)  # (texts, classes)
-    return ClassifyResponse(domain_id=domain_id, predictions=predictions(domain.labels, probs))  # type: ignore[arg-type]
+    probs, truncated = await asyncio.gather(  # (texts, classes); per text
+        batcher.classify(key, params, body.texts), run_in_threadpool(service.truncated, body.texts)
+    )
+    return ClassifyResponse(
+        domain_id=domain_id,
+        predictions=predictions(domain.labels, probs, truncated),  # type: ignore[arg-type]
+    )

@@ -1,0 +1,272 @@
+"""The Python client against the real app (in process and over a real socket), with and without
+API keys, its error mapping, and the ``metasent adapt`` / ``metasent classify`` commands against a
+live server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from app.cli import app as cli
+from app.client import MetasentClient, MetasentError, read_examples, read_texts
+from app.main import create_app
+from app.settings import Settings
+from bench.load import FALLBACK, percentile, run_load
+from tests.conftest import NEGATIVE, POSITIVE
+from tests.test_api import support
+
+runner = CliRunner()
+
+
+KEY = "client-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def test_client(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    settings = Settings(checkpoint=tiny_checkpoint, device="cpu", max_texts=5, data_dir=tmp_path_factory.mktemp("c"))
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def keyed_app(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """The app with one API key configured."""
+    settings = Settings(checkpoint=tiny_checkpoint, device="cpu", api_keys=KEY, data_dir=tmp_path_factory.mktemp("k"))
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def client(test_client: TestClient) -> Iterator[MetasentClient]:
+    with MetasentClient(http_client=test_client) as metasent:
+        yield metasent
+        for domain in metasent.list_domains():
+            metasent.delete_domain(domain["domain_id"])
+
+
+def test_client_round_trip(client: MetasentClient) -> None:
+    domain = client.create_domain("food", support())
+    assert domain["labels"] == ["positive", "negative"] and domain["num_examples"] == 10
+    assert client.get_domain(domain["domain_id"]) == domain
+    assert [d["domain_id"] for d in client.list_domains()] == [domain["domain_id"]]
+    result = client.classify(domain["domain_id"], [POSITIVE[9], NEGATIVE[9]])
+    assert result["domain_id"] == domain["domain_id"] and len(result["predictions"]) == 2
+    assert all(p["truncated"] is False for p in result["predictions"])
+    assert client.delete_domain(domain["domain_id"]) is None
+    assert client.list_domains() == []
+
+
+def test_client_maps_errors(client: MetasentClient) -> None:
+    with pytest.raises(MetasentError) as missing:
+        client.get_domain("nope")
+    error = missing.value
+    assert (error.status, error.code, error.field) == (404, "domain_not_found", "domain_id")
+    assert error.fix and "POST /v1/domains" in error.fix and "domain_not_found" in str(error)
+
+    with pytest.raises(MetasentError) as invalid:
+        client.create_domain("x", [{"text": "great", "label": "positive"}, {"text": "", "label": "negative"}])
+    error = invalid.value
+    assert (error.status, error.code, error.field) == (422, "invalid_request", "examples[1].text")
+
+    domain = client.create_domain("food", support())
+    with pytest.raises(MetasentError) as too_many:
+        client.classify(domain["domain_id"], ["great"] * 6)
+    assert (too_many.value.status, too_many.value.code, too_many.value.field) == (413, "too_many_items", "texts")
+
+
+def test_client_update_examples_against_the_app(client: MetasentClient) -> None:
+    domain = client.create_domain("food", support())
+    domain_id = domain["domain_id"]
+    added = client.update_examples(domain_id, [{"text": "okay fine average", "label": "neutral"}])
+    assert (added["version"], added["num_examples"]) == (2, 11)
+    assert added["labels"] == ["positive", "negative", "neutral"]
+    examples = client.get_examples(domain_id)
+    assert examples["version"] == 2 and examples["examples"][-1] == {"text": "okay fine average", "label": "neutral"}
+    replaced = client.update_examples(domain_id, support("good", "bad"), mode="replace", expected_version=2)
+    assert (replaced["version"], replaced["num_examples"], replaced["labels"]) == (3, 10, ["good", "bad"])
+    assert client.classify(domain_id, [POSITIVE[9]])["predictions"][0]["label"] in ("good", "bad")
+
+    with pytest.raises(MetasentError) as conflict:  # the version read is no longer the domain's
+        client.update_examples(domain_id, support(), mode="replace", expected_version=2)
+    error = conflict.value
+    assert (error.status, error.code, error.field) == (409, "version_conflict", "expected_version")
+    assert error.fix and "expected_version=3" in error.fix
+    assert client.get_domain(domain_id) == replaced  # unchanged
+    with pytest.raises(MetasentError) as one_label:
+        client.update_examples(domain_id, [{"text": "tasty", "label": "x"}], mode="replace")
+    assert (one_label.value.status, one_label.value.field) == (422, "examples")
+    with pytest.raises(MetasentError) as missing:
+        client.update_examples("nope", support())
+    assert (missing.value.status, missing.value.code) == (404, "domain_not_found")
+
+
+def test_client_classify_stateless_against_the_app(client: MetasentClient) -> None:
+    result = client.classify_stateless(support(), [POSITIVE[9], NEGATIVE[9], "great " * 40])
+    assert result["labels"] == ["positive", "negative"] and result["adaptation"]["steps"] == 3
+    predictions = result["predictions"]
+    assert [p["truncated"] for p in predictions] == [False, False, True]  # 40 words > the 32-token limit
+    assert all(sum(p["scores"].values()) == pytest.approx(1, abs=1e-4) for p in predictions)
+    assert client.list_domains() == []  # nothing stored
+    with pytest.raises(MetasentError) as too_many:
+        client.classify_stateless(support(), ["great"] * 6)
+    assert (too_many.value.status, too_many.value.code, too_many.value.field) == (413, "too_many_items", "texts")
+    with pytest.raises(MetasentError) as one_label:
+        client.classify_stateless([{"text": "tasty", "label": "positive"}] * 2, ["great"])
+    assert (one_label.value.status, one_label.value.field) == (422, "examples")
+
+
+def test_client_sends_the_api_key(keyed_app: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("METASENT_API_KEY", raising=False)
+    with MetasentClient(http_client=keyed_app) as anonymous:
+        with pytest.raises(MetasentError) as raised:
+            anonymous.list_domains()
+        assert (raised.value.status, raised.value.code, raised.value.field) == (401, "missing_api_key", "Authorization")
+    with MetasentClient(api_key="wrong", http_client=keyed_app) as wrong:
+        with pytest.raises(MetasentError) as raised:
+            wrong.classify_stateless(support(), ["great"])
+        assert (raised.value.status, raised.value.code) == (401, "invalid_api_key")
+    with MetasentClient(api_key=KEY, http_client=keyed_app) as keyed:
+        domain = keyed.create_domain("food", support())
+        assert keyed.update_examples(domain["domain_id"], [{"text": "fine", "label": "neutral"}])["version"] == 2
+        assert keyed.classify_stateless(support(), ["great"])["labels"] == ["positive", "negative"]
+    monkeypatch.setenv("METASENT_API_KEY", KEY)
+    with MetasentClient(http_client=keyed_app) as from_env:
+        assert [d["domain_id"] for d in from_env.list_domains()] == [domain["domain_id"]]
+        from_env.delete_domain(domain["domain_id"])
+        assert from_env.list_domains() == []
+
+
+def test_client_error_without_json_body_and_retry_after() -> None:
+    def bad_gateway(_: httpx.Request) -> httpx.Response:  # a proxy's answer: no server could
+        return httpx.Response(502, text="<html>bad gateway</html>", headers={"Retry-After": "7"})
+
+    http = httpx.Client(base_url="http://metasent", transport=httpx.MockTransport(bad_gateway))
+    with pytest.raises(MetasentError) as raised, MetasentClient(http_client=http) as client:
+        client.list_domains()
+    assert (raised.value.status, raised.value.code) == (502, "http_502")
+    assert "bad gateway" in raised.value.message and raised.value.retry_after == 7
+
+
+def test_client_connection_error() -> None:
+    with MetasentClient(f"http://127.0.0.1:{_free_port()}", timeout=2) as client:
+        with pytest.raises(MetasentError) as raised:
+            client.list_domains()
+    assert raised.value.status is None and raised.value.code == "connection_error"
+
+
+def test_read_examples_and_texts(tmp_path: Path) -> None:
+    jsonl = tmp_path / "support.jsonl"
+    jsonl.write_text('{"text": "tasty", "label": "positive"}\n\n{"text": "stale", "label": "negative"}\n')
+    csv_file = tmp_path / "support.csv"
+    csv_file.write_text('text,label\n"tasty, fresh",positive\nstale,negative\n')
+    assert read_examples(jsonl) == [{"text": "tasty", "label": "positive"}, {"text": "stale", "label": "negative"}]
+    assert read_examples(csv_file)[0] == {"text": "tasty, fresh", "label": "positive"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "tasty"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        read_examples(bad)
+    texts = tmp_path / "texts.txt"
+    texts.write_text('plain line\n{"text": "from json"}\n')
+    assert read_texts(texts) == ["plain line", "from json"]
+
+
+# -- the CLI against a live server ---------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = _free_port()
+    settings = Settings(checkpoint=tiny_checkpoint, device="cpu", data_dir=tmp_path_factory.mktemp("live"))
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_cli_adapt_and_classify(live_server: str, tmp_path: Path) -> None:
+    examples = tmp_path / "support.jsonl"
+    examples.write_text("\n".join(json.dumps(e) for e in support()) + "\n")
+    adapted = runner.invoke(cli, ["adapt", "--server", live_server, "--name", "food", "--examples", str(examples)])
+    assert adapted.exit_code == 0, adapted.output
+    domain = json.loads(adapted.output)
+    assert domain["name"] == "food" and domain["labels"] == ["positive", "negative"]
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text(f"{NEGATIVE[9]}\n")
+    args = ["classify", "--server", live_server, "--domain", domain["domain_id"], POSITIVE[9], "--file", str(texts)]
+    classified = runner.invoke(cli, args)
+    assert classified.exit_code == 0, classified.output
+    result = json.loads(classified.output)
+    assert result["domain_id"] == domain["domain_id"] and len(result["predictions"]) == 2
+
+    with MetasentClient(live_server) as client:
+        assert [d["domain_id"] for d in client.list_domains()] == [domain["domain_id"]]
+
+
+def test_cli_csv_examples_and_env_server(live_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    examples = tmp_path / "support.csv"
+    examples.write_text("text,label\n" + "\n".join(f"{e['text']},{e['label']}" for e in support()) + "\n")
+    monkeypatch.setenv("METASENT_SERVER", live_server)
+    adapted = runner.invoke(cli, ["adapt", "--name", "csv", "--examples", str(examples)])
+    assert adapted.exit_code == 0, adapted.output
+    assert json.loads(adapted.output)["num_examples"] == 10
+
+
+def test_cli_errors(live_server: str, tmp_path: Path) -> None:
+    unknown = runner.invoke(cli, ["classify", "--server", live_server, "--domain", "nope", "great"])
+    assert unknown.exit_code == 1
+    assert "404 domain_not_found" in unknown.output and "fix:" in unknown.output
+
+    one_label = tmp_path / "one.jsonl"
+    one_label.write_text('{"text": "tasty", "label": "positive"}\n{"text": "fresh", "label": "positive"}\n')
+    invalid = runner.invoke(cli, ["adapt", "--server", live_server, "--name", "x", "--examples", str(one_label)])
+    assert invalid.exit_code == 1 and "422 invalid_request" in invalid.output
+
+    missing = runner.invoke(cli, ["adapt", "--server", live_server, "--name", "x", "--examples", "nope.jsonl"])
+    assert missing.exit_code == 2 and "--examples" in missing.output
+    no_texts = runner.invoke(cli, ["classify", "--server", live_server, "--domain", "nope"])
+    assert no_texts.exit_code == 2
+
+
+def test_load_script_against_a_live_server(live_server: str) -> None:
+    args = argparse.Namespace(clients=4, duration=2.0, adapt_share=0.3, texts=4, timeout=60.0, seed=0)
+    result = asyncio.run(run_load(live_server, FALLBACK, args))
+    assert result["errors"] == 0, result["error_samples"]
+    operations = result["operations"]
+    assert operations["classify"]["requests"] > 0 and operations["adapt"]["requests"] > 0
+    assert set(operations["classify"]["statuses"]) == {"200"}
+    assert operations["adapt"]["statuses"].get("201", 0) == operations["delete"]["statuses"]["204"]
+    assert 0 < operations["classify"]["p50_ms"] <= operations["classify"]["p99_ms"]
+    assert result["server_adaptation_seconds_mean"] > 0
+    with MetasentClient(live_server) as client:  # the script cleans up after itself
+        assert all(d["name"] not in ("load", "shared") for d in client.list_domains())
+
+
+def test_percentile() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50 and percentile(values, 0.99) == 99 and percentile([3.0], 0.99) == 3
