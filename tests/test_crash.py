@@ -1,8 +1,9 @@
-"""Crash safety: ``metasent serve`` killed with SIGKILL during an adaptation and in the middle of
-a write transaction (insert and update) loses no acknowledged domain and shows no half-written
-one. The mid-write kill is made deterministic by the test-only METASENT_TEST_WRITE_DELAY_S
-(sleeps inside the write transaction, after the row is written, before the commit) and the
-mid-adaptation one by METASENT_TEST_ADAPT_DELAY_S (sleeps after the inner loop, before the write).
+"""Crash safety: ``metasent serve`` killed with SIGKILL during an adaptation (another one waiting
+in the adaptation queue) and in the middle of a write transaction (insert and update) loses no
+acknowledged domain and shows no half-written one. The mid-write kill is made deterministic by the
+test-only METASENT_TEST_WRITE_DELAY_S (sleeps inside the write transaction, after the row is
+written, before the commit) and the mid-adaptation one by METASENT_TEST_ADAPT_DELAY_S (sleeps
+after the inner loop, before the write).
 """
 
 from __future__ import annotations
@@ -80,6 +81,14 @@ class Server:
             assert time.monotonic() < deadline, f"{text!r} not logged:\n{self.log.read_text()}"
             time.sleep(0.05)
 
+    def wait_for_queue_depth(self, depth: int, timeout: float = 30) -> None:
+        """Until ``depth`` adaptations wait or run (the adaptation queue's gauge on /metrics)."""
+        deadline = time.monotonic() + timeout
+        line = f"metasent_adaptation_queue_depth {float(depth)}"
+        while line not in httpx.get(f"{self.url}/metrics", timeout=5).text:
+            assert time.monotonic() < deadline, f"queue depth never reached {depth}"
+            time.sleep(0.05)
+
     def in_background(self, method: str, path: str, body: dict[str, Any]) -> threading.Thread:
         """Send a request that is expected never to be answered (the server gets killed)."""
 
@@ -153,11 +162,13 @@ def test_sigkill_during_adaptation_and_writes_loses_nothing(tiny_checkpoint: Pat
         srv.kill()  # straight after the acknowledgements
     first, second, _ = acked
 
-    # (a) killed during adaptations: a new domain and an update of an existing one
+    # (a) killed during an adaptation (a new domain), with an update of an existing domain waiting
+    # behind it in the adaptation queue (one adaptation runs at a time)
     with server(tiny_checkpoint, data_dir, tmp_path / "a-adapt.log", METASENT_TEST_ADAPT_DELAY_S="60") as srv:
         srv.in_background("POST", "/v1/domains", {"name": "killed-adapting", "examples": support()})
+        srv.wait_for_log("test adapt delay")
         srv.in_background("PUT", f"/v1/domains/{second}/examples", {"examples": support("x", "y"), "mode": "replace"})
-        srv.wait_for_log("test adapt delay", count=2)
+        srv.wait_for_queue_depth(2)
         srv.kill()
 
     # (b) killed inside a write transaction, after the row is written and before the commit
