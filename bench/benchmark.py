@@ -80,8 +80,9 @@ BUDGETS = {
         "2 food seeds",
     ),
     "gpu": Budget(
-        "gpu", 1.25, 256, 100, 5, 5, (1, 5, 10, 20), 5, 20, 5,
-        "one GPU: 75 s of meta-training per method (thousands of episodes), 256 tokens, SetFit defaults",
+        "gpu", 0.7, 256, 100, 5, 3, (1, 5, 10, 20), 5, 20, 2,
+        "one GPU lent for 15 minutes in all: 42 s of meta-training per method, 256 tokens; SetFit with its "
+        "default 20 pair iterations, 2 food seeds",
     ),
     "smoke": Budget("smoke", 0.05, 32, 2, 1, 1, (1, 5), 1, 1, 1, "seconds per method: a check that everything runs"),
 }  # fmt: skip
@@ -145,7 +146,9 @@ def _tasks(data: Path) -> TaskRegistry:
 
 def _train(
     spec: MethodSpec, tasks: TaskRegistry, budget: Budget, encoder: str, out: Path, device: torch.device, seed: int
-) -> tuple[MetaLearner, CheckpointConfig]:
+) -> tuple[MetaLearner, CheckpointConfig, CheckpointConfig]:
+    """Meta-train ``spec`` for the budget's minutes; returns the best checkpoint (model and
+    config) and the final config (steps, seconds, curves)."""
     inner = default_inner_loop(spec.algorithm).model_copy(update=spec.inner)
     config = CheckpointConfig(
         algorithm=spec.algorithm,  # type: ignore[arg-type]
@@ -169,13 +172,14 @@ def _train(
     train_tasks = tasks.select(exclude=ARSC_HELD_OUT + ARSC_VALIDATION).select(require_split="train")
     val_tasks = tasks.select(include=ARSC_VALIDATION).select(require_split="dev")
     model = MetaLearner.from_pretrained(config.encoder).to(device)
-    meta_train(model, list(train_tasks), list(val_tasks), config, out / spec.name, progress=False)
-    return load_checkpoint(out / spec.name / "best", device)
+    final = meta_train(model, list(train_tasks), list(val_tasks), config, out / spec.name, progress=False)
+    best, best_config = load_checkpoint(out / spec.name / "best", device)
+    return best, best_config, final
 
 
 def _load(spec: MethodSpec, checkpoint: Path | None, budget: Budget, encoder: str, device: torch.device):
     if checkpoint is not None:
-        return load_checkpoint(checkpoint, device)
+        return load_checkpoint(checkpoint, device)  # trained with its own budget (its config says)
     model, config = load_model(None, encoder, device, spec.algorithm)
     config.inner_loop = config.inner_loop.model_copy(update=spec.inner)
     config.encoder = config.encoder.model_copy(update={"max_length": budget.max_length})
@@ -196,13 +200,15 @@ def _scores(results: Sequence[EpisodeResult]) -> dict[str, Any]:
     return block
 
 
-def _sampled(tasks: Sequence[Task], k_shot: int, seeds: int, support: str, query: str):
-    """``(episode, seed)`` pairs; tasks without K examples of a class are skipped."""
+def _sampled(tasks: Sequence[Task], k_shot: int, seeds: int, support: str, query: str, max_query: int | None = None):
+    """``(episode, seed)`` pairs (at most ``max_query`` query examples, drawn at the task's own
+    class proportions); tasks without K examples of a class are skipped."""
     pairs = []
+    q_query = max_query // 2 if max_query else None
     for task in tasks:
         for seed in range(seeds):
-            sampler = EpisodeSampler([task], k_shot=k_shot, q_query=None, support_split=support, query_split=query,
-                                     seed=seed)  # fmt: skip
+            sampler = EpisodeSampler([task], k_shot=k_shot, q_query=q_query, support_split=support, query_split=query,
+                                     seed=seed, query_sampling="natural")  # fmt: skip
             try:
                 pairs.append((sampler.sample(task), seed))
             except NotEnoughExamplesError as error:
@@ -222,7 +228,7 @@ def _evaluate_model(model: MetaLearner, inner: InnerLoopConfig, tasks: TaskRegis
     out: dict[str, Any] = {
         "arsc": _scores(evaluate_tasks(model, list(arsc), inner, "fixed", batch_size=64)),
         "food": _scores(run(_sampled(food, 5, budget.food_seeds, "train", "test"))),
-        "dev": _scores(run(_sampled(dev, 5, budget.dev_seeds, "dev", "dev"))),
+        "dev": _scores(run(_sampled(dev, 5, budget.dev_seeds, "dev", "dev", max_query=200))),
     }
     out["shots"] = {}
     for k in budget.shots:
@@ -318,15 +324,21 @@ def run_benchmark(
             if not setfit_available():
                 logger.warning("setfit is not installed (pip install -e '.[bench]'): skipped")
                 continue
-            entry = _evaluate_setfit(encoder, tasks, budget, torch_device)
+            try:
+                entry = _evaluate_setfit(encoder, tasks, budget, torch_device)
+            except Exception as error:  # an optional external library: report, don't lose the others
+                logger.exception("setfit failed")
+                result["methods"][name] = {"error": repr(error)}
+                continue
             entry["training"] = None
         else:
             if spec.algorithm in ("none", "finetune") or name in checkpoints:
                 model, config = _load(spec, checkpoints.get(name), budget, encoder, torch_device)
+                final = config
             else:
-                model, config = _train(spec, tasks, budget, encoder, runs, torch_device, seed)
+                model, config, final = _train(spec, tasks, budget, encoder, runs, torch_device, seed)
             entry = _evaluate_model(model, config.inner_loop, tasks, budget)
-            entry["training"] = _training_summary(config)
+            entry["training"] = _training_summary(final)
             entry["inner_loop"] = config.inner_loop.model_dump()
             del model
         entry["seconds"] = round(time.perf_counter() - started, 1)
@@ -375,7 +387,7 @@ def write_results(result: dict[str, Any], output: Path, stem: str) -> list[Path]
     with paths[1].open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["method", "suite", "task", "accuracy", "accuracy_ci95", "macro_f1"])
-        for method, entry in result["methods"].items():
+        for method, entry in _completed(result).items():
             for suite in ("arsc", "food", "dev"):
                 for task, row in (entry.get(suite) or {}).items():
                     writer.writerow([method, suite, task, row["accuracy"], row.get("accuracy_ci95"), row["macro_f1"]])
@@ -385,6 +397,11 @@ def write_results(result: dict[str, Any], output: Path, stem: str) -> list[Path]
     except ImportError:
         logger.warning("matplotlib is not installed (pip install -e '.[bench]'): no plots")
     return paths
+
+
+def _completed(result: dict[str, Any]) -> dict[str, Any]:
+    """The methods that ran (a failed optional baseline holds only its error)."""
+    return {name: entry for name, entry in result["methods"].items() if "error" not in entry}
 
 
 def _cell(row: dict[str, Any] | None, key: str = "accuracy") -> str:
@@ -405,7 +422,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         "| method | ARSC acc | ARSC macro-F1 | food acc | food macro-F1 | dev acc | adapt s | meta-train episodes |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, entry in result["methods"].items():
+    for name, entry in _completed(result).items():
         arsc, food = entry["arsc"]["mean"], entry["food"]["mean"]
         dev = entry["dev"]["mean"] if entry.get("dev") else None
         training = entry.get("training") or {}
@@ -414,6 +431,9 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {name}{marker} | {_cell(arsc)} | {_cell(arsc, 'macro_f1')} | {_cell(food)} | {_cell(food, 'macro_f1')} "
             f"| {_cell(dev)} | {arsc['adapt_seconds']:.3f} | {training.get('episodes', '–')} |"
         )
+    for name, entry in result["methods"].items():
+        if "error" in entry:
+            lines.append(f"| {name} | failed: {entry['error'][:80]} | | | | | | |")
     refs = result["references"]
     positive = refs.get("always_positive")
     if positive:
@@ -435,25 +455,27 @@ def plot(result: dict[str, Any], output: Path, stem: str) -> list[Path]:
 
     paths = []
     figure, axes = plt.subplots(figsize=(6, 4))
-    for name, entry in result["methods"].items():
+    for name, entry in _completed(result).items():
         shots = {int(k): v["accuracy"] for k, v in (entry.get("shots") or {}).items() if v}
         if shots:
             axes.plot(list(shots), list(shots.values()), marker="o", label=name)
     axes.set(xlabel="shots K per class", ylabel="food query accuracy (%)", xscale="log", title="Accuracy against shots")
-    axes.legend(fontsize=7)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=7)
     paths.append(_save(figure, output / f"{stem}_shots.png"))
 
     figure, axes = plt.subplots(figsize=(6, 4))
-    for name, entry in result["methods"].items():
+    for name, entry in _completed(result).items():
         validation = (entry.get("training") or {}).get("validation") or []
         if validation:
             axes.plot([r.get("seconds", 0) for r in validation], [r["accuracy"] for r in validation], label=name)
     axes.set(xlabel="meta-training seconds", ylabel="validation accuracy (%)", title="Meta-training curves (dev)")
-    axes.legend(fontsize=7)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=7)
     paths.append(_save(figure, output / f"{stem}_curves.png"))
 
     figure, axes = plt.subplots(figsize=(6, 4))
-    for name, entry in result["methods"].items():
+    for name, entry in _completed(result).items():
         mean = entry["arsc"]["mean"]
         axes.scatter([max(mean["adapt_seconds"], 1e-3)], [mean["accuracy"]], label=name)
         axes.annotate(name, (max(mean["adapt_seconds"], 1e-3), mean["accuracy"]), fontsize=7)

@@ -22,7 +22,7 @@ def setfit_available() -> bool:
     """Whether the ``setfit`` package can be imported."""
     try:
         import setfit  # noqa: F401
-    except ImportError:
+    except Exception:  # ImportError, or a dependency that fails to import
         return False
     return True
 

@@ -1,0 +1,82 @@
+"""``metasent benchmark`` end to end on a tiny encoder and a tiny ARSC-shaped directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from app.cli import app
+from bench.benchmark import ARSC_TEST_DOMAINS, FOOD_DOMAINS, markdown_table
+from data.readers import ARSC_VALIDATION
+from tests.conftest import NEGATIVE, POSITIVE, make_tiny_model
+
+
+def write_arsc_shaped(root: Path) -> Path:
+    root.mkdir()
+    domains = ARSC_TEST_DOMAINS + FOOD_DOMAINS + ARSC_VALIDATION + ["apparel", "baby"]
+    for i, domain in enumerate(domains):
+        pos, neg = POSITIVE[i % 10 :] + POSITIVE[: i % 10], NEGATIVE[i % 10 :] + NEGATIVE[: i % 10]
+        test = [f"{t}\t1" for t in pos] + [f"{t}\t-1" for t in neg[:7]]
+        # training and validation episodes need K + Q (up to 21) examples per class
+        more = [
+            f"{t} {w}\t{y}"
+            for w in ("fine", "okay", "average")
+            for t, y in [(t, 1) for t in pos] + [(t, -1) for t in neg]
+        ]
+        for split in ("dev", "test") if domain in ARSC_VALIDATION else ("train", "dev", "test"):
+            (root / f"{domain}.t2.{split}").write_text("\n".join(test if split == "test" else more) + "\n")
+    return root
+
+
+def test_benchmark_trains_evaluates_and_writes_every_file(tmp_path: Path) -> None:
+    data = write_arsc_shaped(tmp_path / "arsc")
+    encoder = tmp_path / "encoder"
+    model = make_tiny_model(tmp_path)
+    model.encoder.save_pretrained(str(encoder))
+    model.tokenizer.save_pretrained(str(encoder))
+    out = tmp_path / "results"
+    args = ["benchmark", "--data", str(data), "--output", str(out), "--budget", "smoke", "--encoder", str(encoder)]
+    args += [
+        "--methods",
+        "fomaml,fomaml_anchors,protonet,finetune",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--device",
+        "cpu",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+    bench = json.loads((out / "benchmark_smoke.json").read_text())
+    assert set(bench["methods"]) == {"fomaml", "fomaml_anchors", "protonet", "finetune"}
+    assert bench["machine"]["device"] == "cpu" and bench["budget"]["name"] == "smoke"
+    dev = {name: bench["methods"][name]["dev"]["mean"]["accuracy"] for name in ("fomaml", "fomaml_anchors")}
+    assert bench["default"] == max(dev, key=dev.__getitem__)  # chosen on dev tasks only
+    for name, entry in bench["methods"].items():
+        assert set(entry["arsc"]) == {f"{d}.t2" for d in ARSC_TEST_DOMAINS} | {"mean"}
+        assert set(entry["food"]) == {f"{d}.t2" for d in FOOD_DOMAINS} | {"mean"}
+        for row in [*entry["arsc"].values(), *entry["food"].values()]:
+            assert 0 <= row["accuracy"] <= 100 and 0 <= row["macro_f1"] <= 100
+        assert entry["food"]["mean"]["episodes"] == 2  # 2 food tasks x 1 seed
+        assert set(entry["shots"]) == {"1", "5"}
+        trained = entry["training"]
+        assert (trained is None) == (name == "finetune"), name
+        if trained:
+            assert trained["outer_steps"] >= 1 and trained["validation"][0]["step"] == 0
+    assert bench["methods"]["finetune"]["inner_loop"]["adapted_layers"] == -1
+    # 10 positives and 7 negatives in every query file
+    assert bench["references"]["always_positive"]["arsc"]["mean"]["accuracy"] == round(100 * 10 / 17, 2)
+    rows = list(csv.DictReader((out / "benchmark_smoke.csv").open()))
+    assert {r["method"] for r in rows} == set(bench["methods"]) and {r["suite"] for r in rows} == {
+        "arsc",
+        "food",
+        "dev",
+    }
+    table = (out / "benchmark_smoke.md").read_text()
+    assert f"| {bench['default']} (default) |" in table and "Induction Networks" in table and "85.63" in table
+    for plot in ("shots", "curves", "adapt"):
+        assert (out / f"benchmark_smoke_{plot}.png").stat().st_size > 1000
+    assert table == markdown_table(bench)
