@@ -206,12 +206,11 @@ def initial_classifier(
         `dict[str, Tensor]`: :func:`meta.model.prototype_head` or :func:`meta.model.matching_head`.
     """
     support = embeddings[: targets.shape[0]]  # (N*K, hidden)
-    if config.classifier == "matching":
-        return matching_head(support, targets, n_classes)
+    head = matching_head if config.classifier == "matching" else prototype_head
     if config.label_anchors:
         anchors = embeddings[targets.shape[0] :]  # (N, hidden)
-        return prototype_head(support, targets, n_classes, anchors, model.label_log_weight.exp())
-    return prototype_head(support, targets, n_classes)
+        return head(support, targets, n_classes, anchors, model.label_log_weight.exp())
+    return head(support, targets, n_classes)
 
 
 def is_head_only(params: Mapping[str, Tensor]) -> bool:

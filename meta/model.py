@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
 # The matching-network classifier keeps the support embeddings and their one-hot labels instead.
 HEAD_SUPPORT, HEAD_SUPPORT_LABELS = "head.support", "head.support_labels"
-HEAD_KEYS = frozenset({HEAD_WEIGHT, HEAD_BIAS, HEAD_SUPPORT, HEAD_SUPPORT_LABELS})
+HEAD_SUPPORT_BIAS = "head.support_bias"  # per-row attention logit offset (label-name anchors)
+HEAD_KEYS = frozenset({HEAD_WEIGHT, HEAD_BIAS, HEAD_SUPPORT, HEAD_SUPPORT_LABELS, HEAD_SUPPORT_BIAS})
 # Meta-parameters added after the first checkpoints; older checkpoints load with their initial value.
 OPTIONAL_PARAMETERS = frozenset({"label_log_weight"})
 _LAYER_INDEX = re.compile(r"(?:^|\.)layer\.(\d+)\.")
@@ -185,7 +186,8 @@ class MetaLearner(nn.Module):
         logits are ``exp(logit_scale) * (z @ W.T + b)``. With a matching head (``head.support``
         (M, hidden), ``head.support_labels`` (M, classes) one-hot) they are the log of the
         attention-weighted label distribution ``softmax(exp(logit_scale) * cos(z, s)) @ Y``
-        (Vinyals et al. 2016, "Matching Networks for One Shot Learning"). ``logit_scale``
+        (Vinyals et al. 2016, "Matching Networks for One Shot Learning"), with
+        ``head.support_bias`` (M,) added to the attention logits when present. ``logit_scale``
         defaults to the module's.
 
         Args:
@@ -198,7 +200,10 @@ class MetaLearner(nn.Module):
         scale = params.get("logit_scale", self.logit_scale).exp()
         if HEAD_SUPPORT in params:
             support = params[HEAD_SUPPORT].to(embeddings.dtype)  # (M, hidden), unit norm
-            attention = (scale * (embeddings @ support.T)).float().softmax(-1)  # (batch, M)
+            scores = (scale * (embeddings @ support.T)).float()  # (batch, M)
+            if HEAD_SUPPORT_BIAS in params:
+                scores = scores + params[HEAD_SUPPORT_BIAS].float()
+            attention = scores.softmax(-1)  # (batch, M)
             return (attention @ params[HEAD_SUPPORT_LABELS].float()).clamp_min(1e-8).log()  # (batch, classes)
         return scale * (embeddings @ params[HEAD_WEIGHT].T + params[HEAD_BIAS])
 
@@ -379,18 +384,30 @@ def prototype_head(
     return {HEAD_WEIGHT: 2 * prototypes, HEAD_BIAS: -(prototypes**2).sum(1)}
 
 
-def matching_head(embeddings: Tensor, labels: Tensor, num_classes: int) -> Params:
+def matching_head(
+    embeddings: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    anchors: Tensor | None = None,
+    anchor_weight: Tensor | None = None,
+) -> Params:
     """The matching-network classifier of a support set (Vinyals et al. 2016): its embeddings
     and one-hot labels, attended over by :meth:`MetaLearner.head_logits`.
+
+    With ``anchors`` (the embedded label names) each label name is one more support row of its
+    class whose attention weight is multiplied by ``anchor_weight`` (added as ``log w`` to its
+    attention logit).
 
     Args:
         embeddings (`Tensor`): (examples, hidden) support embeddings.
         labels (`Tensor`): (examples,) class ids in ``[0, num_classes)``.
         num_classes (`int`): number of classes N.
+        anchors (`Tensor`, *optional*): (N, hidden) label-name embeddings.
+        anchor_weight (`Tensor`, *optional*): scalar weight ``w`` of each anchor (default 1).
 
     Returns:
-        `dict[str, Tensor]`: ``head.support`` (examples, hidden) and ``head.support_labels``
-        (examples, N).
+        `dict[str, Tensor]`: ``head.support`` (M, hidden) and ``head.support_labels`` (M, N),
+        M = examples (+ N with anchors), and with anchors ``head.support_bias`` (M,).
 
     Raises:
         ValueError: when a class has no support example.
@@ -398,7 +415,15 @@ def matching_head(embeddings: Tensor, labels: Tensor, num_classes: int) -> Param
     one_hot = F.one_hot(labels, num_classes).float()  # (examples, N)
     if bool((one_hot.sum(0) == 0).any()):
         raise ValueError("every class needs at least one support example")
-    return {HEAD_SUPPORT: embeddings.float(), HEAD_SUPPORT_LABELS: one_hot}
+    if anchors is None:
+        return {HEAD_SUPPORT: embeddings.float(), HEAD_SUPPORT_LABELS: one_hot}
+    weight = anchor_weight.float() if anchor_weight is not None else torch.ones((), device=one_hot.device)
+    bias = torch.cat([torch.zeros(len(labels), device=one_hot.device), weight.log().expand(num_classes)])
+    return {
+        HEAD_SUPPORT: torch.cat([embeddings.float(), anchors.float()]),  # (examples + N, hidden)
+        HEAD_SUPPORT_LABELS: torch.cat([one_hot, torch.eye(num_classes, device=one_hot.device)]),
+        HEAD_SUPPORT_BIAS: bias,  # (examples + N,)
+    }
 
 
 def num_classes(params: Mapping[str, Tensor]) -> int:

@@ -173,3 +173,23 @@ def test_finetune_and_old_checkpoints_load(tmp_path: Path, tiny_model: MetaLearn
     texts, labels = support()
     adaptation = inner_loop(model, texts, labels, loaded.inner_loop)
     assert len(adaptation.params) > 2 and adaptation.support_losses[-1] < adaptation.support_losses[0]
+
+
+def test_matching_with_label_anchors_attends_to_the_label_names(tiny_model: MetaLearner) -> None:
+    texts, labels = support()
+    config = InnerLoopConfig(steps=0, classifier="matching", label_anchors=True)
+    head = inner_loop(tiny_model, texts, labels, config, label_names=("negative", "positive")).params
+    assert head["head.support"].shape == (8, 32) and head["head.support_labels"].shape == (8, 2)
+    torch.testing.assert_close(head["head.support_labels"][6:], torch.eye(2))
+    torch.testing.assert_close(head["head.support_bias"], torch.zeros(8))  # log of the initial weight 1
+    anchors = tiny_model(**tiny_model.tokenize(["negative", "positive"]))
+    torch.testing.assert_close(head["head.support"][6:], anchors, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        tiny_model.label_log_weight.fill_(2.0)  # anchors weigh e^2 support examples each
+    probs = predict_proba(tiny_model, inner_loop(tiny_model, texts, labels, config, ("negative", "positive")).params,
+                          ["positive"])  # fmt: skip
+    assert float(probs[0, 1]) > float(predict_proba(tiny_model, head, ["positive"])[0, 1])
+    episode = episodes(1)[0]
+    loss, _ = fomaml_query_loss(tiny_model, episode, config)
+    loss.backward()
+    assert tiny_model.label_log_weight.grad is not None and float(tiny_model.label_log_weight.grad.abs()) > 0

@@ -53,7 +53,7 @@ def test_benchmark_trains_evaluates_and_writes_every_file(tmp_path: Path) -> Non
     bench = json.loads((out / "benchmark_smoke.json").read_text())
     assert set(bench["methods"]) == {"fomaml", "fomaml_anchors", "protonet", "finetune"}
     assert bench["machine"]["device"] == "cpu" and bench["budget"]["name"] == "smoke"
-    dev = {name: bench["methods"][name]["dev"]["mean"]["accuracy"] for name in ("fomaml", "fomaml_anchors")}
+    dev = {name: bench["methods"][name]["dev"]["mean"]["accuracy"] for name in ("fomaml", "fomaml_anchors", "protonet")}
     assert bench["default"] == max(dev, key=dev.__getitem__)  # chosen on dev tasks only
     for name, entry in bench["methods"].items():
         assert set(entry["arsc"]) == {f"{d}.t2" for d in ARSC_TEST_DOMAINS} | {"mean"}
