@@ -388,9 +388,38 @@ def _choose_default(methods: dict[str, Any]) -> str | None:
     return max(candidates, key=lambda n: candidates[n]["dev"]["mean"]["accuracy"])
 
 
+def paired_differences(result: dict[str, Any]) -> dict[str, Any]:
+    """The default's accuracy minus each other method's, task by task (the same support and
+    query sets), per suite: the mean difference in points and its 95% CI over tasks.
+
+    Returns:
+        `dict`: ``{method: {"arsc" | "food": {"mean", "ci95", "tasks"}}}``; empty without a default.
+    """
+    from meta.evaluate import mean_ci95
+
+    default = result.get("default")
+    methods = _completed(result)
+    if default not in methods:
+        return {}
+    out: dict[str, Any] = {}
+    for name, entry in methods.items():
+        if name == default:
+            continue
+        out[name] = {}
+        for suite in ("arsc", "food"):
+            ours, theirs = methods[default][suite], entry[suite]
+            tasks = [task for task in ours if task != "mean" and task in theirs]
+            diffs = [ours[task]["accuracy"] - theirs[task]["accuracy"] for task in tasks]
+            if diffs:
+                mean, half = mean_ci95(diffs)
+                out[name][suite] = {"mean": round(mean, 2), "ci95": round(half, 2), "tasks": len(diffs)}
+    return out
+
+
 def write_results(result: dict[str, Any], output: Path, stem: str) -> list[Path]:
     """Write the JSON, a per-task CSV, a markdown table and the PNG plots; returns the paths."""
     output.mkdir(parents=True, exist_ok=True)
+    result["paired_differences"] = paired_differences(result)
     paths = [output / f"{stem}.json", output / f"{stem}.csv", output / f"{stem}.md"]
     paths[0].write_text(json.dumps(result, indent=2) + "\n")
     with paths[1].open("w", newline="") as handle:
@@ -452,6 +481,19 @@ def markdown_table(result: dict[str, Any]) -> str:
         )
     for source, accuracy in refs["published_arsc_mean_accuracy"].items():
         lines.append(f"| {source} (published) | {accuracy:.2f} | – | – | – | – | – | – |")
+    differences = result.get("paired_differences") or {}
+    if differences:
+        lines += [
+            "",
+            f"Paired accuracy differences, {result['default']} minus each method, task by task (points, mean ± 95% "
+            "CI over tasks; a difference wider than its CI is significant):",
+            "",
+            "| method | ARSC (12 tasks) | food (6 tasks) |",
+            "|---|---|---|",
+        ]
+        for name, row in differences.items():
+            cells = [f"{row[s]['mean']:+.2f} ± {row[s]['ci95']:.2f}" if s in row else "–" for s in ("arsc", "food")]
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
 
