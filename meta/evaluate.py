@@ -66,17 +66,36 @@ def evaluate_episode(
     )
     probs = predict_proba(model, adaptation.params, [ex.text for ex in episode.query], batch_size)
     predicted = [adaptation.labels[i] for i in probs.argmax(-1).tolist()]
+    return score_episode(episode, predicted, seed, adaptation.seconds, adaptation.support_accuracy)
+
+
+def score_episode(
+    episode: Episode, predicted: Sequence[str], seed: int | None, adapt_seconds: float, support_accuracy: float
+) -> EpisodeResult:
+    """Score predicted labels of ``episode.query`` (in order) against their gold labels.
+
+    Args:
+        episode (`Episode`): the episode; its labels are the classes of the macro-F1.
+        predicted (`Sequence[str]`): one predicted label per query example.
+        seed (`int | None`): the episode's sampling seed.
+        adapt_seconds (`float`): adaptation wall time, seconds.
+        support_accuracy (`float`): accuracy on the support set after adaptation.
+
+    Returns:
+        `EpisodeResult`: accuracy and macro-F1 in [0, 1], and the always-``positive`` share.
+    """
     gold = [ex.label for ex in episode.query]
     correct = sum(p == g for p, g in zip(predicted, gold, strict=True))
+    labels = list(episode.labels)
     return EpisodeResult(
         task=episode.task,
         seed=seed,
         accuracy=correct / max(len(gold), 1),
-        macro_f1=float(f1_score(gold, predicted, labels=list(adaptation.labels), average="macro", zero_division=0)),
+        macro_f1=float(f1_score(gold, list(predicted), labels=labels, average="macro", zero_division=0)),
         num_query=len(gold),
-        adapt_seconds=adaptation.seconds,
-        support_accuracy=adaptation.support_accuracy,
-        positive_share=gold.count("positive") / len(gold) if gold and "positive" in adaptation.labels else None,
+        adapt_seconds=adapt_seconds,
+        support_accuracy=support_accuracy,
+        positive_share=gold.count("positive") / len(gold) if gold and "positive" in labels else None,
     )
 
 

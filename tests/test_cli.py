@@ -44,6 +44,7 @@ def test_train_then_evaluate_with_an_encoder_path(tmp_path: Path) -> None:
     args = ["train", "--data", str(data), "--output", str(out), "--encoder", str(encoder_dir)]
     args += ["--exclude-domains", "snacks", "--val-domains", "drinks", "--outer-steps", "2", "--k-shot", "2"]
     args += ["--q-query", "2", "--meta-batch-size", "1", "--eval-every", "1", "--val-q-query", "2"]
+    args += ["--algorithm", "fomaml", "--no-label-anchors", "--query-sampling", "balanced"]
     args += [
         "--inner-steps",
         "2",
@@ -117,3 +118,23 @@ def test_compare_table_rows_and_mean() -> None:
     assert lines[0] == "| task | base acc | meta acc | base macro-F1 | meta macro-F1 | always positive |"
     assert lines[2] == "| a.t2 | 50.00 | 70.00 | 40.00 | 60.00 | 80.00 |"
     assert lines[3].startswith("| **mean (1 tasks)** | 50.00 ± 1.50 | 70.00 ± 1.50 |")
+
+
+def test_train_defaults_to_the_dev_chosen_method(tmp_path: Path) -> None:
+    data = write_arsc_like(tmp_path / "arsc")
+    encoder_dir = tmp_path / "encoder"
+    model = make_tiny_model(tmp_path)
+    model.encoder.save_pretrained(str(encoder_dir))
+    model.tokenizer.save_pretrained(str(encoder_dir))
+    args = ["train", "--data", str(data), "--output", str(tmp_path / "run"), "--encoder", str(encoder_dir)]
+    args += ["--exclude-domains", "snacks", "--val-domains", "drinks", "--outer-steps", "1", "--k-shot", "2"]
+    args += ["--q-query", "2", "--meta-batch-size", "1", "--val-q-query", "2", "--max-length", "16", "--no-progress"]
+    result = runner.invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    _, config = load_checkpoint(tmp_path / "run" / "best")
+    assert config.algorithm == "matching"
+    assert config.inner_loop.classifier == "matching" and config.inner_loop.steps == 0
+    assert config.inner_loop.label_anchors and config.training is not None
+    assert config.training.query_sampling == "natural"
+    bad = runner.invoke(app, [*args, "--algorithm", "maml2"])
+    assert bad.exit_code != 0 and "unknown algorithm" in bad.output
