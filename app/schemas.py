@@ -10,6 +10,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, fi
 def _not_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("must contain a non-whitespace character")
+    if "\x00" in value:  # no database text column (PostgreSQL) can store it
+        raise ValueError("must not contain a NUL character")
     return value
 
 

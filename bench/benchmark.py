@@ -157,7 +157,7 @@ def _train(
 ) -> tuple[MetaLearner, CheckpointConfig, CheckpointConfig]:
     """Meta-train ``spec`` for the budget's minutes; returns the best checkpoint (model and
     config) and the final config (steps, seconds, curves)."""
-    inner = default_inner_loop(spec.algorithm).model_copy(update=spec.inner)
+    inner = InnerLoopConfig.model_validate({**default_inner_loop(spec.algorithm).model_dump(), **spec.inner})
     config = CheckpointConfig(
         algorithm=spec.algorithm,  # type: ignore[arg-type]
         encoder=EncoderConfig(name_or_path=encoder, max_length=budget.max_length),
@@ -189,7 +189,7 @@ def _load(spec: MethodSpec, checkpoint: Path | None, budget: Budget, encoder: st
     if checkpoint is not None:
         return load_checkpoint(checkpoint, device)  # trained with its own budget (its config says)
     model, config = load_model(None, encoder, device, spec.algorithm)
-    config.inner_loop = config.inner_loop.model_copy(update=spec.inner)
+    config.inner_loop = InnerLoopConfig.model_validate({**config.inner_loop.model_dump(), **spec.inner})
     config.encoder = config.encoder.model_copy(update={"max_length": budget.max_length})
     model.config = config.encoder
     return model, config
@@ -389,11 +389,15 @@ def _choose_default(methods: dict[str, Any]) -> str | None:
 
 
 def paired_differences(result: dict[str, Any]) -> dict[str, Any]:
-    """The default's accuracy minus each other method's, task by task (the same support and
-    query sets), per suite: the mean difference in points and its 95% CI over tasks.
+    """The default's accuracy minus each other method's, per suite, in points with a 95% CI.
+
+    Where both methods ran the same episodes (same tasks and seeds) the difference is paired,
+    task by task, with its CI over tasks. Where they did not (SetFit runs fewer food seeds), it is
+    the difference of the two means with the CI ``sqrt(ci_a^2 + ci_b^2)``, marked unpaired.
 
     Returns:
-        `dict`: ``{method: {"arsc" | "food": {"mean", "ci95", "tasks"}}}``; empty without a default.
+        `dict`: ``{method: {"arsc" | "food": {"mean", "ci95", "tasks", "paired"}}}``; empty
+        without a default.
     """
     from meta.evaluate import mean_ci95
 
@@ -409,10 +413,16 @@ def paired_differences(result: dict[str, Any]) -> dict[str, Any]:
         for suite in ("arsc", "food"):
             ours, theirs = methods[default][suite], entry[suite]
             tasks = [task for task in ours if task != "mean" and task in theirs]
-            diffs = [ours[task]["accuracy"] - theirs[task]["accuracy"] for task in tasks]
-            if diffs:
-                mean, half = mean_ci95(diffs)
-                out[name][suite] = {"mean": round(mean, 2), "ci95": round(half, 2), "tasks": len(diffs)}
+            if not tasks:
+                continue
+            if ours["mean"]["episodes"] == theirs["mean"]["episodes"]:
+                mean, half = mean_ci95([ours[task]["accuracy"] - theirs[task]["accuracy"] for task in tasks])
+                paired = True
+            else:
+                mean = ours["mean"]["accuracy"] - theirs["mean"]["accuracy"]
+                half = (ours["mean"]["accuracy_ci95"] ** 2 + theirs["mean"]["accuracy_ci95"] ** 2) ** 0.5
+                paired = False
+            out[name][suite] = {"mean": round(mean, 2), "ci95": round(half, 2), "tasks": len(tasks), "paired": paired}
     return out
 
 
@@ -485,14 +495,20 @@ def markdown_table(result: dict[str, Any]) -> str:
     if differences:
         lines += [
             "",
-            f"Paired accuracy differences, {result['default']} minus each method, task by task (points, mean ± 95% "
-            "CI over tasks; a difference wider than its CI is significant):",
+            f"Accuracy differences, {result['default']} minus each method (points): paired task by task on the "
+            "same episodes, mean ± 95% CI over tasks; 'unpaired' where the method ran fewer seeds (difference "
+            "of means, CIs combined). A difference larger than its CI is significant:",
             "",
             "| method | ARSC (12 tasks) | food (6 tasks) |",
             "|---|---|---|",
         ]
         for name, row in differences.items():
-            cells = [f"{row[s]['mean']:+.2f} ± {row[s]['ci95']:.2f}" if s in row else "–" for s in ("arsc", "food")]
+            cells = [
+                f"{row[s]['mean']:+.2f} ± {row[s]['ci95']:.2f}{'' if row[s].get('paired', True) else ' (unpaired)'}"
+                if s in row
+                else "–"
+                for s in ("arsc", "food")
+            ]
             lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 

@@ -11,10 +11,11 @@ DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 Algorithm = Literal["fomaml", "reptile", "protonet", "matching", "multitask", "finetune", "none"]
 """How the meta-parameters are learned (see :mod:`meta.algorithms`):
 
-- ``fomaml``: first-order MAML (Finn et al. 2017), the service default;
+- ``fomaml``: first-order MAML (Finn et al. 2017);
 - ``reptile``: Reptile (Nichol et al. 2018), outer step toward the adapted parameters;
 - ``protonet``: prototypical networks (Snell et al. 2017), no inner-loop step;
 - ``matching``: the matching-network attention kernel (Vinyals et al. 2016), the protonet variant;
+  ``metasent train``'s default (best on the benchmark's dev tasks);
 - ``multitask``: supervised multi-task pre-training, then the inner loop as fine-tuning;
 - ``finetune``: no meta-training, the pretrained encoder fine-tuned on the support set;
 - ``none``: the pretrained encoder with the default (head-only) inner loop.

@@ -150,7 +150,13 @@ def test_list_get_delete(client: TestClient) -> None:
 
 @pytest.mark.parametrize(
     "request_",
-    [("GET", "/v1/domains/nope"), ("DELETE", "/v1/domains/nope"), ("POST", "/v1/domains/nope/classify")],
+    [
+        ("GET", "/v1/domains/nope"),
+        ("DELETE", "/v1/domains/nope"),
+        ("POST", "/v1/domains/nope/classify"),
+        ("GET", "/v1/domains/%00"),  # never reaches the database (PostgreSQL rejects NUL)
+        ("DELETE", "/v1/domains/" + "0" * 32),
+    ],
 )
 def test_unknown_domain(client: TestClient, request_: tuple[str, str]) -> None:
     method, path = request_
@@ -181,6 +187,8 @@ def _example(text: Any = "great coffee", label: Any = "positive") -> dict[str, A
         ({"examples": support()}, "name"),
         ({"name": "", "examples": support()}, "name"),
         ({"name": 5, "examples": support()}, "name"),
+        ({"name": "food\x00", "examples": support()}, "name"),
+        ({"name": "x", "examples": [_example("great\x00coffee"), *support()]}, "examples[0].text"),
         ({**valid_domain(), "extra": True}, "extra"),
         ([valid_domain()], "body"),
         ("food", "body"),

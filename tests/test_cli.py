@@ -138,3 +138,10 @@ def test_train_defaults_to_the_dev_chosen_method(tmp_path: Path) -> None:
     assert config.training.query_sampling == "natural"
     bad = runner.invoke(app, [*args, "--algorithm", "maml2"])
     assert bad.exit_code != 0 and "unknown algorithm" in bad.output
+    steps = runner.invoke(app, [*args, "--inner-steps", "5"])  # matching takes no inner step
+    assert steps.exit_code != 0 and "no gradient steps" in steps.output
+    fomaml = runner.invoke(app, [*args, "--algorithm", "fomaml", "--output", str(tmp_path / "fomaml")])
+    assert fomaml.exit_code == 0, fomaml.output
+    _, config = load_checkpoint(tmp_path / "fomaml" / "best")  # the options stay the matching default's
+    assert config.algorithm == "fomaml" and not config.inner_loop.label_anchors
+    assert config.training is not None and config.training.query_sampling == "balanced"

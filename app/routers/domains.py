@@ -4,6 +4,7 @@ classify. Every route needs the caller's API key and sees only its tenant's doma
 from __future__ import annotations
 
 import asyncio
+import re
 
 from fastapi import APIRouter, Depends, Response, status
 from starlette.concurrency import run_in_threadpool
@@ -100,7 +101,12 @@ def pairs(examples: list[LabelledText]) -> Examples:
     return [(ex.text, ex.label) for ex in examples]
 
 
+_DOMAIN_ID = re.compile(r"[0-9a-f]{32}")  # every id is uuid4().hex
+
+
 async def _require(store: DomainStore, tenant: str, domain_id: str, with_examples: bool = False) -> StoredDomain:
+    if not _DOMAIN_ID.fullmatch(domain_id):  # never sent to the database
+        raise _not_found(domain_id)
     domain = await run_in_threadpool(store.get, tenant, domain_id, with_examples)
     if domain is None:
         raise _not_found(domain_id)
@@ -237,7 +243,7 @@ async def update_examples(
 @router.delete("/{domain_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_NOT_FOUND)
 async def delete_domain(domain_id: str, store: StoreDep, tenant: TenantDep) -> Response:
     """Forget a domain, its support set and its adapted parameters."""
-    if not await run_in_threadpool(store.delete, tenant, domain_id):
+    if not _DOMAIN_ID.fullmatch(domain_id) or not await run_in_threadpool(store.delete, tenant, domain_id):
         raise _not_found(domain_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
