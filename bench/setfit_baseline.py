@@ -10,10 +10,8 @@ import logging
 import time
 from collections.abc import Sequence
 
-from sklearn.metrics import f1_score
-
 from data.episodes import Episode
-from meta.evaluate import EpisodeResult
+from meta.evaluate import EpisodeResult, score_episode
 
 logger = logging.getLogger(__name__)
 
@@ -72,21 +70,12 @@ def setfit_episode(
     )
     Trainer(model=model, args=args, train_dataset=train).train()
     seconds = time.perf_counter() - start
-    support_pred = [int(p) for p in model.predict([ex.text for ex in episode.support])]
+    support_pred = [labels[int(p)] for p in model.predict([ex.text for ex in episode.support])]
     predicted = [labels[int(p)] for p in model.predict([ex.text for ex in episode.query])]
-    gold = [ex.label for ex in episode.query]
-    correct = sum(p == g for p, g in zip(predicted, gold, strict=True))
-    return EpisodeResult(
-        task=episode.task,
-        seed=seed,
-        accuracy=correct / max(len(gold), 1),
-        macro_f1=float(f1_score(gold, predicted, labels=labels, average="macro", zero_division=0)),
-        num_query=len(gold),
-        adapt_seconds=seconds,
-        support_accuracy=sum(p == index[ex.label] for p, ex in zip(support_pred, episode.support, strict=True))
-        / len(episode.support),
-        positive_share=gold.count("positive") / len(gold) if gold and "positive" in labels else None,
+    support_accuracy = sum(p == ex.label for p, ex in zip(support_pred, episode.support, strict=True)) / len(
+        episode.support
     )
+    return score_episode(episode, predicted, seed, seconds, support_accuracy)
 
 
 def evaluate_setfit(encoder_path: str, episodes: Sequence[tuple[Episode, int | None]], **kwargs) -> list[EpisodeResult]:
