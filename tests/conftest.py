@@ -76,6 +76,14 @@ def make_tiny_model(directory: Path, seed: int = 0, max_length: int = 32) -> Met
     return model.eval()
 
 
+def save_tiny_encoder(directory: Path) -> Path:
+    """Save a tiny BERT and its tokenizer as a Hugging Face folder (an encoder given by path)."""
+    model = make_tiny_model(directory.parent)
+    model.encoder.save_pretrained(str(directory))
+    model.tokenizer.save_pretrained(str(directory))
+    return directory
+
+
 def make_task(name: str = "food", domain: str = "food") -> Task:
     pos = [Example(t, "positive") for t in POSITIVE]
     neg = [Example(t, "negative") for t in NEGATIVE]

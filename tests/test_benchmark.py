@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from app.cli import app
 from bench.benchmark import ARSC_TEST_DOMAINS, FOOD_DOMAINS, markdown_table
 from data.readers import ARSC_VALIDATION
-from tests.conftest import NEGATIVE, POSITIVE, make_tiny_model
+from tests.conftest import NEGATIVE, POSITIVE, save_tiny_encoder
 
 
 def write_arsc_shaped(root: Path) -> Path:
@@ -33,10 +33,7 @@ def write_arsc_shaped(root: Path) -> Path:
 
 def test_benchmark_trains_evaluates_and_writes_every_file(tmp_path: Path) -> None:
     data = write_arsc_shaped(tmp_path / "arsc")
-    encoder = tmp_path / "encoder"
-    model = make_tiny_model(tmp_path)
-    model.encoder.save_pretrained(str(encoder))
-    model.tokenizer.save_pretrained(str(encoder))
+    encoder = save_tiny_encoder(tmp_path / "encoder")
     out = tmp_path / "results"
     args = ["benchmark", "--data", str(data), "--output", str(out), "--budget", "smoke", "--encoder", str(encoder)]
     args += [

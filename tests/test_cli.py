@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from meta.checkpoint import load_checkpoint
-from tests.conftest import NEGATIVE, POSITIVE, make_tiny_model
+from tests.conftest import NEGATIVE, POSITIVE, save_tiny_encoder
 
 runner = CliRunner()
 
@@ -35,10 +35,7 @@ def test_help_explains_each_command() -> None:
 
 def test_train_then_evaluate_with_an_encoder_path(tmp_path: Path) -> None:
     data = write_arsc_like(tmp_path / "arsc")
-    encoder_dir = tmp_path / "encoder"
-    model = make_tiny_model(tmp_path)
-    model.encoder.save_pretrained(str(encoder_dir))
-    model.tokenizer.save_pretrained(str(encoder_dir))
+    encoder_dir = save_tiny_encoder(tmp_path / "encoder")
 
     out = tmp_path / "run"
     args = ["train", "--data", str(data), "--output", str(out), "--encoder", str(encoder_dir)]
@@ -122,10 +119,7 @@ def test_compare_table_rows_and_mean() -> None:
 
 def test_train_defaults_to_the_dev_chosen_method(tmp_path: Path) -> None:
     data = write_arsc_like(tmp_path / "arsc")
-    encoder_dir = tmp_path / "encoder"
-    model = make_tiny_model(tmp_path)
-    model.encoder.save_pretrained(str(encoder_dir))
-    model.tokenizer.save_pretrained(str(encoder_dir))
+    encoder_dir = save_tiny_encoder(tmp_path / "encoder")
     args = ["train", "--data", str(data), "--output", str(tmp_path / "run"), "--encoder", str(encoder_dir)]
     args += ["--exclude-domains", "snacks", "--val-domains", "drinks", "--outer-steps", "1", "--k-shot", "2"]
     args += ["--q-query", "2", "--meta-batch-size", "1", "--val-q-query", "2", "--max-length", "16", "--no-progress"]
