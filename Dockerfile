@@ -16,10 +16,12 @@ COPY pyproject.toml README.md ./
 COPY scripts/install.sh scripts/install.sh
 RUN PYTHON=/opt/venv/bin/python TORCH_SPEC="$TORCH_SPEC" TORCH_INDEX_URL="$TORCH_INDEX_URL" \
     bash scripts/install.sh --deps-only /src
+# the three source folders install as metasent.app/.meta/.data (pyproject's package-dir);
+# bench/ stays in the repository and out of the image
+COPY metasent/__init__.py metasent/cli.py metasent/
 COPY app app
 COPY meta meta
 COPY data data
-COPY bench bench
 RUN PYTHON=/opt/venv/bin/python TORCH_SPEC="$TORCH_SPEC" TORCH_INDEX_URL="$TORCH_INDEX_URL" bash scripts/install.sh /src
 
 FROM python:${PYTHON_VERSION}-slim AS runtime

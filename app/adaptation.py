@@ -17,11 +17,12 @@ from typing import Any
 
 from torch import Tensor
 
-from app.queue import AdaptationQueue
-from app.service import ModelService
-from app.settings import Settings
-from app.store import DomainStore, StoredDomain, VersionConflictError
-from meta.inner_loop import Adaptation
+from metasent.meta.inner_loop import Adaptation
+
+from .queue import AdaptationQueue
+from .service import ModelService
+from .settings import Settings
+from .store import DomainStore, StoredDomain, VersionConflictError
 
 logger = logging.getLogger(__name__)
 Examples = list[tuple[str, str]]

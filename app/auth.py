@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.errors import ApiError
+from .errors import ApiError
 
 DEFAULT_TENANT = "default"
 _bearer = HTTPBearer(

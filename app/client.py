@@ -1,6 +1,6 @@
 """A small Python client of the metasent REST API (httpx).
 
-    from app.client import MetasentClient
+    from .client import MetasentClient
 
     with MetasentClient("http://127.0.0.1:8000") as client:
         domain = client.create_domain("food", [{"text": "tasty", "label": "positive"}, ...])

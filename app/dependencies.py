@@ -6,12 +6,12 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.auth import TenantDep
-from app.batching import MicroBatcher
-from app.queue import AdaptationQueue
-from app.service import ModelService
-from app.settings import Settings
-from app.store import DomainStore
+from .auth import TenantDep
+from .batching import MicroBatcher
+from .queue import AdaptationQueue
+from .service import ModelService
+from .settings import Settings
+from .store import DomainStore
 
 
 def get_settings(request: Request) -> Settings:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import ApiError, error_response
+from .errors import ApiError, error_response
 
 logger = logging.getLogger(__name__)
 

@@ -11,18 +11,18 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.adaptation import readapt_all
-from app.auth import KeyRing
-from app.batching import MicroBatcher
-from app.errors import install_error_handlers
-from app.limits import BodyLimitMiddleware, TimeoutMiddleware
-from app.metrics import Metrics, MetricsMiddleware
-from app.observability import request_id_var
-from app.queue import AdaptationQueue
-from app.routers import classify, domains, health, ops
-from app.service import ModelService, model_fingerprint
-from app.settings import Settings, get_settings
-from app.store import DomainStore
+from .adaptation import readapt_all
+from .auth import KeyRing
+from .batching import MicroBatcher
+from .errors import install_error_handlers
+from .limits import BodyLimitMiddleware, TimeoutMiddleware
+from .metrics import Metrics, MetricsMiddleware
+from .observability import request_id_var
+from .queue import AdaptationQueue
+from .routers import classify, domains, health, ops
+from .service import ModelService, model_fingerprint
+from .settings import Settings, get_settings
+from .store import DomainStore
 
 logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -31,8 +31,8 @@ REQUEST_ID_HEADER = "X-Request-ID"
 def _load_service(settings: Settings) -> ModelService:
     import torch
 
-    from meta.checkpoint import load_model
-    from meta.model import resolve_device, resolve_encoder_path
+    from metasent.meta.checkpoint import load_model
+    from metasent.meta.model import resolve_device, resolve_encoder_path
 
     if settings.threads:
         torch.set_num_threads(settings.threads)

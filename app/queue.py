@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
-from app.errors import ApiError
+from .errors import ApiError
 
 T = TypeVar("T")
 

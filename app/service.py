@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from app.store import DomainStore, StoredDomain
-from meta.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from meta.config import CheckpointConfig
-from meta.inner_loop import Adaptation, embed_texts, inner_loop, is_head_only, predict_proba
-from meta.model import MetaLearner
+from metasent.meta.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from metasent.meta.config import CheckpointConfig
+from metasent.meta.inner_loop import Adaptation, embed_texts, inner_loop, is_head_only, predict_proba
+from metasent.meta.model import MetaLearner
+
+from .store import DomainStore, StoredDomain
 
 
 class ModelService:

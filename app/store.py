@@ -30,7 +30,7 @@ from sqlalchemy import JSON, Engine, Integer, LargeBinary, String, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, deferred, mapped_column, sessionmaker
 from torch import Tensor
 
-from meta.inner_loop import Adaptation
+from metasent.meta.inner_loop import Adaptation
 
 logger = logging.getLogger(__name__)
 Examples = list[tuple[str, str]]  # a support set, (text, label) pairs

@@ -23,14 +23,14 @@ from typing import Any
 
 import torch
 
-from data.episodes import EpisodeSampler, NotEnoughExamplesError, fixed_episode
-from data.readers import ARSC_HELD_OUT, ARSC_VALIDATION, read_arsc
-from data.registry import Task, TaskRegistry
-from meta.checkpoint import load_checkpoint, load_model
-from meta.config import CheckpointConfig, EncoderConfig, InnerLoopConfig, TrainConfig, default_inner_loop
-from meta.evaluate import EpisodeResult, evaluate_tasks, summarize
-from meta.model import MetaLearner, resolve_encoder_path
-from meta.train import meta_train
+from metasent.data.episodes import EpisodeSampler, NotEnoughExamplesError, fixed_episode
+from metasent.data.readers import ARSC_HELD_OUT, ARSC_VALIDATION, read_arsc
+from metasent.data.registry import Task, TaskRegistry
+from metasent.meta.checkpoint import load_checkpoint, load_model
+from metasent.meta.config import CheckpointConfig, EncoderConfig, InnerLoopConfig, TrainConfig, default_inner_loop
+from metasent.meta.evaluate import EpisodeResult, evaluate_tasks, summarize
+from metasent.meta.model import MetaLearner, resolve_encoder_path
+from metasent.meta.train import meta_train
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class Budget:
     Args:
         name (`str`): the budget's name.
         train_minutes (`float`): wall-clock meta-training minutes per meta-trained method.
+        outer_steps (`int | None`): a fixed number of outer steps instead (``smoke``: so that two
+            runs, e.g. before and after a refactor, give the same figures).
         max_length (`int`): tokens per text (training and evaluation).
         eval_every (`int`): outer steps between validations (the best is kept).
         food_seeds (`int`): sampled 5-shot episodes per food task.
@@ -71,6 +73,7 @@ class Budget:
     setfit_iterations: int
     setfit_food_seeds: int
     note: str = ""
+    outer_steps: int | None = None
 
 
 BUDGETS = {
@@ -84,7 +87,9 @@ BUDGETS = {
         "one GPU lent for 15 minutes in all: 42 s of meta-training per method, 256 tokens; SetFit with its "
         "default 20 pair iterations, 2 food seeds",
     ),
-    "smoke": Budget("smoke", 0.05, 32, 2, 1, 1, (1, 5), 1, 1, 1, "seconds per method: a check that everything runs"),
+    "smoke": Budget(
+        "smoke", 60.0, 32, 2, 1, 1, (1, 5), 1, 1, 1, "4 outer steps per method: a check that everything runs", 4
+    ),
 }  # fmt: skip
 
 
@@ -166,7 +171,7 @@ def _train(
             data="arsc",
             exclude_domains=ARSC_HELD_OUT,
             val_domains=ARSC_VALIDATION,
-            outer_steps=100_000,
+            outer_steps=budget.outer_steps or 100_000,
             max_minutes=budget.train_minutes,
             eval_every=budget.eval_every,
             save_every=100_000,
@@ -225,7 +230,7 @@ def _sampled(tasks: Sequence[Task], k_shot: int, seeds: int, support: str, query
 
 
 def _evaluate_model(model: MetaLearner, inner: InnerLoopConfig, tasks: TaskRegistry, budget: Budget) -> dict[str, Any]:
-    from meta.evaluate import evaluate_episode
+    from metasent.meta.evaluate import evaluate_episode
 
     def run(pairs):
         return [evaluate_episode(model, episode, inner, seed, 64) for episode, seed in pairs]
@@ -304,7 +309,7 @@ def run_benchmark(
     Raises:
         KeyError: for an unknown budget or method.
     """
-    from meta.model import resolve_device
+    from metasent.meta.model import resolve_device
 
     budget = BUDGETS[budget_name]
     names = list(methods or METHODS)
@@ -399,7 +404,7 @@ def paired_differences(result: dict[str, Any]) -> dict[str, Any]:
         `dict`: ``{method: {"arsc" | "food": {"mean", "ci95", "tasks", "paired"}}}``; empty
         without a default.
     """
-    from meta.evaluate import mean_ci95
+    from metasent.meta.evaluate import mean_ci95
 
     default = result.get("default")
     methods = _completed(result)

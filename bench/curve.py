@@ -10,8 +10,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from meta.checkpoint import CONFIG_FILE
-from meta.config import CheckpointConfig
+from metasent.meta.checkpoint import CONFIG_FILE
+from metasent.meta.config import CheckpointConfig
 
 
 def curve_table(config: CheckpointConfig, window: int) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 from sklearn.metrics import f1_score
 
-from data.readers import read_arsc
+from metasent.data.readers import read_arsc
 
 logger = logging.getLogger("bench.http_food")
 
@@ -109,7 +109,7 @@ def main() -> None:
     url = args.url
     if url is None:
         url = f"http://127.0.0.1:{args.port}"
-        command = [sys.executable, "-m", "app.cli", "serve", "--port", str(args.port)]
+        command = [sys.executable, "-m", "metasent.cli", "serve", "--port", str(args.port)]
         if args.checkpoint:
             command += ["--checkpoint", args.checkpoint]
         logger.info("starting %s", " ".join(command))

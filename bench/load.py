@@ -80,7 +80,7 @@ def reviews(arsc: Path | None, seed: int) -> dict[str, list[str]]:
     """Gourmet food reviews by label (ARSC when given and present, else the built-in set)."""
     if arsc is None or not arsc.exists():
         return FALLBACK
-    from data.readers import read_arsc
+    from metasent.data.readers import read_arsc
 
     (task,) = [t for t in read_arsc(arsc, include=["gourmet_food"]) if t.name == "gourmet_food.t2"]
     by_label: dict[str, list[str]] = defaultdict(list)
@@ -201,7 +201,7 @@ def summarize(stats: Stats, elapsed: float, health: dict, metrics: str, args: ar
 
 def start_server(args: argparse.Namespace) -> tuple[str, subprocess.Popen, Path]:
     url = f"http://127.0.0.1:{args.port}"
-    command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(args.port)]
+    command = [sys.executable, "-m", "metasent.cli", "serve", "--host", "127.0.0.1", "--port", str(args.port)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     if args.checkpoint:

@@ -10,8 +10,8 @@ import logging
 import time
 from collections.abc import Sequence
 
-from data.episodes import Episode
-from meta.evaluate import EpisodeResult, score_episode
+from metasent.data.episodes import Episode
+from metasent.meta.evaluate import EpisodeResult, score_episode
 
 logger = logging.getLogger(__name__)
 

@@ -30,12 +30,12 @@ from typing import Any
 import torch
 
 from bench.http_food import wait_ready
-from data.episodes import EpisodeSampler
-from data.readers import read_arsc
-from meta.config import CheckpointConfig
-from meta.feature_cache import LowerLayerCache
-from meta.inner_loop import inner_loop
-from meta.model import MetaLearner
+from metasent.data.episodes import EpisodeSampler
+from metasent.data.readers import read_arsc
+from metasent.meta.config import CheckpointConfig
+from metasent.meta.feature_cache import LowerLayerCache
+from metasent.meta.inner_loop import inner_loop
+from metasent.meta.model import MetaLearner
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _file_order_padded_forward(model: MetaLearner, texts: Sequence[str], batch_s
 def bench_classification(
     model: MetaLearner, config: CheckpointConfig, params, texts: list[str], batch_size: int, padded_length: int
 ):
-    from app.service import ModelService
+    from metasent.app.service import ModelService
 
     padded_length = min(padded_length, int(model.encoder.config.max_position_embeddings))
     service = ModelService(model, config, batch_size)
@@ -134,7 +134,7 @@ def bench_classification(
 
 
 def bench_meta_training(model: MetaLearner, config: CheckpointConfig, arsc: Path, outer_steps: int):
-    from meta.fomaml import fomaml_step
+    from metasent.meta.fomaml import fomaml_step
 
     held_out = ["books", "dvd", "electronics", "kitchen_housewares", "gourmet_food", "grocery", "music", "video"]
     tasks = [t for t in read_arsc(arsc, exclude=held_out) if t.splits.get("train")]
@@ -226,7 +226,7 @@ def bench_server(
 ):
     import httpx
 
-    command = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "metasent.cli", "serve", "--port", str(port)]
     if checkpoint is not None:
         command += ["--checkpoint", str(checkpoint)]
     env = dict(os.environ, METASENT_LOG_LEVEL="WARNING", METASENT_MAX_DOMAINS_PER_TENANT=str(domains + 10))
@@ -277,8 +277,8 @@ def run_bench(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Run every benchmark; returns the figures (see the module docstring)."""
-    from meta.checkpoint import load_model
-    from meta.model import resolve_device
+    from metasent.meta.checkpoint import load_model
+    from metasent.meta.model import resolve_device
 
     model, config = load_model(checkpoint, None, resolve_device(device))
     support = food_support(arsc)

@@ -3,9 +3,9 @@
 This package depends on nothing else in metasent (imports flow data <- meta <- app).
 """
 
-from data.episodes import Episode, EpisodeSampler, NotEnoughExamplesError
-from data.readers import Example, read_arsc, read_table
-from data.registry import Task, TaskRegistry
+from .episodes import Episode, EpisodeSampler, NotEnoughExamplesError
+from .readers import Example, read_arsc, read_table
+from .registry import Task, TaskRegistry
 
 __all__ = [
     "Episode",

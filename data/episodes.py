@@ -11,8 +11,8 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from data.readers import Example
-from data.registry import Task
+from .readers import Example
+from .registry import Task
 
 
 class NotEnoughExamplesError(ValueError):

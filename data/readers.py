@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.registry import Task
+from .registry import Task
 
 logger = logging.getLogger(__name__)
 

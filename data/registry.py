@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from data.readers import Example
+    from .readers import Example
 
 
 @dataclass

@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data.episodes import Episode
-from meta.config import CheckpointConfig, InnerLoopConfig
-from meta.feature_cache import LowerLayerCache
-from meta.fomaml import clamp_meta_parameters, fomaml_step
-from meta.inner_loop import autocast, encode_labels, inner_loop
-from meta.model import HEAD_KEYS, MetaLearner
+from metasent.data.episodes import Episode
+
+from .config import CheckpointConfig, InnerLoopConfig
+from .feature_cache import LowerLayerCache
+from .fomaml import clamp_meta_parameters, fomaml_step
+from .inner_loop import autocast, encode_labels, inner_loop
+from .model import HEAD_KEYS, MetaLearner
 
 OuterStep = Callable[[Sequence[Episode]], tuple[float, float]]
 """One outer update from a meta-batch of episodes; returns the mean loss (nats) and accuracy."""

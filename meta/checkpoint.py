@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from meta.config import CheckpointConfig
-from meta.model import OPTIONAL_PARAMETERS, MetaLearner
+from .config import CheckpointConfig
+from .model import OPTIONAL_PARAMETERS, MetaLearner
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def load_model(
     """
     if checkpoint is not None:
         return load_checkpoint(checkpoint, device)
-    from meta.config import EncoderConfig, default_inner_loop
+    from .config import EncoderConfig, default_inner_loop
 
     if algorithm not in ("none", "finetune"):
         raise ValueError(f"algorithm {algorithm!r} needs a meta-trained checkpoint")

@@ -15,11 +15,12 @@ from typing import Any
 
 from sklearn.metrics import f1_score
 
-from data.episodes import Episode, EpisodeSampler, fixed_episode
-from data.registry import Task
-from meta.config import InnerLoopConfig
-from meta.inner_loop import inner_loop, predict_proba
-from meta.model import MetaLearner
+from metasent.data.episodes import Episode, EpisodeSampler, fixed_episode
+from metasent.data.registry import Task
+
+from .config import InnerLoopConfig
+from .inner_loop import inner_loop, predict_proba
+from .model import MetaLearner
 
 
 @dataclass

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from meta.model import FrozenFeatures, MetaLearner
+from .model import FrozenFeatures, MetaLearner
 
 
 class LowerLayerCache:

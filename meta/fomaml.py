@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from data.episodes import Episode
-from meta.config import InnerLoopConfig
-from meta.feature_cache import LowerLayerCache
-from meta.inner_loop import autocast, encode_labels, initial_classifier, inner_loop
-from meta.model import FrozenFeatures, MetaLearner, anchor_texts
+from metasent.data.episodes import Episode
+
+from .config import InnerLoopConfig
+from .feature_cache import LowerLayerCache
+from .inner_loop import autocast, encode_labels, initial_classifier, inner_loop
+from .model import FrozenFeatures, MetaLearner, anchor_texts
 
 MIN_LOGIT_SCALE, MAX_LOGIT_SCALE = math.log(1.0), math.log(100.0)
 MAX_LABEL_LOG_WEIGHT = math.log(20.0)

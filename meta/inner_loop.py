@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from meta.config import InnerLoopConfig
-from meta.model import (
+from .config import InnerLoopConfig
+from .model import (
     HEAD_KEYS,
     FrozenFeatures,
     MetaLearner,

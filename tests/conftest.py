@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.readers import Example
-from data.registry import Task
-from meta.checkpoint import save_checkpoint
-from meta.config import CheckpointConfig, EncoderConfig, InnerLoopConfig
-from meta.model import MetaLearner
+from metasent.data.readers import Example
+from metasent.data.registry import Task
+from metasent.meta.checkpoint import save_checkpoint
+from metasent.meta.config import CheckpointConfig, EncoderConfig, InnerLoopConfig
+from metasent.meta.model import MetaLearner
 
 ARSC_DIR = Path(os.environ.get("METASENT_ARSC_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "arsc"))
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.episodes import EpisodeSampler
-from meta.algorithms import MultitaskHead, multitask_step, reptile_step
-from meta.checkpoint import load_checkpoint, load_model, save_checkpoint
-from meta.config import CheckpointConfig, InnerLoopConfig, TrainConfig, default_inner_loop
-from meta.fomaml import fomaml_query_loss
-from meta.inner_loop import inner_loop, is_head_only, predict_proba
-from meta.model import MetaLearner, matching_head, prototype_head
-from meta.train import meta_train
+from metasent.data.episodes import EpisodeSampler
+from metasent.meta.algorithms import MultitaskHead, multitask_step, reptile_step
+from metasent.meta.checkpoint import load_checkpoint, load_model, save_checkpoint
+from metasent.meta.config import CheckpointConfig, InnerLoopConfig, TrainConfig, default_inner_loop
+from metasent.meta.fomaml import fomaml_query_loss
+from metasent.meta.inner_loop import inner_loop, is_head_only, predict_proba
+from metasent.meta.model import MetaLearner, matching_head, prototype_head
+from metasent.meta.train import meta_train
 from tests.conftest import NEGATIVE, POSITIVE, make_task
 
 

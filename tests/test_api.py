@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
+from metasent.app.main import create_app
+from metasent.app.settings import Settings
 from tests.conftest import NEGATIVE, POSITIVE, WORDS
 
 MAX_EXAMPLES, MAX_TEXTS, MAX_DOMAINS = 20, 10, 3

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.auth import KeyRing
-from app.main import create_app
-from app.settings import Settings
+from metasent.app.auth import KeyRing
+from metasent.app.main import create_app
+from metasent.app.settings import Settings
 from tests.test_api import assert_error, support
 
 KEY_A, KEY_B = "key-a-0123456789", "key-b-9876543210"
@@ -147,7 +147,7 @@ def test_open_mode_warns_and_needs_no_key(
     tiny_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = Settings(checkpoint=tiny_checkpoint, device="cpu", data_dir=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="app.main"), TestClient(create_app(settings)) as client:
+    with caplog.at_level(logging.WARNING, logger="metasent.app.main"), TestClient(create_app(settings)) as client:
         domain = create(client, {})
         assert create(client, {"Authorization": "Bearer anything"})["domain_id"] != domain["domain_id"]
         assert len(client.get("/v1/domains").json()["domains"]) == 2

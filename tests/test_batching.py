@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from app.batching import MicroBatcher
-from app.service import ModelService
-from meta.config import CheckpointConfig, InnerLoopConfig
-from meta.inner_loop import inner_loop, predict_proba
-from meta.model import MetaLearner
+from metasent.app.batching import MicroBatcher
+from metasent.app.service import ModelService
+from metasent.meta.config import CheckpointConfig, InnerLoopConfig
+from metasent.meta.inner_loop import inner_loop, predict_proba
+from metasent.meta.model import MetaLearner
 from tests.conftest import NEGATIVE, POSITIVE
 
 

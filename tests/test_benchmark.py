@@ -8,9 +8,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from app.cli import app
 from bench.benchmark import ARSC_TEST_DOMAINS, FOOD_DOMAINS, markdown_table
-from data.readers import ARSC_VALIDATION
+from metasent.cli import app
+from metasent.data.readers import ARSC_VALIDATION
 from tests.conftest import NEGATIVE, POSITIVE, save_tiny_encoder
 
 

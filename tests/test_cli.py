@@ -7,8 +7,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from app.cli import app
-from meta.checkpoint import load_checkpoint
+from metasent.cli import app
+from metasent.meta.checkpoint import load_checkpoint
 from tests.conftest import NEGATIVE, POSITIVE, save_tiny_encoder
 
 runner = CliRunner()
@@ -88,7 +88,7 @@ def test_train_then_evaluate_with_an_encoder_path(tmp_path: Path) -> None:
 
 def test_curve_table_windows_and_validation() -> None:
     from bench.curve import curve_table
-    from meta.config import CheckpointConfig
+    from metasent.meta.config import CheckpointConfig
 
     config = CheckpointConfig(step=4)
     config.metrics = {

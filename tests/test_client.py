@@ -19,11 +19,11 @@ import uvicorn
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from app.cli import app as cli
-from app.client import MetasentClient, MetasentError, read_examples, read_texts
-from app.main import create_app
-from app.settings import Settings
 from bench.load import FALLBACK, percentile, run_load
+from metasent.app.client import MetasentClient, MetasentError, read_examples, read_texts
+from metasent.app.main import create_app
+from metasent.app.settings import Settings
+from metasent.cli import app as cli
 from tests.conftest import NEGATIVE, POSITIVE
 from tests.test_api import support
 

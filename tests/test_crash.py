@@ -46,7 +46,16 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        command = [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port), "--checkpoint", str(checkpoint)]
+        command = [
+            sys.executable,
+            "-m",
+            "metasent.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--checkpoint",
+            str(checkpoint),
+        ]
         environment = dict(
             os.environ,
             METASENT_DATA_DIR=str(data_dir),

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from data.episodes import EpisodeSampler, NotEnoughExamplesError, fixed_episode
-from data.readers import Example, arsc_target_domains, read_arsc, read_table
-from data.registry import Task, TaskRegistry
+from metasent.data.episodes import EpisodeSampler, NotEnoughExamplesError, fixed_episode
+from metasent.data.readers import Example, arsc_target_domains, read_arsc, read_table
+from metasent.data.registry import Task, TaskRegistry
 
 
 def write_arsc(root: Path) -> Path:

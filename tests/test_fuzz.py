@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
-from app.main import create_app
-from app.settings import Settings
-from meta.checkpoint import save_checkpoint
-from meta.config import CheckpointConfig, InnerLoopConfig
+from metasent.app.main import create_app
+from metasent.app.settings import Settings
+from metasent.meta.checkpoint import save_checkpoint
+from metasent.meta.config import CheckpointConfig, InnerLoopConfig
 from tests.conftest import make_tiny_model
 from tests.test_api import support
 

@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.episodes import EpisodeSampler, fixed_episode
-from data.registry import Task
-from meta.checkpoint import is_checkpoint, load_checkpoint, load_training_state, save_checkpoint
-from meta.config import CheckpointConfig, InnerLoopConfig, TrainConfig
-from meta.evaluate import EpisodeResult, evaluate_episode, format_table, summarize
-from meta.fomaml import fomaml_query_loss
-from meta.inner_loop import encode_labels, inner_loop, predict_proba
-from meta.model import MetaLearner, prototype_head
-from meta.train import meta_train
+from metasent.data.episodes import EpisodeSampler, fixed_episode
+from metasent.data.registry import Task
+from metasent.meta.checkpoint import is_checkpoint, load_checkpoint, load_training_state, save_checkpoint
+from metasent.meta.config import CheckpointConfig, InnerLoopConfig, TrainConfig
+from metasent.meta.evaluate import EpisodeResult, evaluate_episode, format_table, summarize
+from metasent.meta.fomaml import fomaml_query_loss
+from metasent.meta.inner_loop import encode_labels, inner_loop, predict_proba
+from metasent.meta.model import MetaLearner, prototype_head
+from metasent.meta.train import meta_train
 from tests.conftest import NEGATIVE, POSITIVE, make_task
 
 
@@ -251,7 +251,7 @@ def test_cached_frozen_layers_give_the_uncached_adaptation(tiny_model: MetaLearn
 def test_lower_layer_cache_gives_the_uncached_fomaml_loss_and_gradients(
     tiny_model: MetaLearner, adapted_layers: int
 ) -> None:
-    from meta.feature_cache import LowerLayerCache
+    from metasent.meta.feature_cache import LowerLayerCache
 
     episode = EpisodeSampler([make_task()], k_shot=3, q_query=3, seed=2).sample()
     inner = InnerLoopConfig(steps=2, lr=0.3, adapted_layers=adapted_layers)
@@ -276,7 +276,7 @@ def test_lower_layer_cache_gives_the_uncached_fomaml_loss_and_gradients(
 
 
 def test_meta_train_with_frozen_lower_layers_leaves_them_unchanged(tmp_path: Path, tiny_model: MetaLearner) -> None:
-    from meta.model import frozen_parameter_names
+    from metasent.meta.model import frozen_parameter_names
 
     start = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
     config = CheckpointConfig(

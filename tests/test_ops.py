@@ -18,11 +18,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app.errors import ApiError
-from app.main import create_app
-from app.observability import configure_logging, make_formatter, request_id_var
-from app.queue import AdaptationQueue
-from app.settings import Settings
+from metasent.app.errors import ApiError
+from metasent.app.main import create_app
+from metasent.app.observability import configure_logging, make_formatter, request_id_var
+from metasent.app.queue import AdaptationQueue
+from metasent.app.settings import Settings
 from tests.conftest import WORDS
 from tests.test_api import assert_error, valid_domain
 

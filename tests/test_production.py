@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
-from app.store import DomainStore
+from metasent.app.main import create_app
+from metasent.app.settings import Settings
+from metasent.app.store import DomainStore
 from tests.conftest import NEGATIVE, POSITIVE, WORDS
 from tests.test_api import assert_error, support
 from tests.test_ops import _metric, running, slow_adapt

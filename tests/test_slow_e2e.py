@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
-from data.episodes import EpisodeSampler
-from data.readers import read_arsc
+from metasent.app.main import create_app
+from metasent.app.settings import Settings
+from metasent.data.episodes import EpisodeSampler
+from metasent.data.readers import read_arsc
 from tests.conftest import ARSC_DIR
 
 pytestmark = [

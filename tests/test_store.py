@@ -14,12 +14,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.service import model_fingerprint
-from app.settings import Settings
-from app.store import DomainStore, VersionConflictError
-from meta.config import CheckpointConfig
-from meta.inner_loop import Adaptation
+from metasent.app.main import create_app
+from metasent.app.service import model_fingerprint
+from metasent.app.settings import Settings
+from metasent.app.store import DomainStore, VersionConflictError
+from metasent.meta.config import CheckpointConfig
+from metasent.meta.inner_loop import Adaptation
 from tests.conftest import NEGATIVE, POSITIVE
 from tests.test_api import assert_error, support
 

@@ -7,12 +7,12 @@ import asyncio
 from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
-from app.adaptation import adapt_queued, predictions
-from app.auth import require_tenant
-from app.dependencies import AdaptQueueDep, ServiceDep, SettingsDep
-from app.routers.domains import QUEUE_FULL, REQUEST_ERRORS, V1_ERRORS, check_limit, pairs
-from app.schemas import AdaptAndClassify, AdaptAndClassifyResponse
-from app.store import adaptation_info
+from ..adaptation import adapt_queued, predictions
+from ..auth import require_tenant
+from ..dependencies import AdaptQueueDep, ServiceDep, SettingsDep
+from ..routers.domains import QUEUE_FULL, REQUEST_ERRORS, V1_ERRORS, check_limit, pairs
+from ..schemas import AdaptAndClassify, AdaptAndClassifyResponse
+from ..store import adaptation_info
 
 router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_tenant)], responses=V1_ERRORS)
 

@@ -10,13 +10,15 @@ from fastapi import APIRouter, Depends, Response, status
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from app.adaptation import Examples, adapt_queued, predictions, refresh_queued
-from app.auth import require_tenant
-from app.batching import SHARED_ENCODER
-from app.dependencies import AdaptQueueDep, BatcherDep, ServiceDep, SettingsDep, StoreDep, TenantDep
-from app.errors import ApiError
-from app.queue import AdaptationQueue
-from app.schemas import (
+from metasent.meta.inner_loop import is_head_only
+
+from ..adaptation import Examples, adapt_queued, predictions, refresh_queued
+from ..auth import require_tenant
+from ..batching import SHARED_ENCODER
+from ..dependencies import AdaptQueueDep, BatcherDep, ServiceDep, SettingsDep, StoreDep, TenantDep
+from ..errors import ApiError
+from ..queue import AdaptationQueue
+from ..schemas import (
     ClassifyRequest,
     ClassifyResponse,
     CreateDomain,
@@ -27,10 +29,9 @@ from app.schemas import (
     LabelledText,
     UpdateExamples,
 )
-from app.service import ModelService
-from app.settings import Settings
-from app.store import DomainLimitError, DomainStore, StoredDomain, VersionConflictError
-from meta.inner_loop import is_head_only
+from ..service import ModelService
+from ..settings import Settings
+from ..store import DomainLimitError, DomainStore, StoredDomain, VersionConflictError
 
 V1_ERRORS: dict[int | str, dict[str, object]] = {  # every /v1 route: API key, request timeout
     401: {"model": ErrorResponse, "description": "Missing or unknown API key"},

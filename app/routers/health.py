@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
-from app.schemas import Health
-from app.store import DomainStore
+from ..schemas import Health
+from ..store import DomainStore
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from app.schemas import Readiness
-from app.store import DomainStore
+from ..schemas import Readiness
+from ..store import DomainStore
 
 router = APIRouter(tags=["operations"])
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from data.readers import ARSC_HELD_OUT, ARSC_VALIDATION
+from metasent.data.readers import ARSC_HELD_OUT, ARSC_VALIDATION
 
 app = typer.Typer(
     help="metasent: meta-train a BERT encoder with first-order MAML across sentiment domains, "
@@ -34,8 +34,8 @@ def _split(values: str | None) -> list[str] | None:
 
 
 def _read_tasks(data: str, include: list[str] | None = None, exclude: list[str] | None = None):
-    from data.readers import read_arsc, read_table
-    from data.registry import TaskRegistry
+    from metasent.data.readers import read_arsc, read_table
+    from metasent.data.registry import TaskRegistry
 
     path = Path(data)
     tasks = read_arsc(path) if path.is_dir() and any(path.glob("*.t[245].*")) else read_table(data)
@@ -112,10 +112,10 @@ def train(
     label anchors and natural-proportion query sets) scored best on the dev tasks of the CPU
     `metasent benchmark`; on the GPU budget, where that variant was not run, plain matching did."""
     _setup(threads)
-    from meta.checkpoint import load_checkpoint, load_training_state, save_checkpoint
-    from meta.config import CheckpointConfig, EncoderConfig, InnerLoopConfig, TrainConfig, default_inner_loop
-    from meta.model import MetaLearner, resolve_device
-    from meta.train import meta_train
+    from metasent.meta.checkpoint import load_checkpoint, load_training_state, save_checkpoint
+    from metasent.meta.config import CheckpointConfig, EncoderConfig, InnerLoopConfig, TrainConfig, default_inner_loop
+    from metasent.meta.model import MetaLearner, resolve_device
+    from metasent.meta.train import meta_train
 
     if algorithm not in ("fomaml", "reptile", "protonet", "matching", "multitask", "finetune"):
         raise typer.BadParameter(f"unknown algorithm {algorithm!r}", param_hint="--algorithm")
@@ -222,10 +222,10 @@ def evaluate(
     the query set. Prints per-task accuracy and macro-F1 (percent) and their mean, with 95%
     confidence intervals for sampled episodes."""
     _setup(threads)
-    from data.readers import arsc_target_domains
-    from meta.checkpoint import load_model
-    from meta.evaluate import evaluate_tasks, format_table, summarize
-    from meta.model import resolve_device
+    from metasent.data.readers import arsc_target_domains
+    from metasent.meta.checkpoint import load_model
+    from metasent.meta.evaluate import evaluate_tasks, format_table, summarize
+    from metasent.meta.model import resolve_device
 
     model, config = load_model(checkpoint, encoder, resolve_device(device), algorithm)
     overrides = {"steps": inner_steps, "lr": inner_lr, "adapted_layers": adapted_layers}
@@ -279,9 +279,9 @@ def serve(
     METASENT_API_KEYS turns on API keys. /healthz, /readyz and /metrics for operators. Docs at /docs."""
     import uvicorn
 
-    from app.main import create_app
-    from app.observability import configure_logging
-    from app.settings import Settings
+    from metasent.app.main import create_app
+    from metasent.app.observability import configure_logging
+    from metasent.app.settings import Settings
 
     overrides = {"host": host, "port": port, "checkpoint": checkpoint, "device": device, "threads": threads}
     settings = Settings.model_validate({k: v for k, v in overrides.items() if v is not None})
@@ -398,7 +398,7 @@ ApiKeyOption = Annotated[
 
 def _call(fn, *args):
     """Run a client call; a server error is printed (code, message, fix) and exits 1."""
-    from app.client import MetasentError
+    from metasent.app.client import MetasentError
 
     try:
         return fn(*args)
@@ -417,7 +417,7 @@ def adapt(
 ) -> None:
     """Adapt a new domain on a running server from a labelled support set; prints the domain as
     JSON (its domain_id is what `metasent classify --domain` takes)."""
-    from app.client import MetasentClient, read_examples
+    from metasent.app.client import MetasentClient, read_examples
 
     try:
         support = read_examples(examples)
@@ -438,7 +438,7 @@ def classify(
     timeout: Annotated[float, typer.Option(help="Seconds to wait")] = 120.0,
 ) -> None:
     """Classify texts with an adapted domain on a running server; prints the predictions as JSON."""
-    from app.client import MetasentClient, read_texts
+    from metasent.app.client import MetasentClient, read_texts
 
     all_texts = list(texts or [])
     if file is not None:
