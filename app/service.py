@@ -8,15 +8,12 @@ model is loaded once and shared by every domain and request. Domains live in
 from __future__ import annotations
 
 import copy
-import hashlib
 import threading
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from metasent.meta.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from metasent.meta.config import CheckpointConfig
 from metasent.meta.inner_loop import Adaptation, embed_texts, inner_loop, is_head_only, predict_proba
 from metasent.meta.model import MetaLearner
@@ -37,7 +34,7 @@ class ModelService:
         max_text_chars (`int`, defaults to 20000): characters of each text passed to the
             tokenizer.
         checkpoint_hash (`str`, defaults to ``""``): the model's fingerprint (see
-            :func:`model_fingerprint`), recorded with every domain adapted on it.
+            :func:`meta.checkpoint.model_fingerprint`), recorded with every domain adapted on it.
     """
 
     def __init__(
@@ -127,41 +124,4 @@ class ModelService:
         return [r for r in results if r is not None]
 
 
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def _hash_file(digest: hashlib._Hash, path: Path) -> None:
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-
-
-def model_fingerprint(checkpoint: Path | None, config: CheckpointConfig, encoder_path: str | None = None) -> str:
-    """The hash a domain records to know which model adapted it (computed once at load).
-
-    Args:
-        checkpoint (`Path | None`): a checkpoint directory: sha256 over its ``metasent.json`` and
-            ``model.safetensors``.
-        config (`CheckpointConfig`): without a checkpoint, the loaded config (encoder name and
-            inner loop) goes into the hash.
-        encoder_path (`str`, *optional*): without a checkpoint, the encoder's folder: its weight
-            file goes into the hash when there is one.
-
-    Returns:
-        `str`: 64 hex digits.
-    """
-    digest = hashlib.sha256()
-    if checkpoint is not None:
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            digest.update(name.encode())
-            _hash_file(digest, Path(checkpoint) / name)
-        return digest.hexdigest()
-    digest.update(config.model_dump_json(include={"algorithm", "encoder", "inner_loop"}).encode())
-    folder = Path(encoder_path) if encoder_path else None
-    weights = [folder / name for name in _WEIGHT_FILES if folder is not None and (folder / name).is_file()]
-    if weights:
-        _hash_file(digest, weights[0])
-    return digest.hexdigest()
-
-
-__all__ = ["DomainStore", "ModelService", "StoredDomain", "model_fingerprint"]
+__all__ = ["DomainStore", "ModelService", "StoredDomain"]

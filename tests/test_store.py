@@ -15,9 +15,9 @@ import torch
 from fastapi.testclient import TestClient
 
 from metasent.app.main import create_app
-from metasent.app.service import model_fingerprint
 from metasent.app.settings import Settings
 from metasent.app.store import DomainStore, VersionConflictError
+from metasent.meta.checkpoint import model_fingerprint
 from metasent.meta.config import CheckpointConfig
 from metasent.meta.inner_loop import Adaptation
 from tests.conftest import NEGATIVE, POSITIVE
