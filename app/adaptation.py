@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from metasent.meta.inner_loop import Adaptation
+from metasent.meta.adaptation import AdaptedState
 
 from .queue import AdaptationQueue
 from .service import ModelService
@@ -40,7 +40,7 @@ def _domain_lock(domain_id: str) -> threading.Lock:
         return lock
 
 
-def adapt(service: ModelService, settings: Settings, examples: Examples) -> Adaptation:
+def adapt(service: ModelService, settings: Settings, examples: Examples) -> AdaptedState:
     """Run the checkpoint's inner loop on ``examples`` (``(text, label)`` pairs).
 
     Args:
@@ -49,13 +49,13 @@ def adapt(service: ModelService, settings: Settings, examples: Examples) -> Adap
         examples (`list[tuple[str, str]]`): the support set.
 
     Returns:
-        `Adaptation`: the adapted tensors and the run's figures.
+        `AdaptedState`: the adapted head and tensors, and the run's figures.
     """
-    adaptation = service.adapt([text for text, _ in examples], [label for _, label in examples])
+    state = service.adapt([text for text, _ in examples], [label for _, label in examples])
     if settings.test_adapt_delay_s:
         logger.warning("test adapt delay: sleeping %.1f s before storing the adaptation", settings.test_adapt_delay_s)
         time.sleep(settings.test_adapt_delay_s)
-    return adaptation
+    return state
 
 
 def refresh(service: ModelService, store: DomainStore, domain: StoredDomain) -> StoredDomain:
@@ -83,10 +83,16 @@ def refresh(service: ModelService, store: DomainStore, domain: StoredDomain) -> 
             raise KeyError(domain.domain_id)
         if current.checkpoint_hash == service.checkpoint_hash or not current.examples:
             return current
-        adaptation = service.adapt([t for t, _ in current.examples], [lab for _, lab in current.examples])
+        state = service.adapt([t for t, _ in current.examples], [lab for _, lab in current.examples])
         try:
             stored = store.replace(
-                current, adaptation, current.examples, service.checkpoint_hash, service.device, bump_version=False
+                current,
+                state.labels,
+                state.to_tensors(),
+                service.info(state),
+                current.examples,
+                service.checkpoint_hash,
+                bump_version=False,
             )
         except VersionConflictError:  # a concurrent PUT stored a newer support set: use it
             newer = store.get(domain.tenant, domain.domain_id)
@@ -102,7 +108,7 @@ def refresh(service: ModelService, store: DomainStore, domain: StoredDomain) -> 
 
 async def adapt_queued(
     queue: AdaptationQueue, service: ModelService, settings: Settings, examples: Examples
-) -> Adaptation:
+) -> AdaptedState:
     """:func:`adapt` through the adaptation queue; nothing is stored here.
 
     A request that gives up (timeout, client gone) while its adaptation still waits leaves the

@@ -3,8 +3,9 @@
 Requests with the same key that arrive within ``window_seconds`` of each other, or while the
 model is busy with an earlier batch, are handed to the classifier together
 (:meth:`app.service.ModelService.classify_many`: one length-sorted encoder pass per group) and
-their results returned to each request in order. The key is the domain id, or one shared key for
-every domain that adapted only the head, whose requests share the base encoder's pass.
+their results returned to each request in order. The key comes from
+:meth:`app.service.ModelService.batch_key`: the domain id, or one shared key for every domain that
+adapted only the head, whose requests share the base encoder's pass.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-SHARED_ENCODER = "shared-encoder"
 ClassifyMany = Callable[[list[tuple[Any, list[str]]]], list[Tensor]]
 
 
@@ -31,10 +31,10 @@ class _Batch:
 
 
 class MicroBatcher:
-    """Merge concurrent ``classify(key, params, texts)`` calls with the same ``key``.
+    """Merge concurrent ``classify(key, state, texts)`` calls with the same ``key``.
 
     Args:
-        classify_many (`Callable[[list[(params, texts)]], list[Tensor]]`): the blocking
+        classify_many (`Callable[[list[(state, texts)]], list[Tensor]]`): the blocking
             classifier, run in a worker thread; returns (texts, classes) per request.
         window_seconds (`float`, defaults to 0.005): how long the first request of a batch
             waits for others.
@@ -50,8 +50,8 @@ class MicroBatcher:
         self._model_lock = asyncio.Lock()
         self.calls = 0  # merged classifier calls made (for tests and metrics)
 
-    async def classify(self, key: str, params: Any, texts: Sequence[str]) -> Tensor:
-        """Probabilities (texts, classes) of ``texts`` under ``params``, in input order.
+    async def classify(self, key: str, state: Any, texts: Sequence[str]) -> Tensor:
+        """Probabilities (texts, classes) of ``texts`` under an adapted ``state``, in input order.
 
         Raises:
             Whatever the classifier raises, to every request of the batch.
@@ -63,7 +63,7 @@ class MicroBatcher:
             batch = _Batch()
             self._pending[key] = batch
             loop.create_task(self._run(key, batch))
-        batch.requests.append((params, list(texts), future))
+        batch.requests.append((state, list(texts), future))
         return await future
 
     async def _run(self, key: str, batch: _Batch) -> None:

@@ -20,7 +20,7 @@ from .metrics import Metrics, MetricsMiddleware
 from .observability import request_id_var
 from .queue import AdaptationQueue
 from .routers import classify, domains, health, ops
-from .service import ModelService, model_fingerprint
+from .service import ModelService
 from .settings import Settings, get_settings
 from .store import DomainStore
 
@@ -31,7 +31,7 @@ REQUEST_ID_HEADER = "X-Request-ID"
 def _load_service(settings: Settings) -> ModelService:
     import torch
 
-    from metasent.meta.checkpoint import load_model
+    from metasent.meta.checkpoint import load_model, model_fingerprint
     from metasent.meta.model import resolve_device, resolve_encoder_path
 
     if settings.threads:

@@ -1,27 +1,23 @@
-"""The model service: one base model, adaptation and classification.
+"""The model service: the one base model, its lock and the adaptation API around it.
 
 A domain keeps only its adapted tensors (the head and the adapted encoder layers); the base
-model is loaded once and shared by every domain and request. Domains live in
-:class:`app.store.DomainStore`.
+model is loaded once and shared by every domain and request. Adaptation and prediction are
+:class:`meta.adaptation.Predictor`'s; this holder adds the lock that serialises torch work, the
+character limit on texts and token counts. Domains live in :class:`app.store.DomainStore`.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import threading
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from metasent.meta.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from metasent.meta.adaptation import AdaptedState, Predictor
 from metasent.meta.config import CheckpointConfig
-from metasent.meta.inner_loop import Adaptation, embed_texts, inner_loop, is_head_only, predict_proba
 from metasent.meta.model import MetaLearner
-
-from .store import DomainStore, StoredDomain
 
 
 class ModelService:
@@ -37,7 +33,7 @@ class ModelService:
         max_text_chars (`int`, defaults to 20000): characters of each text passed to the
             tokenizer.
         checkpoint_hash (`str`, defaults to ``""``): the model's fingerprint (see
-            :func:`model_fingerprint`), recorded with every domain adapted on it.
+            :func:`meta.checkpoint.model_fingerprint`), recorded with every domain adapted on it.
     """
 
     def __init__(
@@ -53,6 +49,7 @@ class ModelService:
         self.checkpoint_hash = checkpoint_hash
         self.batch_size = batch_size
         self.max_text_chars = max_text_chars
+        self.predictor = Predictor(model, config.inner_loop, batch_size)
         self._lock = threading.Lock()
         self._counter: Any = None  # a copy of the tokenizer for token counts, off the model's lock
         self._counter_lock = threading.Lock()
@@ -67,7 +64,7 @@ class ModelService:
         with self._counter_lock:
             if self._counter is None:
                 self._counter = copy.deepcopy(self.model.tokenizer)
-            ids = self._counter([t[: self.max_text_chars] for t in texts], truncation=False, verbose=False)
+            ids = self._counter(self._cut(texts), truncation=False, verbose=False)
         return [len(row) for row in ids["input_ids"]]
 
     def truncated(self, texts: list[str]) -> list[bool]:
@@ -77,91 +74,47 @@ class ModelService:
         counts = self.token_counts(texts)
         return [len(t) > self.max_text_chars or n > limit for t, n in zip(texts, counts, strict=True)]
 
-    def adapt(self, texts: list[str], labels: list[str]) -> Adaptation:
-        """Run the checkpoint's inner loop on a support set (see :func:`meta.inner_loop.inner_loop`)."""
-        texts = [t[: self.max_text_chars] for t in texts]
+    def _cut(self, texts: Sequence[str]) -> list[str]:
+        return [t[: self.max_text_chars] for t in texts]
+
+    def adapt(self, texts: list[str], labels: list[str]) -> AdaptedState:
+        """Run the checkpoint's inner loop on a support set (:meth:`meta.adaptation.Predictor.adapt`)."""
+        texts = self._cut(texts)
         with self._lock:
-            return inner_loop(self.model, texts, labels, self.config.inner_loop)
+            return self.predictor.adapt(texts, labels)
 
-    def classify(self, params: dict[str, Tensor], texts: list[str]) -> Tensor:
-        """Probabilities (texts, classes) of ``texts`` under a domain's adapted ``params``."""
-        return self.classify_many([(params, texts)])[0]
+    def classify(self, state: AdaptedState, texts: list[str]) -> Tensor:
+        """Probabilities (texts, classes) of ``texts`` under an adapted ``state``."""
+        return self.classify_many([(state, texts)])[0]
 
-    def classify_many(self, requests: list[tuple[dict[str, Tensor], list[str]]]) -> list[Tensor]:
-        """Classify several requests in as few encoder passes as possible.
+    def classify_many(self, requests: list[tuple[AdaptedState, list[str]]]) -> list[Tensor]:
+        """Probabilities (texts, classes) per ``(state, texts)`` request, in as few encoder passes
+        as possible (:meth:`meta.adaptation.Predictor.predict_many`)."""
+        requests = [(state, self._cut(texts)) for state, texts in requests]
+        with self._lock:
+            return self.predictor.predict_many(requests)
 
-        Domains that adapted only the head share one pass of the base encoder over the union of
-        their texts (each distinct text encoded once); other requests are grouped by domain and
-        each group runs one length-sorted pass.
+    def batch_key(self, state: AdaptedState, domain_id: str) -> str:
+        """The micro-batch key of a classify request (:meth:`meta.adaptation.Predictor.batch_key`)."""
+        return self.predictor.batch_key(state, domain_id)
 
-        Args:
-            requests: ``(params, texts)`` pairs; ``params`` are a domain's adapted tensors.
+    @staticmethod
+    def state(tensors: dict[str, Tensor], labels: Sequence[str]) -> AdaptedState:
+        """A stored domain's adapted state from its tensors and labels.
 
-        Returns:
-            `list[Tensor]`: per request, (texts, classes) probabilities in input order.
+        Raises:
+            ValueError: when the tensors hold no known head, or not one class per label.
         """
-        requests = [(params, [t[: self.max_text_chars] for t in texts]) for params, texts in requests]
-        results: list[Tensor | None] = [None] * len(requests)
-        with self._lock:
-            shared = [i for i, (params, _) in enumerate(requests) if is_head_only(params)]
-            if shared:
-                unique = list(dict.fromkeys(t for i in shared for t in requests[i][1]))
-                index = {text: row for row, text in enumerate(unique)}
-                z = embed_texts(self.model, unique, self.batch_size).to(self.model.device)  # (unique, hidden)
-                with torch.inference_mode():
-                    for i in shared:
-                        params, texts = requests[i]
-                        rows = z[torch.tensor([index[t] for t in texts], dtype=torch.long)]
-                        results[i] = self.model.head_logits(params, rows).float().softmax(-1).cpu()
-            groups: dict[int, list[int]] = {}
-            for i, (params, _) in enumerate(requests):
-                if results[i] is None:
-                    groups.setdefault(id(params), []).append(i)
-            for members in groups.values():
-                texts = [t for i in members for t in requests[i][1]]
-                probs = predict_proba(self.model, requests[members[0]][0], texts, self.batch_size)
-                offset = 0
-                for i in members:
-                    results[i] = probs[offset : offset + len(requests[i][1])]
-                    offset += len(requests[i][1])
-        return [r for r in results if r is not None]
+        return AdaptedState.from_tensors(tensors, labels)
+
+    def info(self, state: AdaptedState) -> dict[str, Any]:
+        """The figures of an adaptation the API shows (and the store keeps)."""
+        return {
+            "steps": state.steps,
+            "seconds": round(state.seconds, 4),
+            "device": self.device,
+            "support_accuracy": round(state.support_accuracy, 4),
+        }
 
 
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def _hash_file(digest: hashlib._Hash, path: Path) -> None:
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-
-
-def model_fingerprint(checkpoint: Path | None, config: CheckpointConfig, encoder_path: str | None = None) -> str:
-    """The hash a domain records to know which model adapted it (computed once at load).
-
-    Args:
-        checkpoint (`Path | None`): a checkpoint directory: sha256 over its ``metasent.json`` and
-            ``model.safetensors``.
-        config (`CheckpointConfig`): without a checkpoint, the loaded config (encoder name and
-            inner loop) goes into the hash.
-        encoder_path (`str`, *optional*): without a checkpoint, the encoder's folder: its weight
-            file goes into the hash when there is one.
-
-    Returns:
-        `str`: 64 hex digits.
-    """
-    digest = hashlib.sha256()
-    if checkpoint is not None:
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            digest.update(name.encode())
-            _hash_file(digest, Path(checkpoint) / name)
-        return digest.hexdigest()
-    digest.update(config.model_dump_json(include={"algorithm", "encoder", "inner_loop"}).encode())
-    folder = Path(encoder_path) if encoder_path else None
-    weights = [folder / name for name in _WEIGHT_FILES if folder is not None and (folder / name).is_file()]
-    if weights:
-        _hash_file(digest, weights[0])
-    return digest.hexdigest()
-
-
-__all__ = ["DomainStore", "ModelService", "StoredDomain", "model_fingerprint"]
+__all__ = ["AdaptedState", "ModelService"]

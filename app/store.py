@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,8 +29,6 @@ from safetensors.torch import save as save_tensors
 from sqlalchemy import JSON, Engine, Integer, LargeBinary, String, create_engine, event, func, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, deferred, mapped_column, sessionmaker
 from torch import Tensor
-
-from metasent.meta.inner_loop import Adaptation
 
 logger = logging.getLogger(__name__)
 Examples = list[tuple[str, str]]  # a support set, (text, label) pairs
@@ -106,16 +104,6 @@ class VersionConflictError(Exception):
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
-
-
-def adaptation_info(adaptation: Adaptation, device: str) -> dict[str, Any]:
-    """The figures of an adaptation the API shows."""
-    return {
-        "steps": adaptation.steps,
-        "seconds": round(adaptation.seconds, 4),
-        "device": device,
-        "support_accuracy": round(adaptation.support_accuracy, 4),
-    }
 
 
 def _serialise(params: dict[str, Tensor]) -> bytes:
@@ -252,10 +240,11 @@ class DomainStore:
         self,
         tenant: str,
         name: str,
-        adaptation: Adaptation,
+        labels: Sequence[str],
+        tensors: dict[str, Tensor],
+        info: dict[str, Any],
         examples: Examples,
         checkpoint_hash: str,
-        device: str,
         limit: int | None = None,
     ) -> StoredDomain:
         """Store a new domain (version 1) in one transaction.
@@ -263,10 +252,12 @@ class DomainStore:
         Args:
             tenant (`str`): owner.
             name (`str`): the domain's name.
-            adaptation (`Adaptation`): the inner loop's result on ``examples``.
+            labels (`Sequence[str]`): its class names, in class-id order.
+            tensors (`dict[str, Tensor]`): its adapted tensors by name (an adapted state's
+                ``to_tensors()``), from the inner loop on ``examples``.
+            info (`dict[str, Any]`): the adaptation's figures, shown in the domain's metadata.
             examples (`list[tuple[str, str]]`): the support set, ``(text, label)``.
             checkpoint_hash (`str`): hash of the model it was adapted with.
-            device (`str`): where it was adapted (shown in its metadata).
             limit (`int`, *optional*): most domains ``tenant`` may keep.
 
         Returns:
@@ -280,13 +271,13 @@ class DomainStore:
             domain_id=uuid.uuid4().hex,
             tenant=tenant,
             name=name,
-            labels=list(adaptation.labels),
+            labels=list(labels),
             examples=[list(ex) for ex in examples],
             num_examples=len(examples),
             version=1,
             checkpoint_hash=checkpoint_hash,
-            adaptation=adaptation_info(adaptation, device),
-            params=_serialise(adaptation.params),
+            adaptation=dict(info),
+            params=_serialise(tensors),
             created_at=now,
             updated_at=now,
         )
@@ -294,7 +285,7 @@ class DomainStore:
             if limit is not None and self._count(session, tenant) >= limit:
                 raise DomainLimitError(f"{tenant} keeps {limit} domains")
             session.add(row)
-        self._cache.put(row.domain_id, (1, checkpoint_hash), adaptation.params)
+        self._cache.put(row.domain_id, (1, checkpoint_hash), tensors)
         return _domain(row, with_examples=True)
 
     def get(self, tenant: str, domain_id: str, with_examples: bool = False) -> StoredDomain | None:
@@ -330,20 +321,23 @@ class DomainStore:
     def replace(
         self,
         domain: StoredDomain,
-        adaptation: Adaptation,
+        labels: Sequence[str],
+        tensors: dict[str, Tensor],
+        info: dict[str, Any],
         examples: Examples,
         checkpoint_hash: str,
-        device: str,
         bump_version: bool = True,
     ) -> StoredDomain:
         """Write a new adaptation of ``domain`` if it is still at ``domain.version``.
 
         Args:
             domain (`StoredDomain`): the domain as read before adapting.
-            adaptation (`Adaptation`): the inner loop's result on ``examples``.
+            labels (`Sequence[str]`): the class names, in class-id order.
+            tensors (`dict[str, Tensor]`): the adapted tensors by name, from the inner loop on
+                ``examples``.
+            info (`dict[str, Any]`): the adaptation's figures.
             examples (`list[tuple[str, str]]`): the (new) support set.
             checkpoint_hash (`str`): hash of the model it was adapted with.
-            device (`str`): where it was adapted.
             bump_version (`bool`, defaults to `True`): add 1 to the version (a new support set);
                 `False` for a re-adaptation of the same support set with a new checkpoint.
 
@@ -356,13 +350,13 @@ class DomainStore:
         """
         version = domain.version + (1 if bump_version else 0)
         values = {
-            "labels": list(adaptation.labels),
+            "labels": list(labels),
             "examples": [list(ex) for ex in examples],
             "num_examples": len(examples),
             "version": version,
             "checkpoint_hash": checkpoint_hash,
-            "adaptation": adaptation_info(adaptation, device),
-            "params": _serialise(adaptation.params),
+            "adaptation": dict(info),
+            "params": _serialise(tensors),
             "updated_at": _now(),
         }
         query = (
@@ -379,7 +373,7 @@ class DomainStore:
                 if current is None:
                     raise KeyError(domain.domain_id)
                 raise VersionConflictError(current.version)
-        self._cache.put(domain.domain_id, (version, checkpoint_hash), adaptation.params)
+        self._cache.put(domain.domain_id, (version, checkpoint_hash), tensors)
         stored = self.get(domain.tenant, domain.domain_id, with_examples=True)
         if stored is None:
             raise KeyError(domain.domain_id)
@@ -410,7 +404,6 @@ class DomainStore:
 
 
 __all__ = [
-    "adaptation_info",
     "DomainLimitError",
     "DomainRow",
     "DomainStore",

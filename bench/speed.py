@@ -3,8 +3,9 @@ the same run on the same texts (`metasent bench`).
 
 1. adaptation seconds for a 5-shot binary support set (median of ``repeats``) and the ratio to
    one plain forward pass of the full encoder over those 10 texts;
-2. classification texts/s through the service's code path, against a bare length-sorted encoder
-   forward and a file-order forward padded to a fixed length, over the same texts;
+2. classification texts/s through the service's code path (:class:`meta.adaptation.Predictor`,
+   in process), against a bare length-sorted encoder forward and a file-order forward padded to a
+   fixed length, over the same texts;
 3. HTTP throughput with concurrent clients against a `metasent serve` subprocess (requests/s,
    p50/p99 latency, texts/s) and its ratio to (2);
 4. meta-training episodes/s with and without the frozen-layer cache in the inner loop, and the
@@ -32,9 +33,9 @@ import torch
 from bench.http_food import wait_ready
 from metasent.data.episodes import EpisodeSampler
 from metasent.data.readers import read_arsc
+from metasent.meta.adaptation import AdaptedState, Predictor
 from metasent.meta.config import CheckpointConfig
 from metasent.meta.feature_cache import LowerLayerCache
-from metasent.meta.inner_loop import inner_loop
 from metasent.meta.model import MetaLearner
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def review_texts(arsc: Path, count: int) -> list[str]:
 
 
 def bench_adaptation(model: MetaLearner, config: CheckpointConfig, texts: list[str], labels: list[str], repeats: int):
-    adapt = _median_seconds(lambda: inner_loop(model, texts, labels, config.inner_loop), repeats)
+    predictor = Predictor(model, config.inner_loop)
+    adapt = _median_seconds(lambda: predictor.adapt(texts, labels), repeats)
     batch = model.tokenize(texts)
     with torch.inference_mode():
         forward = _median_seconds(lambda: model(**batch), repeats)
@@ -104,16 +106,19 @@ def _file_order_padded_forward(model: MetaLearner, texts: Sequence[str], batch_s
 
 
 def bench_classification(
-    model: MetaLearner, config: CheckpointConfig, params, texts: list[str], batch_size: int, padded_length: int
+    model: MetaLearner,
+    config: CheckpointConfig,
+    state: AdaptedState,
+    texts: list[str],
+    batch_size: int,
+    padded_length: int,
 ):
-    from metasent.app.service import ModelService
-
     padded_length = min(padded_length, int(model.encoder.config.max_position_embeddings))
-    service = ModelService(model, config, batch_size)
-    service.classify(params, texts[:batch_size])  # warm-up
+    predictor = Predictor(model, config.inner_loop, batch_size)
+    predictor.predict_many([(state, texts[:batch_size])])  # warm-up
     timings = {}
     for name, run in (
-        ("service", lambda: service.classify(params, texts)),
+        ("service", lambda: predictor.predict_many([(state, texts)])),
         ("bare_sorted", lambda: _bare_sorted_forward(model, texts, batch_size)),
         ("file_order_padded", lambda: _file_order_padded_forward(model, texts, batch_size, padded_length)),
     ):
@@ -283,7 +288,7 @@ def run_bench(
     model, config = load_model(checkpoint, None, resolve_device(device))
     support = food_support(arsc)
     corpus = review_texts(arsc, texts)
-    adaptation = inner_loop(model, *support, config.inner_loop)
+    state = Predictor(model, config.inner_loop).adapt(*support)
     result: dict[str, Any] = {
         "machine": {
             "device": str(model.device),
@@ -296,13 +301,13 @@ def run_bench(
             "checkpoint": str(checkpoint) if checkpoint else None,
             "encoder": config.encoder.name_or_path,
             "inner_loop": config.inner_loop.model_dump(),
-            "bytes_per_domain_tensors": sum(t.numel() * t.element_size() for t in adaptation.params.values()),
+            "bytes_per_domain_tensors": sum(t.numel() * t.element_size() for t in state.to_tensors().values()),
         },
     }
     logger.info("1/5 adaptation")
     result["adaptation"] = bench_adaptation(model, config, *support, repeats)
     logger.info("2/5 classification")
-    result["classification"] = bench_classification(model, config, adaptation.params, corpus, batch_size, padded_length)
+    result["classification"] = bench_classification(model, config, state, corpus, batch_size, padded_length)
     logger.info("4/5 meta-training")
     result["meta_training"] = bench_meta_training(model, config, arsc, train_steps)
     if http:

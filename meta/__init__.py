@@ -1,18 +1,20 @@
-"""Meta-learning for few-shot text classification: the model, the inner loop shared by
-meta-training and the server, first-order MAML meta-training, checkpoints and evaluation."""
+"""Meta-learning for few-shot text classification: the model, adaptation (the inner loop, heads
+and prediction shared by meta-training, evaluation and the server), first-order MAML and the
+other meta-training methods, checkpoints and evaluation."""
 
+from .adaptation import AdaptedState, MatchingHead, Predictor, PrototypeHead, inner_loop
 from .config import CheckpointConfig, EncoderConfig, InnerLoopConfig, TrainConfig
-from .inner_loop import Adaptation, inner_loop, predict_proba
-from .model import MetaLearner, prototype_head
+from .model import MetaLearner
 
 __all__ = [
-    "Adaptation",
+    "AdaptedState",
     "CheckpointConfig",
     "EncoderConfig",
     "InnerLoopConfig",
+    "MatchingHead",
     "MetaLearner",
+    "Predictor",
+    "PrototypeHead",
     "TrainConfig",
     "inner_loop",
-    "predict_proba",
-    "prototype_head",
 ]

@@ -21,11 +21,11 @@ from torch import Tensor, nn
 
 from metasent.data.episodes import Episode
 
+from .adaptation import autocast, encode_labels, inner_loop
 from .config import CheckpointConfig, InnerLoopConfig
 from .feature_cache import LowerLayerCache
 from .fomaml import clamp_meta_parameters, fomaml_step
-from .inner_loop import autocast, encode_labels, inner_loop
-from .model import HEAD_KEYS, MetaLearner
+from .model import MetaLearner
 
 OuterStep = Callable[[Sequence[Episode]], tuple[float, float]]
 """One outer update from a meta-batch of episodes; returns the mean loss (nats) and accuracy."""
@@ -40,7 +40,7 @@ def reptile_step(
 ) -> tuple[float, float]:
     """One Reptile outer update (batched version, Nichol et al. 2018, Algorithm 2).
 
-    For each episode the inner loop (:func:`meta.inner_loop.inner_loop`) runs on all of the
+    For each episode the inner loop (:func:`meta.adaptation.inner_loop`) runs on all of the
     episode's examples (support and query: Reptile has no query loss); the outer "gradient" of
     each adapted encoder tensor is ``theta - phi`` averaged over the meta-batch, applied by the
     optimizer (the Adam form of the Reptile step used in the paper's experiments). Tensors the
@@ -67,16 +67,14 @@ def reptile_step(
     losses, accuracies = [], []
     for episode in episodes:
         examples = list(episode.support) + list(episode.query)
-        adaptation = inner_loop(
+        state = inner_loop(
             model, [ex.text for ex in examples], [ex.label for ex in examples], inner_config, episode.labels
         )
-        for name, phi in adaptation.params.items():
-            if name in HEAD_KEYS:
-                continue
+        for name, phi in state.encoder.items():  # the head is rebuilt on every task: not moved
             delta = (model.get_parameter(name).detach() - phi) / len(episodes)  # theta - phi
             deltas[name] = deltas[name] + delta if name in deltas else delta
-        losses.append(adaptation.support_losses[-1])
-        accuracies.append(adaptation.support_accuracy)
+        losses.append(state.support_losses[-1])
+        accuracies.append(state.support_accuracy)
     for name, delta in deltas.items():
         parameter = model.get_parameter(name)
         parameter.grad = delta.to(parameter.dtype)

@@ -9,11 +9,13 @@ Layout::
     <dir>/training_state.pt   optimiser, scheduler and RNG state, for `metasent train --resume`
 
 A directory is written to a temporary sibling and renamed into place, so a crash never leaves a
-half-written checkpoint under the final name.
+half-written checkpoint under the final name. :func:`model_fingerprint` hashes what a model was
+loaded from, so that adapted domains know which model adapted them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "metasent.json"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
+_ENCODER_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def save_checkpoint(
@@ -128,3 +131,37 @@ def load_model(
         config.encoder = EncoderConfig(name_or_path=encoder)
     model = MetaLearner.from_pretrained(config.encoder).to(device).eval()
     return model, config
+
+
+def _hash_file(digest: hashlib._Hash, path: Path) -> None:
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+
+
+def model_fingerprint(checkpoint: Path | None, config: CheckpointConfig, encoder_path: str | None = None) -> str:
+    """The hash a domain records to know which model adapted it (computed once at load).
+
+    Args:
+        checkpoint (`Path | None`): a checkpoint directory: sha256 over its ``metasent.json`` and
+            ``model.safetensors``.
+        config (`CheckpointConfig`): without a checkpoint, the loaded config (encoder name and
+            inner loop) goes into the hash.
+        encoder_path (`str`, *optional*): without a checkpoint, the encoder's folder: its weight
+            file goes into the hash when there is one.
+
+    Returns:
+        `str`: 64 hex digits.
+    """
+    digest = hashlib.sha256()
+    if checkpoint is not None:
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            digest.update(name.encode())
+            _hash_file(digest, Path(checkpoint) / name)
+        return digest.hexdigest()
+    digest.update(config.model_dump_json(include={"algorithm", "encoder", "inner_loop"}).encode())
+    folder = Path(encoder_path) if encoder_path else None
+    weights = [folder / name for name in _ENCODER_WEIGHT_FILES if folder is not None and (folder / name).is_file()]
+    if weights:
+        _hash_file(digest, weights[0])
+    return digest.hexdigest()

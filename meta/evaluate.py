@@ -18,8 +18,8 @@ from sklearn.metrics import f1_score
 from metasent.data.episodes import Episode, EpisodeSampler, fixed_episode
 from metasent.data.registry import Task
 
+from .adaptation import Predictor
 from .config import InnerLoopConfig
-from .inner_loop import inner_loop, predict_proba
 from .model import MetaLearner
 
 
@@ -56,18 +56,13 @@ def evaluate_episode(
     seed: int | None = None,
     batch_size: int = 32,
 ) -> EpisodeResult:
-    """Adapt with :func:`meta.inner_loop.inner_loop` on ``episode.support`` and score
-    ``episode.query``."""
-    adaptation = inner_loop(
-        model,
-        [ex.text for ex in episode.support],
-        [ex.label for ex in episode.support],
-        inner_config,
-        label_names=episode.labels,
-    )
-    probs = predict_proba(model, adaptation.params, [ex.text for ex in episode.query], batch_size)
-    predicted = [adaptation.labels[i] for i in probs.argmax(-1).tolist()]
-    return score_episode(episode, predicted, seed, adaptation.seconds, adaptation.support_accuracy)
+    """Adapt with the :class:`meta.adaptation.Predictor` on ``episode.support`` (class order
+    ``episode.labels``) and score ``episode.query``."""
+    predictor = Predictor(model, inner_config, batch_size)
+    state = predictor.adapt([ex.text for ex in episode.support], [ex.label for ex in episode.support], episode.labels)
+    probs = predictor.predict_proba(state, [ex.text for ex in episode.query])
+    predicted = [state.labels[i] for i in probs.argmax(-1).tolist()]
+    return score_episode(episode, predicted, seed, state.seconds, state.support_accuracy)
 
 
 def score_episode(

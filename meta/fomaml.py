@@ -3,14 +3,15 @@ approximation) with a Proto-MAML head (Triantafillou et al. 2020): the query los
 step. With no inner step the same query loss is the prototypical-network loss (Snell et al. 2017),
 and with the matching classifier the matching-network loss (Vinyals et al. 2016).
 
-For each episode the inner loop (:func:`meta.inner_loop.inner_loop`) adapts the head and the top
+For each episode the inner loop (:func:`meta.adaptation.inner_loop`) adapts the head and the top
 encoder layers on the support set. The query loss is then evaluated at
 
     phi = theta + stopgrad(phi_adapted - theta)
 
 so that its gradient with respect to ``theta`` is the query-loss gradient taken at the adapted
-parameters (the first-order MAML update), while the parameters the inner loop does not adapt and
-the prototype initialisation of the head receive their ordinary gradients.
+parameters (the first-order MAML update, :func:`meta.adaptation.straight_through`), while the
+parameters the inner loop does not adapt and the head's initialisation from the support set
+(:func:`meta.adaptation.init_head`) receive their ordinary gradients.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from torch import Tensor
 
 from metasent.data.episodes import Episode
 
+from .adaptation import anchor_texts, autocast, encode_labels, init_head, inner_loop, straight_through
 from .config import InnerLoopConfig
 from .feature_cache import LowerLayerCache
-from .inner_loop import autocast, encode_labels, initial_classifier, inner_loop
-from .model import FrozenFeatures, MetaLearner, anchor_texts
+from .model import FrozenFeatures, MetaLearner
 
 MIN_LOGIT_SCALE, MAX_LOGIT_SCALE = math.log(1.0), math.log(100.0)
 MAX_LABEL_LOG_WEIGHT = math.log(20.0)
@@ -57,7 +58,7 @@ def fomaml_query_loss(
         model (`MetaLearner`): the meta-learner; its parameters are the meta-parameters.
         episode (`Episode`): support and query sets.
         inner_config (`InnerLoopConfig`): the inner loop, as the server will run it.
-        cache_frozen (`bool`, defaults to True): passed to :func:`meta.inner_loop.inner_loop`.
+        cache_frozen (`bool`, defaults to True): passed to :func:`meta.adaptation.inner_loop`.
         feature_cache (`LowerLayerCache`, *optional*): outputs of the frozen bottom layers per
             text (only when meta-training leaves those layers unchanged).
 
@@ -87,26 +88,26 @@ def fomaml_query_loss(
             if inner_config.adapted_layers == 0 and cache_frozen
             else lower
         )
-        head = initial_classifier(model, support_z, support_y, len(episode.labels), inner_config)  # graph into theta
-        adaptation = inner_loop(
+        head = init_head(model, support_z, support_y, len(episode.labels), inner_config)  # graph into theta
+        state = inner_loop(
             model,
             support_texts,
             support_labels,
             inner_config,
             label_names=episode.labels,
-            initial_head={k: v.detach() for k, v in head.items()},
+            initial_head=head,  # only its values: the inner loop detaches it
             cache_frozen=cache_frozen,
             support_features=support_features,
         )
-        params: dict[str, Tensor] = {}
-        for name, adapted in adaptation.params.items():
-            start = head[name] if name in head else meta_params[name]
-            params[name] = start + (adapted - start.detach())  # value: adapted; gradient: identity
+        adapted = state.head.tensors()
+        query_head = head.with_tensors({name: straight_through(t, adapted[name]) for name, t in head.tensors().items()})
+        encoder = {name: straight_through(meta_params[name], phi) for name, phi in state.encoder.items()}
         query_y = encode_labels([ex.label for ex in episode.query], episode.labels, model.device)
         if feature_cache is not None:
-            logits = model.head_logits(params, model.embed_frozen(params, feature_cache.features(query_texts)))
+            query_z = model.embed_frozen(encoder, feature_cache.features(query_texts))
         else:
-            logits = model.logits(params, model.tokenize(query_texts))  # (N*Q, N)
+            query_z = model.embed(encoder, model.tokenize(query_texts))  # (N*Q, hidden)
+        logits = query_head.logits(query_z, model.logit_scale)  # (N*Q, N)
         loss = F.cross_entropy(logits, query_y)
         accuracy = float((logits.argmax(-1) == query_y).float().mean())
     return loss, accuracy

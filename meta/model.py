@@ -1,4 +1,5 @@
-"""The meta-learner: a Hugging Face encoder with mean pooling and a prototype-initialised head.
+"""The meta-learner: a Hugging Face encoder with mean pooling, L2 normalisation and a learned
+temperature; the per-task heads and the inner loop live in :mod:`meta.adaptation`.
 
 The forward pass is written for ``torch.func.functional_call`` so that one base model serves
 every task: adapted tensors are passed in a dict and never written into the module.
@@ -23,11 +24,6 @@ from .config import DEFAULT_ENCODER, EncoderConfig
 
 logger = logging.getLogger(__name__)
 
-HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
-# The matching-network classifier keeps the support embeddings and their one-hot labels instead.
-HEAD_SUPPORT, HEAD_SUPPORT_LABELS = "head.support", "head.support_labels"
-HEAD_SUPPORT_BIAS = "head.support_bias"  # per-row attention logit offset (label-name anchors)
-HEAD_KEYS = frozenset({HEAD_WEIGHT, HEAD_BIAS, HEAD_SUPPORT, HEAD_SUPPORT_LABELS, HEAD_SUPPORT_BIAS})
 # Meta-parameters added after the first checkpoints; older checkpoints load with their initial value.
 OPTIONAL_PARAMETERS = frozenset({"label_log_weight"})
 _LAYER_INDEX = re.compile(r"(?:^|\.)layer\.(\d+)\.")
@@ -83,11 +79,12 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 class MetaLearner(nn.Module):
-    """Encoder + mean pooling + L2 normalisation + a temperature-scaled linear head.
+    """Encoder + mean pooling + L2 normalisation, with the meta-learned temperature of the head
+    logits (``logit_scale``, a log) and label-anchor weight (``label_log_weight``, a log).
 
-    The head is not a module parameter: it is built per task from the support set
-    (:func:`prototype_head`, Proto-MAML, Triantafillou et al. 2020) and passed in with the
-    parameters, so any set of 2 or more label names works in any order.
+    The head is not a module parameter: it is built per task from the support set (a
+    :class:`meta.adaptation.Head`, e.g. Proto-MAML's prototype head, Triantafillou et al. 2020),
+    so any set of 2 or more label names works in any order.
 
     Args:
         encoder (`nn.Module`): a Hugging Face encoder (``AutoModel``) returning
@@ -174,43 +171,9 @@ class MetaLearner(nn.Module):
         return mean_pool(hidden, attention_mask)
 
     def embed(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
-        """:meth:`forward` with ``params`` replacing the module's tensors of the same name
-        (missing names use the base model's own tensors). Returns (batch, hidden)."""
-        encoder_params = {k: v for k, v in params.items() if not k.startswith("head.")}
-        return functional_call(self, encoder_params, (batch["input_ids"], batch["attention_mask"]))
-
-    def head_logits(self, params: Mapping[str, Tensor], embeddings: Tensor) -> Tensor:
-        """Class logits of (batch, hidden) embeddings.
-
-        With a linear head (``head.weight`` (classes, hidden), ``head.bias`` (classes,)) the
-        logits are ``exp(logit_scale) * (z @ W.T + b)``. With a matching head (``head.support``
-        (M, hidden), ``head.support_labels`` (M, classes) one-hot) they are the log of the
-        attention-weighted label distribution ``softmax(exp(logit_scale) * cos(z, s)) @ Y``
-        (Vinyals et al. 2016, "Matching Networks for One Shot Learning"), with
-        ``head.support_bias`` (M,) added to the attention logits when present. ``logit_scale``
-        defaults to the module's.
-
-        Args:
-            params: the head tensors (see above).
-            embeddings (`Tensor`): (batch, hidden), unit norm.
-
-        Returns:
-            `Tensor`: (batch, classes) logits.
-        """
-        scale = params.get("logit_scale", self.logit_scale).exp()
-        if HEAD_SUPPORT in params:
-            support = params[HEAD_SUPPORT].to(embeddings.dtype)  # (M, hidden), unit norm
-            scores = (scale * (embeddings @ support.T)).float()  # (batch, M)
-            if HEAD_SUPPORT_BIAS in params:
-                scores = scores + params[HEAD_SUPPORT_BIAS].float()
-            attention = scores.softmax(-1)  # (batch, M)
-            return (attention @ params[HEAD_SUPPORT_LABELS].float()).clamp_min(1e-8).log()  # (batch, classes)
-        return scale * (embeddings @ params[HEAD_WEIGHT].T + params[HEAD_BIAS])
-
-    def logits(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
-        """Class logits (batch, classes) of a tokenised batch (``input_ids``/``attention_mask``,
-        each (batch, tokens)) under ``params`` (see :meth:`head_logits`)."""
-        return self.head_logits(params, self.embed(params, batch))
+        """:meth:`forward` with ``params`` (module tensor names) replacing the module's tensors of
+        the same name (missing names use the base model's own tensors). Returns (batch, hidden)."""
+        return functional_call(self, dict(params), (batch["input_ids"], batch["attention_mask"]))
 
     def _layer_prefix(self, index: int) -> str:
         for name, _ in self.named_parameters():
@@ -341,101 +304,6 @@ def frozen_parameter_names(model: MetaLearner, frozen_layers: int) -> list[str]:
         return []
     trained = set(model.adapted_parameter_names(model.num_layers - frozen_layers))
     return [n for n in model.adapted_parameter_names(-1) if n not in trained]
-
-
-def prototype_head(
-    embeddings: Tensor,
-    labels: Tensor,
-    num_classes: int,
-    anchors: Tensor | None = None,
-    anchor_weight: Tensor | None = None,
-) -> Params:
-    """Initialise a linear head from class prototypes (Proto-MAML, Triantafillou et al. 2020,
-    "Meta-Dataset"): ``W_c = 2 p_c``, ``b_c = -||p_c||^2``, so that the logits equal the negative
-    squared Euclidean distance to each prototype up to a per-example constant (Snell et al. 2017).
-
-    With ``anchors`` (the embedded label names), each prototype is the weighted mean
-    ``p_c = (sum_i z_i + w a_c) / (n_c + w)``: the label name counts as ``w`` support examples.
-
-    Args:
-        embeddings (`Tensor`): (examples, hidden) support embeddings.
-        labels (`Tensor`): (examples,) class ids in ``[0, num_classes)``.
-        num_classes (`int`): number of classes N.
-        anchors (`Tensor`, *optional*): (N, hidden) label-name embeddings.
-        anchor_weight (`Tensor`, *optional*): scalar weight ``w`` of each anchor (default 1).
-
-    Returns:
-        `dict[str, Tensor]`: ``head.weight`` (N, hidden) and ``head.bias`` (N,).
-
-    Raises:
-        ValueError: when a class has no support example.
-    """
-    embeddings = embeddings.float()  # the head stays fp32 under autocast
-    one_hot = F.one_hot(labels, num_classes).to(embeddings.dtype)  # (examples, N)
-    counts = one_hot.sum(0)  # (N,)
-    if bool((counts == 0).any()):
-        raise ValueError("every class needs at least one support example")
-    sums = one_hot.T @ embeddings  # (N, hidden)
-    if anchors is not None:
-        weight = anchor_weight.float() if anchor_weight is not None else torch.ones((), device=sums.device)
-        sums = sums + weight * anchors.float()
-        counts = counts + weight
-    prototypes = sums / counts.unsqueeze(1)  # (N, hidden)
-    return {HEAD_WEIGHT: 2 * prototypes, HEAD_BIAS: -(prototypes**2).sum(1)}
-
-
-def matching_head(
-    embeddings: Tensor,
-    labels: Tensor,
-    num_classes: int,
-    anchors: Tensor | None = None,
-    anchor_weight: Tensor | None = None,
-) -> Params:
-    """The matching-network classifier of a support set (Vinyals et al. 2016): its embeddings
-    and one-hot labels, attended over by :meth:`MetaLearner.head_logits`.
-
-    With ``anchors`` (the embedded label names) each label name is one more support row of its
-    class whose attention weight is multiplied by ``anchor_weight`` (added as ``log w`` to its
-    attention logit).
-
-    Args:
-        embeddings (`Tensor`): (examples, hidden) support embeddings.
-        labels (`Tensor`): (examples,) class ids in ``[0, num_classes)``.
-        num_classes (`int`): number of classes N.
-        anchors (`Tensor`, *optional*): (N, hidden) label-name embeddings.
-        anchor_weight (`Tensor`, *optional*): scalar weight ``w`` of each anchor (default 1).
-
-    Returns:
-        `dict[str, Tensor]`: ``head.support`` (M, hidden) and ``head.support_labels`` (M, N),
-        M = examples (+ N with anchors), and with anchors ``head.support_bias`` (M,).
-
-    Raises:
-        ValueError: when a class has no support example.
-    """
-    one_hot = F.one_hot(labels, num_classes).float()  # (examples, N)
-    if bool((one_hot.sum(0) == 0).any()):
-        raise ValueError("every class needs at least one support example")
-    if anchors is None:
-        return {HEAD_SUPPORT: embeddings.float(), HEAD_SUPPORT_LABELS: one_hot}
-    weight = anchor_weight.float() if anchor_weight is not None else torch.ones((), device=one_hot.device)
-    bias = torch.cat([torch.zeros(len(labels), device=one_hot.device), weight.log().expand(num_classes)])
-    return {
-        HEAD_SUPPORT: torch.cat([embeddings.float(), anchors.float()]),  # (examples + N, hidden)
-        HEAD_SUPPORT_LABELS: torch.cat([one_hot, torch.eye(num_classes, device=one_hot.device)]),
-        HEAD_SUPPORT_BIAS: bias,  # (examples + N,)
-    }
-
-
-def num_classes(params: Mapping[str, Tensor]) -> int:
-    """Number of classes of an adapted head (linear or matching)."""
-    if HEAD_SUPPORT_LABELS in params:
-        return int(params[HEAD_SUPPORT_LABELS].shape[1])
-    return int(params[HEAD_BIAS].shape[0])
-
-
-def anchor_texts(label_names: Sequence[str]) -> list[str]:
-    """The texts embedded as label-name anchors: the label names themselves."""
-    return [str(name) for name in label_names]
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -10,19 +10,23 @@ import torch
 
 from metasent.app.batching import MicroBatcher
 from metasent.app.service import ModelService
+from metasent.meta.adaptation import AdaptedState, Predictor, inner_loop
 from metasent.meta.config import CheckpointConfig, InnerLoopConfig
-from metasent.meta.inner_loop import inner_loop, predict_proba
 from metasent.meta.model import MetaLearner
 from tests.conftest import NEGATIVE, POSITIVE
 
 
-def adapt(model: MetaLearner, layers: int, shift: int = 0):
+def adapt(model: MetaLearner, layers: int, shift: int = 0) -> AdaptedState:
     texts = POSITIVE[shift : shift + 3] + NEGATIVE[shift : shift + 3]
     return inner_loop(model, texts, ["positive"] * 3 + ["negative"] * 3, InnerLoopConfig(adapted_layers=layers))
 
 
+def predict_proba(model: MetaLearner, state: AdaptedState, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+    return Predictor(model, InnerLoopConfig(), batch_size).predict_proba(state, texts)
+
+
 def test_concurrent_requests_share_one_call_and_equal_one_by_one(tiny_model: MetaLearner) -> None:
-    params = adapt(tiny_model, layers=1).params
+    params = adapt(tiny_model, layers=1)
     seen: list[int] = []
 
     def classify_many(requests):
@@ -83,8 +87,8 @@ def test_errors_reach_every_request() -> None:
 
 def test_head_only_domains_share_one_encoder_pass(tiny_model: MetaLearner, tmp_path: Path) -> None:
     service = ModelService(tiny_model, CheckpointConfig(), batch_size=4)
-    food, drinks = adapt(tiny_model, 0).params, adapt(tiny_model, 0, shift=4).params
-    layered = adapt(tiny_model, 1).params
+    food, drinks = adapt(tiny_model, 0), adapt(tiny_model, 0, shift=4)
+    layered = adapt(tiny_model, 1)
     encoder_calls = 0
 
     def count(*_):

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 from metasent.data.episodes import EpisodeSampler, fixed_episode
 from metasent.data.registry import Task
+from metasent.meta.adaptation import AdaptedState, Predictor, PrototypeHead, encode_labels, inner_loop
 from metasent.meta.checkpoint import is_checkpoint, load_checkpoint, load_training_state, save_checkpoint
 from metasent.meta.config import CheckpointConfig, InnerLoopConfig, TrainConfig
 from metasent.meta.evaluate import EpisodeResult, evaluate_episode, format_table, summarize
 from metasent.meta.fomaml import fomaml_query_loss
-from metasent.meta.inner_loop import encode_labels, inner_loop, predict_proba
-from metasent.meta.model import MetaLearner, prototype_head
+from metasent.meta.model import MetaLearner
 from metasent.meta.train import meta_train
 from tests.conftest import NEGATIVE, POSITIVE, make_task
 
@@ -24,18 +24,22 @@ def support(k: int = 5) -> tuple[list[str], list[str]]:
     return POSITIVE[:k] + NEGATIVE[:k], ["positive"] * k + ["negative"] * k
 
 
+def predict_proba(model: MetaLearner, state: AdaptedState, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+    return Predictor(model, InnerLoopConfig(), batch_size).predict_proba(state, texts)
+
+
 def test_prototype_head_is_negative_squared_distance() -> None:
     torch.manual_seed(0)
     z = F.normalize(torch.randn(6, 8), dim=-1)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    head = prototype_head(z, labels, 3)
+    head = PrototypeHead.from_support(z, labels, 3)
     prototypes = torch.stack([z[labels == c].mean(0) for c in range(3)])
     queries = F.normalize(torch.randn(5, 8), dim=-1)
-    logits = queries @ head["head.weight"].T + head["head.bias"]
+    logits = head.logits(queries, torch.tensor(0.0))  # temperature exp(0) = 1
     expected = -(torch.cdist(queries, prototypes) ** 2) + (queries**2).sum(1, keepdim=True)
     torch.testing.assert_close(logits, expected)
     with pytest.raises(ValueError, match="at least one support example"):
-        prototype_head(z, torch.tensor([0, 0, 0, 0, 0, 0]), 2)
+        PrototypeHead.from_support(z, torch.tensor([0, 0, 0, 0, 0, 0]), 2)
 
 
 def test_adapted_parameter_names(tiny_model: MetaLearner) -> None:
@@ -55,8 +59,9 @@ def test_inner_loop_lowers_support_loss_and_leaves_base_untouched(tiny_model: Me
     adaptation = inner_loop(tiny_model, texts, labels, InnerLoopConfig(steps=10, lr=0.01, adapted_layers=layers))
     assert len(adaptation.support_losses) == 11
     assert adaptation.support_losses[-1] < adaptation.support_losses[0]
-    assert set(adaptation.params) == {"head.weight", "head.bias", *tiny_model.adapted_parameter_names(layers)}
-    assert adaptation.params["head.weight"].shape == (2, 32)
+    tensors = adaptation.to_tensors()
+    assert set(tensors) == {"head.weight", "head.bias", *tiny_model.adapted_parameter_names(layers)}
+    assert tensors["head.weight"].shape == (2, 32) and adaptation.shares_encoder == (layers == 0)
     for name, param in tiny_model.named_parameters():
         torch.testing.assert_close(param, before[name], rtol=0, atol=0)
 
@@ -66,8 +71,8 @@ def test_inner_loop_any_labels_and_order(tiny_model: MetaLearner) -> None:
     labels = ["love", "love", "hate", "hate", "meh", "meh"]
     adaptation = inner_loop(tiny_model, texts, labels, InnerLoopConfig(steps=2, adapted_layers=1))
     assert adaptation.labels == ("love", "hate", "meh")
-    assert adaptation.params["head.bias"].shape == (3,)
-    probs = predict_proba(tiny_model, adaptation.params, ["great coffee", "awful tea"])
+    assert adaptation.to_tensors()["head.bias"].shape == (3,) and adaptation.num_classes == 3
+    probs = predict_proba(tiny_model, adaptation, ["great coffee", "awful tea"])
     assert probs.shape == (2, 3)
     torch.testing.assert_close(probs.sum(1), torch.ones(2))
     with pytest.raises(ValueError, match="at least 2 distinct labels"):
@@ -78,16 +83,16 @@ def test_inner_loop_is_deterministic(tiny_model: MetaLearner) -> None:
     texts, labels = support()
     config = InnerLoopConfig(steps=3, adapted_layers=1)
     first, second = (inner_loop(tiny_model, texts, labels, config) for _ in range(2))
-    for name in first.params:
-        torch.testing.assert_close(first.params[name], second.params[name])
+    for name, tensor in first.to_tensors().items():
+        torch.testing.assert_close(tensor, second.to_tensors()[name])
 
 
 def test_predict_proba_keeps_input_order(tiny_model: MetaLearner) -> None:
     texts, labels = support()
     adaptation = inner_loop(tiny_model, texts, labels, InnerLoopConfig(steps=2, adapted_layers=1))
     queries = ["great", "awful stale bread never again terrible bitter", "love it", "bad"]
-    batched = predict_proba(tiny_model, adaptation.params, queries, batch_size=3)
-    one_by_one = torch.cat([predict_proba(tiny_model, adaptation.params, [q]) for q in queries])
+    batched = predict_proba(tiny_model, adaptation, queries, batch_size=3)
+    one_by_one = torch.cat([predict_proba(tiny_model, adaptation, [q]) for q in queries])
     torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
 
 
@@ -109,15 +114,19 @@ def test_fomaml_step_equals_hand_computed_first_order_update(tiny_model: MetaLea
     # Hand computation: theta leaves for the prototypes, phi leaves for the adapted query pass.
     theta_leaves = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
     phi_leaves = {
-        n: adaptation.params[n].clone().requires_grad_(True) for n in tiny_model.adapted_parameter_names(layers)
+        n: adaptation.encoder[n].clone().requires_grad_(True) for n in tiny_model.adapted_parameter_names(layers)
     }
     s_batch = tiny_model.tokenize([e.text for e in episode.support])
     q_batch = tiny_model.tokenize([e.text for e in episode.query])
     s_y = encode_labels([e.label for e in episode.support], episode.labels, tiny_model.device)
     q_y = encode_labels([e.label for e in episode.query], episode.labels, tiny_model.device)
-    head0 = prototype_head(tiny_model.embed(theta_leaves, s_batch), s_y, 2)
-    head = {n: head0[n] + (adaptation.params[n] - head0[n].detach()) for n in head0}
-    loss = F.cross_entropy(tiny_model.logits({**theta_leaves, **phi_leaves, **head}, q_batch), q_y)
+    head0 = PrototypeHead.from_support(tiny_model.embed(theta_leaves, s_batch), s_y, 2)
+    adapted = adaptation.head
+    assert isinstance(adapted, PrototypeHead)
+    weight = head0.weight + (adapted.weight - head0.weight.detach())  # value: adapted; gradient: head0
+    bias = head0.bias + (adapted.bias - head0.bias.detach())
+    query_z = tiny_model.embed({**theta_leaves, **phi_leaves}, q_batch)
+    loss = F.cross_entropy(theta_leaves["logit_scale"].exp() * (query_z @ weight.T + bias), q_y)
     loss.backward()
     eta = 0.01
     expected = {}
@@ -195,7 +204,7 @@ def test_checkpoint_round_trip(tmp_path: Path, tiny_model: MetaLearner) -> None:
     texts, labels = support()
     a = inner_loop(tiny_model, texts, labels, config.inner_loop)
     b = inner_loop(loaded, texts, labels, loaded_config.inner_loop)
-    torch.testing.assert_close(predict_proba(tiny_model, a.params, texts), predict_proba(loaded, b.params, texts))
+    torch.testing.assert_close(predict_proba(tiny_model, a, texts), predict_proba(loaded, b, texts))
     with pytest.raises(FileNotFoundError, match="not a metasent checkpoint"):
         load_checkpoint(tmp_path)
 
@@ -228,13 +237,13 @@ def test_cached_frozen_layers_give_the_uncached_adaptation(tiny_model: MetaLearn
     config = InnerLoopConfig(steps=3, lr=0.05, adapted_layers=layers)
     cached = inner_loop(tiny_model, texts, labels, config, cache_frozen=True)
     uncached = inner_loop(tiny_model, texts, labels, config, cache_frozen=False)
-    assert cached.params.keys() == uncached.params.keys()
-    for name in cached.params:
-        torch.testing.assert_close(cached.params[name], uncached.params[name], atol=1e-5, rtol=1e-5)
+    assert cached.to_tensors().keys() == uncached.to_tensors().keys()
+    for name, tensor in cached.to_tensors().items():
+        torch.testing.assert_close(tensor, uncached.to_tensors()[name], atol=1e-5, rtol=1e-5)
     queries = ["great coffee", "awful stale tea never again"]
     torch.testing.assert_close(
-        predict_proba(tiny_model, cached.params, queries),
-        predict_proba(tiny_model, uncached.params, queries),
+        predict_proba(tiny_model, cached, queries),
+        predict_proba(tiny_model, uncached, queries),
         atol=1e-5,
         rtol=1e-5,
     )

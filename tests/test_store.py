@@ -15,11 +15,10 @@ import torch
 from fastapi.testclient import TestClient
 
 from metasent.app.main import create_app
-from metasent.app.service import model_fingerprint
 from metasent.app.settings import Settings
 from metasent.app.store import DomainStore, VersionConflictError
+from metasent.meta.checkpoint import model_fingerprint
 from metasent.meta.config import CheckpointConfig
-from metasent.meta.inner_loop import Adaptation
 from tests.conftest import NEGATIVE, POSITIVE
 from tests.test_api import assert_error, support
 
@@ -188,21 +187,23 @@ def test_stateless_classify_stores_nothing(tiny_checkpoint: Path, tmp_path: Path
         assert len(client.get("/v1/domains").json()["domains"]) == 1
 
 
-def _adaptation(value: float) -> Adaptation:
-    return Adaptation({"head.weight": torch.full((2, 3), value)}, ("a", "b"), [0.0], 1.0, 1, 0.1)
+def _adaptation(value: float) -> tuple[tuple[str, ...], dict[str, torch.Tensor], dict[str, Any]]:
+    """Labels, tensors and figures of an adaptation whose head weight is filled with ``value``."""
+    tensors = {"head.weight": torch.full((2, 3), value), "head.bias": torch.zeros(2)}
+    return ("a", "b"), tensors, {"steps": 1, "seconds": 0.1, "device": "cpu"}
 
 
 def test_store_cache_versions_and_ping(tmp_path: Path) -> None:
     store = DomainStore(f"sqlite:///{tmp_path / 'db.sqlite'}", cache_size=1)
     examples = [("good", "a"), ("bad", "b")]
-    domain = store.add("t1", "x", _adaptation(1.0), examples, "hash1", "cpu")
-    other = store.add("t1", "y", _adaptation(2.0), examples, "hash1", "cpu")
+    domain = store.add("t1", "x", *_adaptation(1.0), examples, "hash1")
+    other = store.add("t1", "y", *_adaptation(2.0), examples, "hash1")
     assert float(store.params(domain)["head.weight"][0, 0]) == 1.0  # evicted from the cache: read back
     assert store.get("t2", domain.domain_id) is None and store.list("t2") == [] and store.count("t1") == 2
-    updated = store.replace(domain, _adaptation(3.0), examples[:1] * 2 + examples, "hash1", "cpu")
+    updated = store.replace(domain, *_adaptation(3.0), examples[:1] * 2 + examples, "hash1")
     assert updated.version == 2 and updated.num_examples == 4
     with pytest.raises(VersionConflictError):
-        store.replace(domain, _adaptation(4.0), examples, "hash1", "cpu")  # based on version 1
+        store.replace(domain, *_adaptation(4.0), examples, "hash1")  # based on version 1
     with pytest.raises(KeyError):
         store.params(domain)  # version 1 is gone
     assert float(store.params(updated)["head.weight"][0, 0]) == 3.0
@@ -249,8 +250,8 @@ def test_concurrent_writers_never_fail(tmp_path: Path) -> None:
 
     def work(i: int) -> None:
         for _ in range(15):
-            domain = store.add(f"t{i % 2}", "x", _adaptation(float(i)), examples, "h", "cpu", limit=1000)
-            store.replace(domain, _adaptation(1.0), examples, "h", "cpu")
+            domain = store.add(f"t{i % 2}", "x", *_adaptation(float(i)), examples, "h", limit=1000)
+            store.replace(domain, *_adaptation(1.0), examples, "h")
             assert store.delete(domain.tenant, domain.domain_id)
 
     with ThreadPoolExecutor(8) as pool:

@@ -12,7 +12,6 @@ from ..auth import require_tenant
 from ..dependencies import AdaptQueueDep, ServiceDep, SettingsDep
 from ..routers.domains import QUEUE_FULL, REQUEST_ERRORS, V1_ERRORS, check_limit, pairs
 from ..schemas import AdaptAndClassify, AdaptAndClassifyResponse
-from ..store import adaptation_info
 
 router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_tenant)], responses=V1_ERRORS)
 
@@ -26,14 +25,13 @@ async def adapt_and_classify(
     is created. Each prediction says whether its text was ``truncated``."""
     check_limit(len(body.examples), settings.max_examples, "examples", "MAX_EXAMPLES")
     check_limit(len(body.texts), settings.max_texts, "texts", "MAX_TEXTS")
-    adaptation = await adapt_queued(adapt_queue, service, settings, pairs(body.examples))
+    state = await adapt_queued(adapt_queue, service, settings, pairs(body.examples))
     probs, truncated = await asyncio.gather(  # (texts, classes); per text
-        run_in_threadpool(service.classify, adaptation.params, body.texts),
+        run_in_threadpool(service.classify, state, body.texts),
         run_in_threadpool(service.truncated, body.texts),
     )
-    info = adaptation_info(adaptation, service.device)
     return AdaptAndClassifyResponse(
-        labels=list(adaptation.labels),
-        predictions=predictions(adaptation.labels, probs, truncated),  # type: ignore[arg-type]
-        adaptation=info,  # type: ignore[arg-type]
+        labels=list(state.labels),
+        predictions=predictions(state.labels, probs, truncated),  # type: ignore[arg-type]
+        adaptation=service.info(state),  # type: ignore[arg-type]
     )

@@ -8,13 +8,9 @@ import re
 
 from fastapi import APIRouter, Depends, Response, status
 from starlette.concurrency import run_in_threadpool
-from torch import Tensor
-
-from metasent.meta.inner_loop import is_head_only
 
 from ..adaptation import Examples, adapt_queued, predictions, refresh_queued
 from ..auth import require_tenant
-from ..batching import SHARED_ENCODER
 from ..dependencies import AdaptQueueDep, BatcherDep, ServiceDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..queue import AdaptationQueue
@@ -29,7 +25,7 @@ from ..schemas import (
     LabelledText,
     UpdateExamples,
 )
-from ..service import ModelService
+from ..service import AdaptedState, ModelService
 from ..settings import Settings
 from ..store import DomainLimitError, DomainStore, StoredDomain, VersionConflictError
 
@@ -126,16 +122,17 @@ async def _fresh(
         raise _not_found(domain_id) from None
 
 
-async def _with_params(
+async def _with_state(
     service: ModelService, store: DomainStore, queue: AdaptationQueue, tenant: str, domain_id: str
-) -> tuple[StoredDomain, dict[str, Tensor]]:
-    """The fresh domain and its tensors (read again if a concurrent update changed it)."""
+) -> tuple[StoredDomain, AdaptedState]:
+    """The fresh domain and its adapted state (read again if a concurrent update changed it)."""
     for _ in range(3):
         domain = await _fresh(service, store, queue, tenant, domain_id)
         try:
-            return domain, await run_in_threadpool(store.params, domain)
+            tensors = await run_in_threadpool(store.params, domain)
         except KeyError:
             continue
+        return domain, service.state(tensors, domain.labels)
     raise _conflict(domain_id, domain.version, None)
 
 
@@ -160,10 +157,18 @@ async def create_domain(
     if await run_in_threadpool(store.count, tenant) >= limit:
         raise _too_many_domains(limit)
     examples = pairs(body.examples)
-    adaptation = await adapt_queued(adapt_queue, service, settings, examples)  # 429 when the queue is full
+    state = await adapt_queued(adapt_queue, service, settings, examples)  # 429 when the queue is full
     try:
         domain = await run_in_threadpool(
-            store.add, tenant, body.name, adaptation, examples, service.checkpoint_hash, service.device, limit
+            store.add,
+            tenant,
+            body.name,
+            state.labels,
+            state.to_tensors(),
+            service.info(state),
+            examples,
+            service.checkpoint_hash,
+            limit,
         )
     except DomainLimitError:
         raise _too_many_domains(limit) from None
@@ -229,10 +234,16 @@ async def update_examples(
     if body.expected_version is not None and body.expected_version != domain.version:
         raise _conflict(domain_id, domain.version, body.expected_version)
     examples = _merged(domain, body, settings)
-    adaptation = await adapt_queued(adapt_queue, service, settings, examples)  # 429 when the queue is full
+    state = await adapt_queued(adapt_queue, service, settings, examples)  # 429 when the queue is full
     try:
         stored = await run_in_threadpool(
-            store.replace, domain, adaptation, examples, service.checkpoint_hash, service.device
+            store.replace,
+            domain,
+            state.labels,
+            state.to_tensors(),
+            service.info(state),
+            examples,
+            service.checkpoint_hash,
         )
     except VersionConflictError as error:
         raise _conflict(domain_id, error.current, body.expected_version) from None
@@ -265,10 +276,10 @@ async def classify(
     """Classify texts with a domain's adapted parameters; predictions come in input order, each
     with ``truncated`` when its text was cut to the encoder's limit."""
     check_limit(len(body.texts), settings.max_texts, "texts", "MAX_TEXTS")
-    domain, params = await _with_params(service, store, adapt_queue, tenant, domain_id)
-    key = SHARED_ENCODER if is_head_only(params) else domain_id  # head-only domains share the encoder pass
+    domain, state = await _with_state(service, store, adapt_queue, tenant, domain_id)
+    key = service.batch_key(state, domain_id)  # head-only domains share the encoder pass
     probs, truncated = await asyncio.gather(  # (texts, classes); per text
-        batcher.classify(key, params, body.texts), run_in_threadpool(service.truncated, body.texts)
+        batcher.classify(key, state, body.texts), run_in_threadpool(service.truncated, body.texts)
     )
     return ClassifyResponse(
         domain_id=domain_id,

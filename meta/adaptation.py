@@ -1,0 +1,626 @@
+"""Adaptation: the one home of the inner loop, the few-shot heads and prediction.
+
+Meta-training (:mod:`meta.fomaml`, :mod:`meta.algorithms`), evaluation (:mod:`meta.evaluate`) and
+the server all adapt and predict through this module, so what the service does at adaptation time
+is exactly what the meta-parameters were trained for (Finn et al. 2017, "Model-Agnostic
+Meta-Learning", Algorithm 1, inner update). In the style of learn2learn's ``maml.py``, adaptation
+is a small object and its update maths pure functions:
+
+- a :class:`Head` is a classifier built per task from the support embeddings:
+  :class:`PrototypeHead` (a linear head initialised from class prototypes, Proto-MAML,
+  Triantafillou et al. 2020) or :class:`MatchingHead` (attention over the support set, Vinyals et
+  al. 2016), chosen by ``InnerLoopConfig.classifier`` through :data:`HEADS`;
+- :func:`inner_loop` adapts a head and the top encoder layers to a support set with the pure
+  :func:`sgd_step` and returns an :class:`AdaptedState`, which serialises to named tensors
+  (:meth:`AdaptedState.to_tensors`) and back;
+- a :class:`Predictor` adapts and classifies on one base model, sharing one base-encoder pass
+  between states that adapted no encoder tensor (:meth:`Predictor.predict_many`).
+
+The base model's tensors are never modified: adapted encoder tensors are passed to
+``torch.func.functional_call`` (see :class:`meta.model.MetaLearner`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import InnerLoopConfig
+from .model import FrozenFeatures, MetaLearner, Params
+
+HEAD_PREFIX = "head."
+"""Serialisation only: head tensor ``weight`` is stored as ``head.weight`` beside the encoder's names."""
+SHARED_ENCODER_KEY = "shared-encoder"
+"""The micro-batch key of every state that adapted no encoder tensor (see :meth:`Predictor.batch_key`)."""
+
+H = TypeVar("H", bound="Head")
+
+
+class Head(ABC):
+    """A few-shot classifier over unit-norm embeddings, built per task from its support set.
+
+    Subclasses are dataclasses whose fields are the head's tensors (fields with a default are
+    optional); :meth:`tensors` and :meth:`from_tensors` name them after the fields.
+    """
+
+    @classmethod
+    @abstractmethod
+    def from_support(
+        cls: type[H],
+        embeddings: Tensor,
+        targets: Tensor,
+        num_classes: int,
+        anchors: Tensor | None = None,
+        anchor_weight: Tensor | None = None,
+    ) -> H:
+        """Initialise the head from a support set.
+
+        Args:
+            embeddings (`Tensor`): (N*K, hidden) support embeddings, unit norm.
+            targets (`Tensor`): (N*K,) class ids in ``[0, num_classes)``.
+            num_classes (`int`): number of classes N.
+            anchors (`Tensor`, *optional*): (N, hidden) embedded label names.
+            anchor_weight (`Tensor`, *optional*): scalar weight ``w`` of each anchor (default 1).
+
+        Raises:
+            ValueError: when a class has no support example.
+        """
+
+    @abstractmethod
+    def logits(self, embeddings: Tensor, logit_scale: Tensor) -> Tensor:
+        """Class logits of (B, hidden) unit-norm embeddings under log-temperature ``logit_scale``
+        (a scalar, the model's meta-parameter); returns (B, N)."""
+
+    @property
+    @abstractmethod
+    def num_classes(self) -> int:
+        """Number of classes N."""
+
+    def tensors(self) -> Params:
+        """The head's tensors by name (what the inner loop differentiates and the store keeps)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {name: t for name, t in values.items() if t is not None}
+
+    @classmethod
+    def from_tensors(cls: type[H], tensors: Mapping[str, Tensor]) -> H:
+        """The head with these tensors (names as in :meth:`tensors`).
+
+        Raises:
+            TypeError: when a name is missing or unknown.
+        """
+        return cls(**tensors)
+
+    def with_tensors(self: H, tensors: Mapping[str, Tensor]) -> H:
+        """A head of the same kind with ``tensors`` (e.g. after an SGD step)."""
+        return type(self).from_tensors(tensors)
+
+    @classmethod
+    def accepts(cls, names: frozenset[str]) -> bool:
+        """Whether ``names`` are this head's required tensor names plus any optional ones."""
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        required = {f.name for f in fields if f.default is dataclasses.MISSING}
+        return required <= names <= {f.name for f in fields}
+
+
+def _one_hot(targets: Tensor, num_classes: int) -> Tensor:
+    one_hot = F.one_hot(targets, num_classes).float()  # (N*K, N)
+    if bool((one_hot.sum(0) == 0).any()):
+        raise ValueError("every class needs at least one support example")
+    return one_hot
+
+
+@dataclass(frozen=True, eq=False)
+class PrototypeHead(Head):
+    """A linear head initialised from class prototypes (Proto-MAML, Triantafillou et al. 2020,
+    "Meta-Dataset"): ``W_c = 2 p_c``, ``b_c = -||p_c||^2``, so that the logits equal the negative
+    squared Euclidean distance to each prototype up to a per-example constant (Snell et al. 2017,
+    "Prototypical Networks"). Logits are ``exp(logit_scale) * (z @ W.T + b)``.
+
+    Args:
+        weight (`Tensor`): (N, hidden).
+        bias (`Tensor`): (N,).
+    """
+
+    weight: Tensor
+    bias: Tensor
+
+    @classmethod
+    def from_support(
+        cls,
+        embeddings: Tensor,
+        targets: Tensor,
+        num_classes: int,
+        anchors: Tensor | None = None,
+        anchor_weight: Tensor | None = None,
+    ) -> PrototypeHead:
+        """Prototypes of the support set. With ``anchors`` each prototype is the weighted mean
+        ``p_c = (sum_i z_i + w a_c) / (n_c + w)``: the label name counts as ``w`` support examples.
+        Arguments as :meth:`Head.from_support`; the head is fp32 (also under autocast)."""
+        embeddings = embeddings.float()
+        one_hot = _one_hot(targets, num_classes)  # (N*K, N)
+        counts = one_hot.sum(0)  # (N,)
+        sums = one_hot.T @ embeddings  # (N, hidden)
+        if anchors is not None:
+            weight = anchor_weight.float() if anchor_weight is not None else torch.ones((), device=sums.device)
+            sums = sums + weight * anchors.float()
+            counts = counts + weight
+        prototypes = sums / counts.unsqueeze(1)  # (N, hidden)
+        return cls(weight=2 * prototypes, bias=-(prototypes**2).sum(1))
+
+    def logits(self, embeddings: Tensor, logit_scale: Tensor) -> Tensor:
+        return logit_scale.exp() * (embeddings @ self.weight.T + self.bias)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.bias.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class MatchingHead(Head):
+    """The matching-network classifier (Vinyals et al. 2016, "Matching Networks for One Shot
+    Learning"): the log of the attention-weighted label distribution
+    ``softmax(exp(logit_scale) * cos(z, s) + b) @ Y`` over the support rows ``s``.
+
+    Args:
+        support (`Tensor`): (M, hidden) unit-norm support embeddings (M = N*K, + N with anchors).
+        support_labels (`Tensor`): (M, N) one-hot labels.
+        support_bias (`Tensor`, *optional*): (M,) attention-logit offsets: 0 for support
+            examples, ``log w`` for label-name anchors.
+    """
+
+    support: Tensor
+    support_labels: Tensor
+    support_bias: Tensor | None = None
+
+    @classmethod
+    def from_support(
+        cls,
+        embeddings: Tensor,
+        targets: Tensor,
+        num_classes: int,
+        anchors: Tensor | None = None,
+        anchor_weight: Tensor | None = None,
+    ) -> MatchingHead:
+        """The support set itself. With ``anchors`` each label name is one more row of its class
+        whose attention weight is multiplied by ``anchor_weight`` (``log w`` added to its
+        attention logit). Arguments as :meth:`Head.from_support`."""
+        one_hot = _one_hot(targets, num_classes)  # (N*K, N)
+        if anchors is None:
+            return cls(support=embeddings.float(), support_labels=one_hot)
+        weight = anchor_weight.float() if anchor_weight is not None else torch.ones((), device=one_hot.device)
+        bias = torch.cat([torch.zeros(len(targets), device=one_hot.device), weight.log().expand(num_classes)])
+        return cls(
+            support=torch.cat([embeddings.float(), anchors.float()]),  # (N*K + N, hidden)
+            support_labels=torch.cat([one_hot, torch.eye(num_classes, device=one_hot.device)]),
+            support_bias=bias,  # (N*K + N,)
+        )
+
+    def logits(self, embeddings: Tensor, logit_scale: Tensor) -> Tensor:
+        support = self.support.to(embeddings.dtype)  # (M, hidden)
+        scores = (logit_scale.exp() * (embeddings @ support.T)).float()  # (B, M)
+        if self.support_bias is not None:
+            scores = scores + self.support_bias.float()
+        attention = scores.softmax(-1)  # (B, M)
+        return (attention @ self.support_labels.float()).clamp_min(1e-8).log()  # (B, N)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.support_labels.shape[1])
+
+
+HEADS: dict[str, type[Head]] = {"prototype": PrototypeHead, "matching": MatchingHead}
+"""Heads by ``InnerLoopConfig.classifier``."""
+
+
+def head_from_tensors(tensors: Mapping[str, Tensor]) -> Head:
+    """The head of :data:`HEADS` whose tensor names are ``tensors``' (names without the prefix).
+
+    Raises:
+        ValueError: when no head (or more than one) has these tensor names.
+    """
+    names = frozenset(tensors)
+    kinds = [kind for kind in HEADS.values() if kind.accepts(names)]
+    if len(kinds) != 1:
+        raise ValueError(f"no head has exactly the tensors {sorted(names)}")
+    return kinds[0].from_tensors(tensors)
+
+
+@dataclass(eq=False)
+class AdaptedState:
+    """The result of the inner loop on one support set.
+
+    Args:
+        head (`Head`): the adapted head (N classes).
+        labels (`tuple[str, ...]`): class names; class id ``i`` is ``labels[i]``.
+        encoder (`dict[str, Tensor]`): the adapted encoder tensors by parameter name, detached;
+            empty when only the head was adapted. Every other tensor is the base model's.
+        support_losses (`list[float]`): support cross-entropy before each step and after the last
+            (``steps + 1`` values, nats); empty for a state rebuilt by :meth:`from_tensors`.
+        support_accuracy (`float`): accuracy of the adapted state on the support set (NaN when
+            unknown).
+        steps (`int`): SGD steps taken.
+        seconds (`float`): wall time of the adaptation.
+    """
+
+    head: Head
+    labels: tuple[str, ...]
+    encoder: Params = field(default_factory=dict)
+    support_losses: list[float] = field(default_factory=list)
+    support_accuracy: float = math.nan
+    steps: int = 0
+    seconds: float = 0.0
+
+    @property
+    def shares_encoder(self) -> bool:
+        """True when no encoder tensor is adapted, so states of different domains can share one
+        pass of the base encoder."""
+        return not self.encoder
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def to_tensors(self) -> Params:
+        """Every adapted tensor by its stored name: encoder parameter names as they are, head
+        tensors as ``head.<name>`` (``head.weight``/``head.bias`` for :class:`PrototypeHead`,
+        ``head.support``/``head.support_labels``/``head.support_bias`` for :class:`MatchingHead`)."""
+        return {**self.encoder, **{HEAD_PREFIX + name: t for name, t in self.head.tensors().items()}}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], labels: Sequence[str]) -> AdaptedState:
+        """The state :meth:`to_tensors` wrote (domains stored by earlier versions load the same way).
+
+        Args:
+            tensors (`Mapping[str, Tensor]`): stored tensors by name.
+            labels (`Sequence[str]`): the class names, in class-id order.
+
+        Raises:
+            ValueError: when the head tensors match no head, or their class count is not ``len(labels)``.
+        """
+        head = head_from_tensors({k[len(HEAD_PREFIX) :]: t for k, t in tensors.items() if k.startswith(HEAD_PREFIX)})
+        if head.num_classes != len(labels):
+            raise ValueError(f"the head has {head.num_classes} classes but {len(labels)} labels were given")
+        encoder = {k: t for k, t in tensors.items() if not k.startswith(HEAD_PREFIX)}
+        return cls(head=head, labels=tuple(labels), encoder=encoder)
+
+
+# -- pure inner-loop maths -------------------------------------------------------------------------
+
+
+def clip_factor(grads: Sequence[Tensor], clip: float | None) -> float:
+    """The factor ``min(1, clip / ||g||)`` that scales ``grads`` to global L2 norm at most ``clip``
+    (1 when ``clip`` is ``None``)."""
+    if clip is None:
+        return 1.0
+    norm = torch.sqrt(sum((g.detach() ** 2).sum() for g in grads))  # type: ignore[arg-type]
+    return min(1.0, clip / (float(norm) + 1e-12))
+
+
+def sgd_step(tensors: Sequence[Tensor], grads: Sequence[Tensor], lr: float, clip: float | None) -> list[Tensor]:
+    """One SGD update ``theta - lr * g`` with ``g`` clipped to global L2 norm ``clip``; pure.
+
+    Args:
+        tensors (`Sequence[Tensor]`): the parameters, in the same order as ``grads``.
+        grads (`Sequence[Tensor]`): their gradients.
+        lr (`float`): learning rate.
+        clip (`float | None`): maximum global gradient norm, ``None`` for no clipping.
+
+    Returns:
+        `list[Tensor]`: new leaf tensors that require grad.
+    """
+    factor = clip_factor(grads, clip)
+    return [(p.detach() - lr * factor * g.detach()).requires_grad_(True) for p, g in zip(tensors, grads, strict=True)]
+
+
+def straight_through(start: Tensor, adapted: Tensor) -> Tensor:
+    """``start + stopgrad(adapted - start)``: the value of ``adapted`` with the gradient of
+    ``start`` (the first-order MAML approximation, Finn et al. 2017, section 5.2)."""
+    return start + (adapted - start.detach())
+
+
+def encode_labels(labels: Sequence[str], label_names: Sequence[str], device: torch.device) -> Tensor:
+    """Class ids (examples,) of ``labels`` in ``label_names``.
+
+    Raises:
+        KeyError: when a label is not in ``label_names``.
+    """
+    index = {name: i for i, name in enumerate(label_names)}
+    return torch.tensor([index[label] for label in labels], dtype=torch.long, device=device)
+
+
+def anchor_texts(label_names: Sequence[str]) -> list[str]:
+    """The texts embedded as label-name anchors: the label names themselves."""
+    return [str(name) for name in label_names]
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA (where it is safe for BERT inference and adaptation), a no-op
+    elsewhere."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def init_head(
+    model: MetaLearner, embeddings: Tensor, targets: Tensor, num_classes: int, config: InnerLoopConfig
+) -> Head:
+    """The head the inner loop starts from, ``HEADS[config.classifier]`` on the support set (a pure
+    function of the embeddings; it keeps their graph, as FOMAML needs).
+
+    Args:
+        model (`MetaLearner`): supplies the meta-learned anchor weight ``exp(label_log_weight)``.
+        embeddings (`Tensor`): (N*K [+ N], hidden) support embeddings, followed by the N
+            label-name anchors when ``config.label_anchors``.
+        targets (`Tensor`): (N*K,) class ids.
+        num_classes (`int`): N.
+        config (`InnerLoopConfig`): which head, and whether anchors are used.
+
+    Returns:
+        `Head`: N classes.
+    """
+    kind = HEADS[config.classifier]
+    support = embeddings[: targets.shape[0]]  # (N*K, hidden)
+    if config.label_anchors:
+        anchors = embeddings[targets.shape[0] :]  # (N, hidden)
+        return kind.from_support(support, targets, num_classes, anchors, model.label_log_weight.exp())
+    return kind.from_support(support, targets, num_classes)
+
+
+def inner_loop(
+    model: MetaLearner,
+    support_texts: Sequence[str],
+    support_labels: Sequence[str],
+    config: InnerLoopConfig,
+    label_names: Sequence[str] | None = None,
+    initial_head: Head | None = None,
+    cache_frozen: bool = True,
+    support_features: FrozenFeatures | None = None,
+) -> AdaptedState:
+    """Adapt the head and the top ``config.adapted_layers`` encoder layers to a support set.
+
+    The head starts from the support set (:func:`init_head`; with ``config.label_anchors`` each
+    label name joins its class as a weighted example), then ``config.steps`` SGD steps
+    (:func:`sgd_step`) at learning rate ``config.lr`` minimise the support cross-entropy over the
+    head and the adapted encoder tensors together. Dropout is off (the model is used in eval
+    mode), so the same support set always gives the same adapted state.
+
+    Args:
+        model (`MetaLearner`): the meta-learner; its own tensors are the meta-parameters and are
+            never modified.
+        support_texts (`Sequence[str]`): N*K support texts.
+        support_labels (`Sequence[str]`): their labels.
+        config (`InnerLoopConfig`): head, steps, learning rate, adapted layers, clipping.
+        label_names (`Sequence[str]`, *optional*): class order (default: order of first
+            appearance in ``support_labels``).
+        initial_head (`Head`, *optional*): the starting head (meta-training builds it with a
+            graph into the meta-parameters; only its values are used here); computed when ``None``.
+        cache_frozen (`bool`, defaults to True): run the non-adapted lower layers once without
+            autograd and only the adapted layers at each step (same result, less work).
+        support_features (`FrozenFeatures`, *optional*): the support set's hidden states at a
+            layer at or below the first adapted one (from :class:`meta.feature_cache.LowerLayerCache`);
+            the texts are then not run through the layers below it again. With
+            ``config.label_anchors`` its rows are the support texts followed by the N anchors
+            (:func:`anchor_texts`).
+
+    Returns:
+        `AdaptedState`: the adapted head and encoder tensors, support losses and accuracy.
+
+    Raises:
+        ValueError: when there are fewer than 2 classes, texts and labels differ in length, or
+            ``support_features`` is given with ``adapted_layers == -1``.
+    """
+    start = time.perf_counter()
+    if len(support_texts) != len(support_labels):
+        raise ValueError(f"{len(support_texts)} support texts but {len(support_labels)} labels")
+    names = tuple(label_names) if label_names is not None else tuple(dict.fromkeys(support_labels))
+    if len(set(names)) < 2:
+        raise ValueError(f"the support set needs at least 2 distinct labels, got {list(names)}")
+    if support_features is not None and config.adapted_layers == -1:
+        raise ValueError("support_features cannot be used when every encoder tensor is adapted")
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(model.device):  # bf16 on CUDA, no-op on CPU
+            targets = encode_labels(support_labels, names, model.device)  # (N*K,)
+            n_support = len(support_texts)
+            texts = list(support_texts) + (anchor_texts(names) if config.label_anchors else [])
+            base = {name: p.detach() for name, p in model.named_parameters()}
+            encoder = {
+                name: base[name].clone().requires_grad_(True)
+                for name in model.adapted_parameter_names(config.adapted_layers)
+            }
+            # The layers below the adapted ones run once; each step runs only the adapted layers.
+            batch: dict[str, Tensor] = {}
+            if support_features is not None:
+                first_adapted = model.num_layers - config.adapted_layers
+                frozen: FrozenFeatures | None = model.advance(base, support_features, first_adapted)
+            else:
+                batch = model.tokenize(texts)  # (N*K [+ N anchors], tokens)
+                frozen = model.frozen_features(batch, config.adapted_layers) if cache_frozen else None
+            if initial_head is None:
+                with torch.no_grad():
+                    z = model.embed_frozen(base, frozen) if frozen is not None else model.embed(base, batch)
+                    initial_head = init_head(model, z, targets, len(names), config)
+            start_head = initial_head
+            head = {name: t.detach().clone().requires_grad_(True) for name, t in start_head.tensors().items()}
+
+            def support_logits(encoder: Params, head: Params) -> Tensor:  # (N*K, N)
+                params = {**base, **encoder}
+                z = model.embed(params, batch) if frozen is None else model.embed_frozen(params, frozen)
+                return start_head.with_tensors(head).logits(z[:n_support], base["logit_scale"])  # no anchors
+
+            losses = []
+            for _ in range(config.steps):
+                loss = F.cross_entropy(support_logits(encoder, head), targets)
+                encoder, head = _step(loss, encoder, head, config)
+                losses.append(loss.item())
+            with torch.no_grad():
+                logits = support_logits(encoder, head)  # (N*K, N)
+                losses.append(float(F.cross_entropy(logits, targets)))
+                accuracy = float((logits.argmax(-1) == targets).float().mean())
+    finally:
+        model.train(was_training)
+    return AdaptedState(
+        head=start_head.with_tensors({name: t.detach() for name, t in head.items()}),
+        labels=names,
+        encoder={name: t.detach() for name, t in encoder.items()},
+        support_losses=losses,
+        support_accuracy=accuracy,
+        steps=config.steps,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _step(loss: Tensor, encoder: Params, head: Params, config: InnerLoopConfig) -> tuple[Params, Params]:
+    """One :func:`sgd_step` on the encoder and head tensors together (one clipping norm)."""
+    tensors = [*encoder.values(), *head.values()]
+    updated = sgd_step(tensors, torch.autograd.grad(loss, tensors), config.lr, config.grad_clip)
+    split = len(encoder)
+    return dict(zip(encoder, updated[:split], strict=True)), dict(zip(head, updated[split:], strict=True))
+
+
+# -- prediction ------------------------------------------------------------------------------------
+
+
+def _map_sorted(
+    model: MetaLearner, texts: Sequence[str], batch_size: int, fn: Callable[[dict[str, Tensor]], Tensor]
+) -> Tensor | None:
+    """Apply ``fn`` to length-sorted batches of ``texts`` (each padded to its longest text) and
+    return the rows in input order on the CPU, or ``None`` for no texts."""
+    if not texts:
+        return None
+    was_training = model.training
+    model.eval()
+    token_ids = model.encode(texts)  # tokenised once
+    order = sorted(range(len(texts)), key=lambda i: len(token_ids[i]))
+    out: Tensor | None = None
+    try:
+        with torch.inference_mode(), autocast(model.device):
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                rows = fn(model.collate([token_ids[i] for i in chunk])).float().cpu()  # (chunk, ...)
+                if out is None:
+                    out = rows.new_empty((len(texts), *rows.shape[1:]))
+                out[torch.tensor(chunk)] = rows
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _same_tensors(state: AdaptedState) -> tuple[int, ...]:
+    """A key equal for states holding the very same tensor objects (one stored domain)."""
+    return tuple(id(t) for t in state.to_tensors().values())
+
+
+class Predictor:
+    """Adapts and classifies on one base model with the checkpoint's inner loop.
+
+    Texts are tokenised once, sorted by token count and batched so that padding is short (bf16
+    autocast on CUDA); results come back in input order, on the CPU. Not thread-safe: callers
+    serialise their use of the model.
+
+    Args:
+        model (`MetaLearner`): the base model (meta-parameters).
+        inner_config (`InnerLoopConfig`): the adaptation :meth:`adapt` runs.
+        batch_size (`int`, defaults to 32): texts per forward pass when predicting.
+    """
+
+    def __init__(self, model: MetaLearner, inner_config: InnerLoopConfig, batch_size: int = 32) -> None:
+        self.model = model
+        self.inner_config = inner_config
+        self.batch_size = batch_size
+
+    def adapt(
+        self, texts: Sequence[str], labels: Sequence[str], label_names: Sequence[str] | None = None
+    ) -> AdaptedState:
+        """Run the inner loop (:func:`inner_loop`) on a support set of ``texts`` and ``labels``;
+        ``label_names`` fixes the class order (default: order of first appearance).
+
+        Raises:
+            ValueError: when there are fewer than 2 labels, or texts and labels differ in length.
+        """
+        return inner_loop(self.model, texts, labels, self.inner_config, label_names)
+
+    def predict_proba(self, state: AdaptedState, texts: Sequence[str]) -> Tensor:
+        """Class probabilities (texts, N) of ``texts`` under ``state``, rows summing to 1."""
+        model = self.model
+
+        def probabilities(batch: dict[str, Tensor]) -> Tensor:
+            return state.head.logits(model.embed(state.encoder, batch), model.logit_scale).float().softmax(-1)
+
+        out = _map_sorted(model, texts, self.batch_size, probabilities)
+        return out if out is not None else torch.empty(0, state.num_classes)
+
+    def embed(self, texts: Sequence[str]) -> Tensor:
+        """Base-model embeddings (texts, hidden) on the CPU, in input order."""
+        out = _map_sorted(self.model, texts, self.batch_size, lambda batch: self.model.embed({}, batch))
+        return out if out is not None else torch.empty(0, int(self.model.encoder.config.hidden_size))
+
+    def predict_many(self, requests: Sequence[tuple[AdaptedState, Sequence[str]]]) -> list[Tensor]:
+        """Classify several requests in as few encoder passes as possible.
+
+        States that share the encoder (:attr:`AdaptedState.shares_encoder`) get one pass of the base
+        encoder over the union of their texts (each distinct text encoded once); the other requests
+        are grouped by state (the same tensors) and each group runs one length-sorted pass.
+
+        Args:
+            requests: ``(state, texts)`` pairs.
+
+        Returns:
+            `list[Tensor]`: per request, (texts, N) probabilities in input order, on the CPU.
+        """
+        results: list[Tensor | None] = [None] * len(requests)
+        shared = [i for i, (state, _) in enumerate(requests) if state.shares_encoder]
+        if shared:
+            unique = list(dict.fromkeys(t for i in shared for t in requests[i][1]))
+            index = {text: row for row, text in enumerate(unique)}
+            z = self.embed(unique).to(self.model.device)  # (unique, hidden)
+            with torch.inference_mode():
+                for i in shared:
+                    state, texts = requests[i]
+                    rows = z[torch.tensor([index[t] for t in texts], dtype=torch.long)]
+                    results[i] = state.head.logits(rows, self.model.logit_scale).float().softmax(-1).cpu()
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (state, _) in enumerate(requests):
+            if results[i] is None:
+                groups.setdefault(_same_tensors(state), []).append(i)
+        for members in groups.values():
+            texts = [t for i in members for t in requests[i][1]]
+            probs = self.predict_proba(requests[members[0]][0], texts)
+            offset = 0
+            for i in members:
+                results[i] = probs[offset : offset + len(requests[i][1])]
+                offset += len(requests[i][1])
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def batch_key(state: AdaptedState, domain_id: str) -> str:
+        """The micro-batch key of a request: :data:`SHARED_ENCODER_KEY` for every state that shares
+        the encoder (their requests share one base-encoder pass), else the domain id."""
+        return SHARED_ENCODER_KEY if state.shares_encoder else domain_id
+
+
+__all__ = [
+    "HEADS",
+    "SHARED_ENCODER_KEY",
+    "AdaptedState",
+    "Head",
+    "MatchingHead",
+    "Predictor",
+    "PrototypeHead",
+    "anchor_texts",
+    "autocast",
+    "encode_labels",
+    "head_from_tensors",
+    "init_head",
+    "inner_loop",
+    "sgd_step",
+    "straight_through",
+]
