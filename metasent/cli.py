@@ -1,4 +1,4 @@
-"""The ``metasent`` command line: ``train``, ``evaluate``, ``serve``, ``bench``, ``benchmark``,
+"""The ``metasent`` command line: ``train``, ``evaluate``, ``serve``, ``speed``, ``benchmark``,
 ``adapt`` and ``classify``.
 
 ``train``'s options are generated from :class:`metasent.meta.config.TrainingArguments` (names,
@@ -412,7 +412,7 @@ def serve(
 
 
 @app.command()
-def bench(
+def speed(
     data: Annotated[
         str, typer.Option(help="ARSC directory (support and query texts come from it)")
     ] = "../shared/data/arsc",
@@ -459,6 +459,14 @@ def bench(
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text + "\n")
+
+
+@app.command("bench", hidden=True, help="Deprecated alias of `metasent speed` (same options).")
+@functools.wraps(speed)
+def bench(**options: Any) -> None:
+    """``metasent bench``, the old name of ``metasent speed``: warns, then runs it."""
+    logger.warning("`metasent bench` is deprecated and will be removed: use `metasent speed` (same options)")
+    speed(**options)
 
 
 @app.command()

@@ -262,6 +262,26 @@ def test_evaluate_reads_the_inner_loop_options_with_train(tiny_checkpoint: Path,
     )
 
 
+def test_speed_and_its_deprecated_alias_bench(monkeypatch, caplog, tmp_path: Path) -> None:
+    import logging
+
+    import bench.speed
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(bench.speed, "run_bench", lambda *args: calls.append(args) or {"repeats": args[3]})
+    listing = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    assert "speed" in listing.split() and "bench" not in listing.split()
+    with caplog.at_level(logging.WARNING, logger="metasent"):
+        speed = runner.invoke(app, ["speed", "--repeats", "4", "--no-http", "--device", "cpu"])
+        assert speed.exit_code == 0, speed.output
+        assert "deprecated" not in caplog.text
+        old = runner.invoke(app, ["bench", "--repeats", "4", "--no-http", "--device", "cpu"])
+    assert old.exit_code == 0, old.output
+    assert json.loads(speed.stdout) == json.loads(old.stdout) == {"repeats": 4}
+    assert calls[0] == calls[1] and calls[0][8] is False  # the same options reach the same function
+    assert "`metasent bench` is deprecated and will be removed: use `metasent speed`" in caplog.text
+
+
 def test_client_commands_start_without_torch() -> None:
     import subprocess
     import sys
