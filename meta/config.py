@@ -197,7 +197,7 @@ class TrainingArguments(TrainConfig):
         default=None, description="Resume from a 'last' checkpoint directory (its own settings apply)"
     )
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1 ...")
-    threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
+    threads: int | None = Field(default=None, description="torch CPU threads")
     progress: bool = Field(default=True, description="Show a progress bar")
 
     @field_validator("algorithm")
