@@ -26,6 +26,7 @@ import torch
 from metasent.data.episodes import EpisodeSampler, NotEnoughExamplesError, fixed_episode
 from metasent.data.readers import ARSC_HELD_OUT, ARSC_VALIDATION, read_arsc
 from metasent.data.registry import Task, TaskRegistry
+from metasent.meta import algorithms
 from metasent.meta.checkpoint import load_checkpoint, load_model
 from metasent.meta.config import CheckpointConfig, EncoderConfig, InnerLoopConfig, TrainConfig, default_inner_loop
 from metasent.meta.evaluate import EpisodeResult, evaluate_tasks, summarize
@@ -99,7 +100,7 @@ class MethodSpec:
 
     Args:
         name (`str`): its name in the results.
-        algorithm (`str`): :data:`meta.config.Algorithm`, or ``"setfit"``.
+        algorithm (`str`): a name registered in :mod:`meta.algorithms`, or ``"setfit"``.
         inner (`dict`): overrides of the algorithm's default inner loop.
         train (`dict`): overrides of the training settings.
         default_candidate (`bool`): whether it may become the default (every meta-learned method
@@ -113,29 +114,27 @@ class MethodSpec:
     default_candidate: bool = False
 
 
-METHODS = {
-    spec.name: spec
-    for spec in (
-        MethodSpec("fomaml", "fomaml", default_candidate=True),
-        MethodSpec(
-            "fomaml_anchors", "fomaml", {"label_anchors": True}, {"query_sampling": "natural"}, default_candidate=True
-        ),
-        MethodSpec("reptile", "reptile", default_candidate=True),
-        MethodSpec("protonet", "protonet", default_candidate=True),
-        MethodSpec("matching", "matching", default_candidate=True),
-        MethodSpec(
-            "matching_anchors",
-            "matching",
-            {"label_anchors": True},
-            {"query_sampling": "natural"},
-            default_candidate=True,
-        ),  # fmt: skip
-        MethodSpec("multitask", "multitask", default_candidate=True),
-        MethodSpec("finetune", "finetune"),
-        MethodSpec("pretrained", "none"),
-        MethodSpec("setfit", "setfit"),
-    )
-}
+ANCHORED = ("fomaml", "matching")
+"""Algorithms also benchmarked as ``<name>_anchors``: label-name anchors and natural query sets."""
+RESULT_NAMES = {"none": "pretrained"}
+"""Result names that differ from the algorithm's registered name."""
+
+
+def benchmark_methods() -> dict[str, MethodSpec]:
+    """The benchmark's methods, by result name: each registered algorithm (in the order of
+    registration; the meta-trained ones may become the default), the ``_anchors`` variants of
+    :data:`ANCHORED`, and SetFit."""
+    methods: dict[str, MethodSpec] = {}
+    for spec in algorithms.specs().values():
+        name = RESULT_NAMES.get(spec.name, spec.name)
+        methods[name] = MethodSpec(name, spec.name, default_candidate=spec.meta_trained)
+        if spec.name in ANCHORED:
+            anchored = f"{name}_anchors"
+            methods[anchored] = MethodSpec(
+                anchored, spec.name, {"label_anchors": True}, {"query_sampling": "natural"}, default_candidate=True
+            )
+    methods["setfit"] = MethodSpec("setfit", "setfit")
+    return methods
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -293,7 +292,7 @@ def run_benchmark(
         data (`Path`): the ARSC directory.
         output (`Path`): results directory.
         budget_name (`str`, defaults to ``"cpu"``): a key of :data:`BUDGETS`.
-        methods (`Sequence[str]`, *optional*): keys of :data:`METHODS` (default: all; SetFit is
+        methods (`Sequence[str]`, *optional*): keys of :func:`benchmark_methods` (default: all; SetFit is
             skipped with a warning when it is not installed).
         checkpoints (`dict[str, Path]`, *optional*): trained checkpoints to load instead of
             training, by method name.
@@ -312,10 +311,11 @@ def run_benchmark(
     from metasent.meta.model import resolve_device
 
     budget = BUDGETS[budget_name]
-    names = list(methods or METHODS)
-    unknown = [n for n in names if n not in METHODS]
+    known = benchmark_methods()
+    names = list(methods or known)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise KeyError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+        raise KeyError(f"unknown methods {unknown}; choose from {', '.join(known)}")
     checkpoints = checkpoints or {}
     torch_device = resolve_device(device)
     tasks = _tasks(data)
@@ -330,7 +330,7 @@ def run_benchmark(
         ".dev tasks (never trained on); test and food tasks play no part in it",
     }
     for name in names:
-        spec = METHODS[name]
+        spec = known[name]
         started = time.perf_counter()
         if spec.algorithm == "setfit":
             from bench.setfit_baseline import setfit_available
@@ -346,7 +346,7 @@ def run_benchmark(
                 continue
             entry["training"] = None
         else:
-            if spec.algorithm in ("none", "finetune") or name in checkpoints:
+            if not algorithms.get(spec.algorithm).meta_trained or name in checkpoints:
                 model, config = _load(spec, checkpoints.get(name), budget, encoder, torch_device)
                 final = config
             else:
@@ -359,7 +359,7 @@ def run_benchmark(
         result["methods"][name] = entry
         if "always_positive" not in result["references"]:
             result["references"]["always_positive"] = _always_positive(entry)
-        result["default"] = _choose_default(result["methods"])
+        result["default"] = _choose_default(result["methods"], known)
         write_results(result, output, stem)
         logger.info(
             "%s: ARSC %.2f, food %.2f", name, entry["arsc"]["mean"]["accuracy"], entry["food"]["mean"]["accuracy"]
@@ -386,8 +386,9 @@ def _training_summary(config: CheckpointConfig) -> dict[str, Any] | None:
     }
 
 
-def _choose_default(methods: dict[str, Any]) -> str | None:
-    candidates = {n: m for n, m in methods.items() if METHODS[n].default_candidate and m.get("dev")}
+def _choose_default(methods: dict[str, Any], known: dict[str, MethodSpec] | None = None) -> str | None:
+    known = benchmark_methods() if known is None else known
+    candidates = {n: m for n, m in methods.items() if n in known and known[n].default_candidate and m.get("dev")}
     if not candidates:
         return None
     return max(candidates, key=lambda n: candidates[n]["dev"]["mean"]["accuracy"])

@@ -1,5 +1,5 @@
 """Speed and memory benchmarks, each figure printed with its ratio to a reference measured in
-the same run on the same texts (`metasent bench`).
+the same run on the same texts (`metasent speed`).
 
 1. adaptation seconds for a 5-shot binary support set (median of ``repeats``) and the ratio to
    one plain forward pass of the full encoder over those 10 texts;

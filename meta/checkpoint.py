@@ -118,15 +118,21 @@ def load_model(
     every tensor), so both go through one code path.
 
     Raises:
-        ValueError: for an algorithm that needs a meta-trained checkpoint.
+        ValueError: for an unknown algorithm (:class:`meta.algorithms.UnknownAlgorithmError`,
+            naming the registered ones) or one that needs a meta-trained checkpoint.
     """
     if checkpoint is not None:
         return load_checkpoint(checkpoint, device)
-    from .config import EncoderConfig, default_inner_loop
+    from .algorithms import get, names
+    from .config import EncoderConfig
 
-    if algorithm not in ("none", "finetune"):
-        raise ValueError(f"algorithm {algorithm!r} needs a meta-trained checkpoint")
-    config = CheckpointConfig(algorithm=algorithm, inner_loop=default_inner_loop(algorithm))  # type: ignore[arg-type]
+    spec = get(algorithm)
+    if spec.meta_trained:
+        baselines = [name for name in names() if not get(name).meta_trained]
+        raise ValueError(
+            f"algorithm {algorithm!r} needs a meta-trained checkpoint; without one choose from {', '.join(baselines)}"
+        )
+    config = CheckpointConfig(algorithm=algorithm, inner_loop=spec.default_inner_loop())
     if encoder is not None:
         config.encoder = EncoderConfig(name_or_path=encoder)
     model = MetaLearner.from_pretrained(config.encoder).to(device).eval()

@@ -1,26 +1,20 @@
-"""Typed configuration objects; one :class:`CheckpointConfig` is saved into every checkpoint."""
+"""Typed configuration objects; one :class:`CheckpointConfig` is saved into every checkpoint,
+and :class:`TrainingArguments` is the single source of a meta-training run's defaults."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+from metasent.data.readers import ARSC_HELD_OUT, ARSC_VALIDATION
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
-
-Algorithm = Literal["fomaml", "reptile", "protonet", "matching", "multitask", "finetune", "none"]
-"""How the meta-parameters are learned (see :mod:`meta.algorithms`):
-
-- ``fomaml``: first-order MAML (Finn et al. 2017);
-- ``reptile``: Reptile (Nichol et al. 2018), outer step toward the adapted parameters;
-- ``protonet``: prototypical networks (Snell et al. 2017), no inner-loop step;
-- ``matching``: the matching-network attention kernel (Vinyals et al. 2016), the protonet variant;
-  ``metasent train``'s default (best on the benchmark's dev tasks);
-- ``multitask``: supervised multi-task pre-training, then the inner loop as fine-tuning;
-- ``finetune``: no meta-training, the pretrained encoder fine-tuned on the support set;
-- ``none``: the pretrained encoder with the default (head-only) inner loop.
-"""
-META_TRAINED: tuple[str, ...] = ("fomaml", "reptile", "protonet", "matching", "multitask")
+DEFAULT_ALGORITHM = "matching"
+"""``metasent train``'s algorithm: matching networks scored best on the benchmark's dev tasks.
+The algorithms themselves are registered in :mod:`meta.algorithms`."""
 
 
 class EncoderConfig(BaseModel):
@@ -35,8 +29,10 @@ class EncoderConfig(BaseModel):
             "TADAM", for why metric scaling matters).
     """
 
-    name_or_path: str = DEFAULT_ENCODER
-    max_length: int = Field(default=128, ge=8, le=4096)
+    name_or_path: str = Field(
+        default=DEFAULT_ENCODER, description="Encoder name or path (default all-MiniLM-L6-v2, loaded offline)"
+    )
+    max_length: int = Field(default=128, ge=8, le=4096, description="Tokens per text; longer texts are truncated")
     init_logit_scale: float = Field(default=10.0, gt=0)
 
 
@@ -63,12 +59,17 @@ class InnerLoopConfig(BaseModel):
             set is noisy).
     """
 
-    steps: int = Field(default=5, ge=0, le=100)
-    lr: float = Field(default=0.05, gt=0)
-    adapted_layers: int = Field(default=0, ge=-1)
+    steps: int = Field(default=5, ge=0, le=100, description="Inner-loop SGD steps k")
+    lr: float = Field(default=0.05, gt=0, description="Inner learning rate alpha")
+    adapted_layers: int = Field(
+        default=0, ge=-1, description="Top encoder layers adapted besides the head (0: head only, -1: all)"
+    )
     grad_clip: float | None = Field(default=1.0, gt=0)
     classifier: Literal["prototype", "matching"] = "prototype"
-    label_anchors: bool = False
+    label_anchors: bool = Field(
+        default=False,
+        description="Add each label name, embedded, to its class as one more support example (learned weight)",
+    )
 
     @model_validator(mode="after")
     def _matching_has_no_steps(self) -> InnerLoopConfig:
@@ -78,74 +79,180 @@ class InnerLoopConfig(BaseModel):
 
 
 def default_inner_loop(algorithm: str) -> InnerLoopConfig:
-    """The inner loop each algorithm is trained and served with.
+    """The inner loop ``algorithm`` is trained and served with (its registered spec's, see
+    :mod:`meta.algorithms`): head only with 5 SGD steps at 0.05 for ``fomaml``, ``multitask`` and
+    ``none``; the top 2 layers too for ``reptile``; no step for ``protonet`` and ``matching``;
+    every tensor, 10 steps at 0.02, for ``finetune``.
 
-    - ``fomaml``, ``multitask``, ``none``: head only, 5 SGD steps at 0.05 (chosen on validation
-      tasks, README "Choosing the adapted layers");
-    - ``reptile``: the top 2 layers and the head (Reptile moves only what the inner loop adapts);
-    - ``protonet``/``matching``: no step (prototypes, or attention over the support set);
-    - ``finetune``: every encoder tensor, 10 steps at 0.02 (full fine-tuning).
+    Raises:
+        UnknownAlgorithmError: (a ``ValueError``) naming the registered algorithms.
     """
-    if algorithm == "reptile":
-        return InnerLoopConfig(adapted_layers=2)
-    if algorithm == "protonet":
-        return InnerLoopConfig(steps=0)
-    if algorithm == "matching":
-        return InnerLoopConfig(steps=0, classifier="matching")
-    if algorithm == "finetune":
-        return InnerLoopConfig(steps=10, lr=0.02, adapted_layers=-1)
-    return InnerLoopConfig()
+    from .algorithms import get
+
+    return get(algorithm).default_inner_loop()
+
+
+def override_inner_loop(base: InnerLoopConfig, **overrides: Any) -> InnerLoopConfig:
+    """``base`` with the ``overrides`` that are not ``None`` replaced, validated again.
+
+    Args:
+        base (`InnerLoopConfig`): e.g. an algorithm's default or a checkpoint's inner loop.
+        **overrides: ``InnerLoopConfig`` fields (``steps=``, ``lr=``, ``adapted_layers=`` ...);
+            ``None`` keeps ``base``'s value.
+
+    Returns:
+        `InnerLoopConfig`: a new object (``base`` is unchanged).
+
+    Raises:
+        TypeError: for a name that is not an ``InnerLoopConfig`` field.
+        pydantic.ValidationError: for an invalid combination (e.g. steps with the matching
+            classifier); its errors' ``loc`` names the field.
+    """
+    unknown = sorted(set(overrides) - set(type(base).model_fields))
+    if unknown:
+        raise TypeError(f"not inner-loop fields: {unknown}")
+    given = {name: value for name, value in overrides.items() if value is not None}
+    return type(base).model_validate({**base.model_dump(), **given})
 
 
 class TrainConfig(BaseModel):
-    """First-order MAML meta-training (outer loop) settings.
+    """Meta-training (outer loop) settings, saved in the checkpoint as ``training``; each field is
+    documented by its description (``metasent train --help`` shows them as option help).
 
-    Args:
-        data (`str`): ARSC directory or table the tasks were read from.
-        exclude_domains (`list[str]`): domains held out of meta-training.
-        val_domains (`list[str]`): domains whose ``val_split`` validates the meta-parameters.
-        n_way, k_shot, q_query (`int`): episode shape (N-way K-shot, Q query examples per class).
-        meta_batch_size (`int`): episodes per outer step.
-        outer_steps (`int`): outer (meta-parameter) updates.
-        outer_lr (`float`): AdamW learning rate of the meta-parameters.
-        weight_decay (`float`): AdamW weight decay.
-        warmup_steps (`int`): linear warm-up of the outer learning rate, in outer steps.
-        grad_clip (`float`): global L2 norm the outer gradient is clipped to.
-        eval_every (`int`): outer steps between validations (the best checkpoint is kept).
-        save_every (`int`): outer steps between periodic checkpoints.
-        val_episodes (`int`): validation episodes per validation task.
-        val_q_query (`int`): query examples per class in a validation episode.
-        seed (`int`): seed of episode sampling and of torch.
-        max_minutes (`float | None`): stop after this many minutes of wall time.
-        frozen_layers (`int`): bottom encoder layers (and the embeddings) left out of the outer
-            loop; their outputs are computed once per training text and cached (0: every encoder
-            weight is meta-trained).
-        query_sampling (`str`): ``"balanced"`` (Q query examples per class) or ``"natural"``
-            (N*Q query examples drawn at the task's own class proportions, as users' and ARSC's
-            test sets are); applies to training and validation episodes.
+    ``data``, ``exclude_domains`` and ``val_domains`` record where the tasks came from;
+    :func:`meta.train.meta_train` takes the tasks themselves.
     """
 
-    data: str = ""
-    exclude_domains: list[str] = Field(default_factory=list)
-    val_domains: list[str] = Field(default_factory=list)
-    val_split: str = "dev"
-    n_way: int = 2
-    k_shot: int = 5
-    q_query: int = 8
-    meta_batch_size: int = 4
-    outer_steps: int = 300
-    outer_lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
-    grad_clip: float = 1.0
-    eval_every: int = 25
-    save_every: int = 50
-    val_episodes: int = 2
-    val_q_query: int = 16
-    seed: int = 0
-    max_minutes: float | None = None
-    frozen_layers: int = Field(default=0, ge=0)
-    query_sampling: Literal["balanced", "natural"] = "balanced"
+    data: str = Field(default="", description="ARSC directory, or a JSONL/CSV/HF dataset with text,label,domain")
+    exclude_domains: list[str] = Field(default_factory=list, description="Domains held out of meta-training")
+    val_domains: list[str] = Field(
+        default_factory=list, description="Domains validated on (their --val-split), also held out of meta-training"
+    )
+    val_split: str = Field(default="dev", description="Split of the validation domains")
+    n_way: int = Field(default=2, description="Classes per episode (N-way)")
+    k_shot: int = Field(default=5, description="Support examples per class (K-shot)")
+    q_query: int = Field(default=8, description="Query examples per class")
+    meta_batch_size: int = Field(default=4, description="Episodes per outer step")
+    outer_steps: int = Field(default=300, description="Outer (meta-parameter) updates")
+    outer_lr: float = Field(default=2e-5, description="AdamW learning rate of the meta-parameters")
+    weight_decay: float = Field(default=0.01, description="AdamW weight decay of the meta-parameters")
+    warmup_steps: int = Field(default=20, description="Linear warm-up of the outer learning rate, in outer steps")
+    grad_clip: float = Field(default=1.0, description="Global L2 norm the outer gradient is clipped to")
+    eval_every: int = Field(default=25, description="Outer steps between validations (the best checkpoint is kept)")
+    save_every: int = Field(default=25, description="Outer steps between periodic checkpoints")
+    val_episodes: int = Field(default=2, description="Validation episodes per validation task")
+    val_q_query: int = Field(default=16, description="Query examples per class in a validation episode")
+    seed: int = Field(default=0, description="Seed of episode sampling and of torch")
+    max_minutes: float | None = Field(default=None, description="Stop after this many minutes of wall time")
+    frozen_layers: int = Field(
+        default=0,
+        ge=0,
+        description="Bottom encoder layers (and the embeddings) left out of the outer loop, their outputs cached "
+        "per text (0: every encoder weight is meta-trained)",
+    )
+    query_sampling: Literal["balanced", "natural"] = Field(
+        default="balanced",
+        description="Query sets: 'balanced' (Q per class) or 'natural' (N*Q at the task's own class proportions, "
+        "as users' and ARSC's test sets are); training and validation episodes",
+    )
+
+
+def _like(model: type[BaseModel], name: str, **changes: Any) -> Any:
+    """A copy of ``model``'s field ``name`` (description, constraints) with ``changes``."""
+    return FieldInfo.merge_field_infos(model.model_fields[name], **changes)
+
+
+class TrainingArguments(TrainConfig):
+    """Everything one meta-training run takes: the single source of its defaults.
+
+    ``metasent train``'s options are generated from these fields (their descriptions are the
+    help), and its ``--config`` file and ``--set`` overrides take the same names. The
+    :class:`TrainConfig` fields become the checkpoint's ``training``; ``encoder`` and
+    ``max_length`` its :class:`EncoderConfig`; the algorithm's default inner loop with
+    ``inner_steps``, ``inner_lr``, ``adapted_layers`` and ``label_anchors`` its
+    :class:`InnerLoopConfig`. A field the user does not set takes the algorithm's default where
+    its spec has one (:attr:`meta.algorithms.AlgorithmSpec.training_defaults`; matching: label
+    anchors and natural query sets), else the default declared here.
+
+    Raises:
+        pydantic.ValidationError: for an unknown field or algorithm, or an invalid value.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(description=TrainConfig.model_fields["data"].description)
+    output: Path = Field(description="Directory for the 'best' and 'last' checkpoints")
+    exclude_domains: list[str] = _like(TrainConfig, "exclude_domains", default_factory=lambda: list(ARSC_HELD_OUT))
+    val_domains: list[str] = _like(TrainConfig, "val_domains", default_factory=lambda: list(ARSC_VALIDATION))
+    encoder: str = _like(EncoderConfig, "name_or_path")
+    max_length: int = _like(EncoderConfig, "max_length")
+    algorithm: str = Field(default=DEFAULT_ALGORITHM, description="How the meta-parameters are learned")
+    inner_steps: int | None = Field(default=None, description="Inner-loop SGD steps k (default: the algorithm's)")
+    inner_lr: float | None = Field(default=None, description="Inner learning rate alpha (default: the algorithm's)")
+    adapted_layers: int | None = Field(
+        default=None, description="Top encoder layers adapted (0: head only, -1: all; default: the algorithm's)"
+    )
+    label_anchors: bool = _like(InnerLoopConfig, "label_anchors")
+    resume: Path | None = Field(
+        default=None, description="Resume from a 'last' checkpoint directory (its own settings apply)"
+    )
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1 ...")
+    threads: int | None = Field(default=None, description="torch CPU threads")
+    progress: bool = Field(default=True, description="Show a progress bar")
+
+    @field_validator("algorithm")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from .algorithms import get
+
+        get(name)  # UnknownAlgorithmError, a ValueError, names the registered algorithms
+        return name
+
+    def resolved(self, name: str) -> Any:
+        """Field ``name`` as the run uses it: the user's value when set, else the algorithm's
+        training default when its spec has one, else the field's default."""
+        from .algorithms import get
+
+        defaults = get(self.algorithm).training_defaults
+        if name not in self.model_fields_set and name in defaults:
+            return defaults[name]
+        return getattr(self, name)
+
+    def base_inner_loop(self) -> InnerLoopConfig:
+        """The algorithm's default inner loop with ``label_anchors`` applied (no overrides)."""
+        base = default_inner_loop(self.algorithm)
+        return override_inner_loop(base, label_anchors=self.resolved("label_anchors"))
+
+    def inner_loop(self) -> InnerLoopConfig:
+        """:meth:`base_inner_loop` with ``inner_steps``, ``inner_lr`` and ``adapted_layers``.
+
+        Raises:
+            pydantic.ValidationError: for an invalid combination (e.g. steps with matching).
+        """
+        return override_inner_loop(
+            self.base_inner_loop(), steps=self.inner_steps, lr=self.inner_lr, adapted_layers=self.adapted_layers
+        )
+
+    def train_config(self) -> TrainConfig:
+        """The :class:`TrainConfig` part, with the algorithm's training defaults applied."""
+        return TrainConfig.model_validate({name: self.resolved(name) for name in TrainConfig.model_fields})
+
+    def checkpoint_config(self, inner_loop: InnerLoopConfig | None = None) -> CheckpointConfig:
+        """The config of a new run (step 0); ``training`` is ``None`` for an algorithm that is
+        not meta-trained.
+
+        Args:
+            inner_loop (`InnerLoopConfig`, *optional*): already resolved (default:
+                :meth:`inner_loop`).
+        """
+        from .algorithms import get
+
+        return CheckpointConfig(
+            algorithm=self.algorithm,
+            encoder=EncoderConfig(name_or_path=self.encoder, max_length=self.max_length),
+            inner_loop=self.inner_loop() if inner_loop is None else inner_loop,
+            training=self.train_config() if get(self.algorithm).meta_trained else None,
+        )
 
 
 class CheckpointConfig(BaseModel):
@@ -153,7 +260,8 @@ class CheckpointConfig(BaseModel):
 
     Args:
         format_version (`int`): layout version of the checkpoint directory.
-        algorithm (`str`): how the meta-parameters were learned (see :data:`Algorithm`).
+        algorithm (`str`): how the meta-parameters were learned: a name registered in
+            :mod:`meta.algorithms` (checked on load; the error names the registered ones).
         encoder (`EncoderConfig`): the encoder.
         inner_loop (`InnerLoopConfig`): the adaptation the server must run.
         training (`TrainConfig | None`): the meta-training run, when there was one.
@@ -162,9 +270,17 @@ class CheckpointConfig(BaseModel):
     """
 
     format_version: int = 1
-    algorithm: Algorithm = "fomaml"
+    algorithm: str = "fomaml"
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     inner_loop: InnerLoopConfig = Field(default_factory=InnerLoopConfig)
     training: TrainConfig | None = None
     step: int = 0
     metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("algorithm")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from .algorithms import get
+
+        get(name)  # UnknownAlgorithmError, a ValueError, names the registered algorithms
+        return name

@@ -1,24 +1,57 @@
-"""The ``metasent`` command line: ``train``, ``evaluate`` and ``serve``."""
+"""The ``metasent`` command line: ``train``, ``evaluate``, ``serve``, ``speed``, ``benchmark``,
+``adapt`` and ``classify``.
+
+``train``'s options are generated from :class:`metasent.meta.config.TrainingArguments` (names,
+defaults and help from its fields), so the command cannot drift from the configuration it builds;
+the command is built on first use, because that import pulls in torch, which the client commands
+(``adapt``, ``classify``) do without.
+"""
 
 from __future__ import annotations
 
+import enum
+import functools
+import inspect
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
 
 import typer
+from typer.core import TyperGroup
 
-from metasent.data.readers import ARSC_HELD_OUT, ARSC_VALIDATION
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+    from pydantic.fields import FieldInfo
+
+    from metasent.meta.config import InnerLoopConfig, TrainingArguments
+
+logger = logging.getLogger("metasent")
+
+
+class _Commands(TyperGroup):
+    """The command group; ``train`` is built when first asked for (see the module docstring) and
+    listed first."""
+
+    lazy = "train"
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [self.lazy, *(name for name in super().list_commands(ctx) if name != self.lazy)]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name == self.lazy and cmd_name not in self.commands:
+            self.commands[cmd_name] = _train_command()
+        return super().get_command(ctx, cmd_name)
+
 
 app = typer.Typer(
-    help="metasent: meta-train a BERT encoder with first-order MAML across sentiment domains, "
-    "evaluate it on few-shot tasks, and serve K-shot adaptation to new domains over REST.",
+    cls=_Commands,
+    help="metasent: meta-train a BERT encoder across sentiment domains (matching networks by default; "
+    "first-order MAML, Reptile, prototypical networks and more), evaluate it on few-shot tasks, and serve "
+    "K-shot adaptation to new domains over REST.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-
-logger = logging.getLogger("metasent")
 
 
 def _setup(threads: int | None, log_level: str = "INFO") -> None:
@@ -42,143 +75,222 @@ def _read_tasks(data: str, include: list[str] | None = None, exclude: list[str] 
     return TaskRegistry(tasks).select(include=include, exclude=exclude)
 
 
-@app.command()
-def train(
-    data: Annotated[str, typer.Option(help="ARSC directory, or a JSONL/CSV/HF dataset with text,label,domain")],
-    output: Annotated[Path, typer.Option(help="Directory for the 'best' and 'last' checkpoints")],
-    exclude_domains: Annotated[str, typer.Option(help="Comma-separated domains held out of meta-training")] = ",".join(
-        ARSC_HELD_OUT
-    ),
-    val_domains: Annotated[
-        str, typer.Option(help="Comma-separated domains validated on (their --val-split)")
-    ] = ",".join(ARSC_VALIDATION),
-    val_split: Annotated[str, typer.Option(help="Split of the validation domains")] = "dev",
-    encoder: Annotated[
-        str, typer.Option(help="Encoder name or path (default all-MiniLM-L6-v2, offline)")
-    ] = "sentence-transformers/all-MiniLM-L6-v2",
-    max_length: Annotated[int, typer.Option(help="Tokens per text")] = 128,
-    algorithm: Annotated[
-        str,
-        typer.Option(
-            help="matching (default: best on the dev tasks in `metasent benchmark`), fomaml, reptile, "
-            "protonet, multitask; finetune writes the pretrained encoder with a full fine-tuning inner "
-            "loop (no meta-training)"
+def _option_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _messages(error: ValidationError) -> str:
+    return "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
+
+
+_INNER_OPTIONS = {"steps": "--inner-steps", "lr": "--inner-lr", "adapted_layers": "--adapted-layers"}
+
+
+def _inner_loop(
+    base: InnerLoopConfig, steps: int | None, lr: float | None, adapted_layers: int | None
+) -> InnerLoopConfig:
+    """The one reader of ``--inner-steps``, ``--inner-lr`` and ``--adapted-layers`` (``train`` and
+    ``evaluate``): ``base`` with the given ones replaced and validated again.
+
+    Raises:
+        typer.BadParameter: naming the option, e.g. ``--inner-steps`` with the matching
+            classifier, which takes no gradient step.
+    """
+    from pydantic import ValidationError
+
+    from metasent.meta.config import override_inner_loop
+
+    given = {"steps": steps, "lr": lr, "adapted_layers": adapted_layers}
+    try:
+        return override_inner_loop(base, **given)
+    except ValidationError as error:
+        locations = [e["loc"][0] for e in error.errors() if e["loc"]]
+        field = next(iter(locations), None) or next((k for k, v in given.items() if v is not None), "steps")
+        raise typer.BadParameter(
+            _messages(error), param_hint=_INNER_OPTIONS.get(str(field), "--inner-steps")
+        ) from error
+
+
+# ---------------------------------------------------------------------------------------- train
+
+
+def _is_list(info: FieldInfo) -> bool:
+    return get_origin(info.annotation) is list
+
+
+def _per_algorithm(name: str) -> str:
+    """`` (matching: natural)``: the algorithms whose spec sets a default for field ``name``."""
+    from metasent.meta.algorithms import specs
+
+    def show(value: Any) -> str:
+        return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+    defaults = [f"{s.name}: {show(s.training_defaults[name])}" for s in specs().values() if name in s.training_defaults]
+    return f" (unless given; {', '.join(defaults)})" if defaults else ""
+
+
+def _option(name: str, info: FieldInfo) -> inspect.Parameter:
+    """The ``metasent train`` option of a :class:`TrainingArguments` field: its name, default
+    and description; lists are comma-separated, literals a choice (an Enum, which every typer
+    version takes)."""
+    from metasent.meta.algorithms import specs
+
+    annotation: Any = info.annotation
+    help_text = (info.description or "") + _per_algorithm(name)
+    if name == "algorithm":
+        help_text += ": " + "; ".join(f"{s.name}: {s.description}" for s in specs().values())
+    default: Any = None if info.is_required() else info.get_default(call_default_factory=True)
+    if info.is_required():
+        annotation = annotation | None
+        help_text += " (required, here or in --config)"
+    elif _is_list(info):
+        annotation, default = str, ",".join(default)
+        help_text += " (comma-separated)"
+    elif get_origin(annotation) is Literal:
+        choices: Any = enum.Enum(name, {str(v): str(v) for v in get_args(annotation)}, type=str)  # type: ignore[misc]
+        annotation, default = choices, choices(default)
+    option = typer.Option(help=help_text)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, option]
+    )
+
+
+_CONFIG_HELP = (
+    "JSON or TOML file of training arguments (the options' names with '_', e.g. outer_steps = 500); "
+    "options on the command line and --set override it"
+)
+_SET_HELP = "KEY=VALUE: set one training argument (e.g. save_every=50, val_domains=music,video); repeatable, wins last"
+
+
+def _required_first(fields: dict[str, FieldInfo]) -> list[tuple[str, FieldInfo]]:
+    return sorted(fields.items(), key=lambda item: not item[1].is_required())
+
+
+def _train_command() -> Any:
+    """``metasent train`` with one option per :class:`TrainingArguments` field."""
+    from metasent.meta.config import TrainingArguments
+
+    parameters = [
+        inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[Path | None, typer.Option("--config", help=_CONFIG_HELP)],
         ),
-    ] = "matching",
-    inner_steps: Annotated[int | None, typer.Option(help="Inner-loop SGD steps k (default: the algorithm's)")] = None,
-    inner_lr: Annotated[float | None, typer.Option(help="Inner learning rate alpha (default: the algorithm's)")] = None,
-    adapted_layers: Annotated[
-        int | None,
-        typer.Option(help="Top encoder layers adapted (0: head only, -1: all; default: the algorithm's)"),
-    ] = None,
-    label_anchors: Annotated[
-        bool | None,
-        typer.Option(
-            help="Add each label name, embedded, to its class as one more support example (learned weight); "
-            "default: on for matching, off for the others"
+        inspect.Parameter(
+            "set_",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[list[str] | None, typer.Option("--set", help=_SET_HELP)],
         ),
-    ] = None,
-    query_sampling: Annotated[
-        str | None,
-        typer.Option(
-            help="Query sets: 'balanced' per class or 'natural' class proportions; default: natural for "
-            "matching, balanced for the others"
-        ),
-    ] = None,
-    n_way: int = 2,
-    k_shot: int = 5,
-    q_query: Annotated[int, typer.Option(help="Query examples per class")] = 8,
-    meta_batch_size: Annotated[int, typer.Option(help="Episodes per outer step")] = 4,
-    outer_steps: Annotated[int, typer.Option(help="Outer (meta-parameter) updates")] = 300,
-    outer_lr: Annotated[float, typer.Option(help="AdamW learning rate of the meta-parameters")] = 2e-5,
-    warmup_steps: int = 20,
-    eval_every: Annotated[int, typer.Option(help="Outer steps between validations")] = 25,
-    save_every: Annotated[int, typer.Option(help="Outer steps between periodic checkpoints")] = 25,
-    val_episodes: Annotated[int, typer.Option(help="Validation episodes per validation task")] = 2,
-    val_q_query: Annotated[int, typer.Option(help="Query examples per class in a validation episode")] = 16,
-    max_minutes: Annotated[float | None, typer.Option(help="Stop after this many minutes")] = None,
-    frozen_layers: Annotated[
-        int, typer.Option(help="Bottom encoder layers left out of the outer loop, their outputs cached per text")
-    ] = 0,
-    seed: int = 0,
-    resume: Annotated[Path | None, typer.Option(help="Resume from a 'last' checkpoint directory")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
-) -> None:
+        *(_option(name, info) for name, info in _required_first(TrainingArguments.model_fields)),
+    ]
+
+    @functools.wraps(train)
+    def command(ctx: typer.Context, config: Path | None = None, set_: list[str] | None = None, **options: Any) -> None:
+        train(_training_arguments(ctx, config, set_ or [], options))
+
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    del command.__wrapped__  # typer reads the signature above, not train's
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command("train")(command)
+    return typer.main.get_command(single)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """A ``--config`` file: a JSON object, or TOML (``.toml``)."""
+    try:
+        text = path.read_text()
+        if path.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        values = json.loads(text)
+    except (OSError, ValueError) as error:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise typer.BadParameter(str(error), param_hint="--config") from error
+    if not isinstance(values, dict):
+        raise typer.BadParameter("expected a JSON object of training arguments", param_hint="--config")
+    return values
+
+
+def _set_value(info: FieldInfo, value: str) -> Any:
+    """A ``--set`` value: comma-separated for lists, ``none``/``null`` for an optional field's
+    ``None``; other strings are converted by the field's type (``"25"``, ``"true"``, ``"2e-5"``)."""
+    if _is_list(info):
+        return _split(value) or []
+    if value.strip().lower() in ("none", "null") and not info.is_required() and info.default is None:
+        return None
+    return value
+
+
+def _training_arguments(
+    ctx: typer.Context, config: Path | None, overrides: list[str], options: dict[str, Any]
+) -> TrainingArguments:
+    """The run's :class:`TrainingArguments`: the ``--config`` file, then the options given on the
+    command line, then ``--set``; what none of them sets keeps its default (the algorithm's where
+    it has one), so ``model_fields_set`` is exactly what the user chose."""
+    from pydantic import ValidationError
+
+    from metasent.meta.config import TrainingArguments
+
+    fields = TrainingArguments.model_fields
+    values = _read_config(config) if config is not None else {}
+    for name, value in options.items():
+        source = ctx.get_parameter_source(name)  # typer may vendor click: compare by name
+        if source is not None and source.name != "DEFAULT":
+            if isinstance(value, enum.Enum):
+                value = value.value
+            values[name] = (_split(value) or []) if _is_list(fields[name]) else value
+    for item in overrides:
+        key, equals, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not equals or key not in fields:
+            message = f"expected KEY=VALUE with KEY one of {', '.join(fields)}; got {item!r}"
+            raise typer.BadParameter(message, param_hint="--set")
+        values[key] = _set_value(fields[key], value)
+    try:
+        return TrainingArguments.model_validate(values)
+    except ValidationError as error:
+        field = next((str(e["loc"][0]) for e in error.errors() if e["loc"]), "")
+        hint = _option_name(field) if field in fields else "--config"
+        raise typer.BadParameter(_messages(error), param_hint=hint) from error
+
+
+def train(args: TrainingArguments) -> None:
     """Meta-train: sample N-way K-shot episodes from the training domains, adapt on each support
     set (inner loop), update the meta-parameters (outer loop, AdamW). Validates every --eval-every
     steps and keeps the best. --algorithm picks the method; the defaults (matching networks with
     label anchors and natural-proportion query sets) scored best on the dev tasks of the CPU
-    `metasent benchmark`; on the GPU budget, where that variant was not run, plain matching did."""
-    _setup(threads)
+    `metasent benchmark`; on the GPU budget, where that variant was not run, plain matching did.
+    Every option can also come from a --config file or --set KEY=VALUE."""
+    _setup(args.threads)
+    from metasent.meta.algorithms import get
     from metasent.meta.checkpoint import load_checkpoint, load_training_state, save_checkpoint
-    from metasent.meta.config import CheckpointConfig, EncoderConfig, InnerLoopConfig, TrainConfig, default_inner_loop
     from metasent.meta.model import MetaLearner, resolve_device
     from metasent.meta.train import meta_train
 
-    if algorithm not in ("fomaml", "reptile", "protonet", "matching", "multitask", "finetune"):
-        raise typer.BadParameter(f"unknown algorithm {algorithm!r}", param_hint="--algorithm")
-    chosen = algorithm == "matching"  # the dev-chosen default carries its two options
-    label_anchors = chosen if label_anchors is None else label_anchors
-    query_sampling = query_sampling or ("natural" if chosen else "balanced")
-    overrides = {"steps": inner_steps, "lr": inner_lr, "adapted_layers": adapted_layers}
-    try:  # validated: e.g. the matching classifier takes no inner step
-        inner = InnerLoopConfig.model_validate(
-            {
-                **default_inner_loop(algorithm).model_dump(),
-                **{k: v for k, v in overrides.items() if v is not None},
-                "label_anchors": label_anchors,
-            }
-        )
-    except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--inner-steps") from error
-
-    torch_device = resolve_device(device)
-    held_out = _split(exclude_domains) or []
-    val = _split(val_domains) or []
-    train_tasks = _read_tasks(data, exclude=held_out + val).select(require_split="train")
-    val_tasks = _read_tasks(data, include=val).select(require_split=val_split) if val else []
-    if resume is not None:
-        model, config = load_checkpoint(resume, torch_device)
-        state = load_training_state(resume)
+    inner = _inner_loop(args.base_inner_loop(), args.inner_steps, args.inner_lr, args.adapted_layers)
+    torch_device = resolve_device(args.device)
+    held_out, val = args.exclude_domains, args.val_domains
+    train_tasks = _read_tasks(args.data, exclude=held_out + val).select(require_split="train")
+    val_tasks = _read_tasks(args.data, include=val).select(require_split=args.val_split) if val else []
+    if args.resume is not None:
+        model, config = load_checkpoint(args.resume, torch_device)
+        state = load_training_state(args.resume)
     else:
-        config = CheckpointConfig(
-            algorithm=algorithm,  # type: ignore[arg-type]
-            encoder=EncoderConfig(name_or_path=encoder, max_length=max_length),
-            inner_loop=inner,
-            training=TrainConfig(
-                data=str(data),
-                exclude_domains=held_out,
-                val_domains=val,
-                val_split=val_split,
-                n_way=n_way,
-                k_shot=k_shot,
-                q_query=q_query,
-                meta_batch_size=meta_batch_size,
-                outer_steps=outer_steps,
-                outer_lr=outer_lr,
-                warmup_steps=warmup_steps,
-                eval_every=eval_every,
-                save_every=save_every,
-                val_episodes=val_episodes,
-                val_q_query=val_q_query,
-                seed=seed,
-                max_minutes=max_minutes,
-                frozen_layers=frozen_layers,
-                query_sampling=query_sampling,  # type: ignore[arg-type]
-            ),
-        )
+        config = args.checkpoint_config(inner)
         model = MetaLearner.from_pretrained(config.encoder).to(torch_device)
         state = None
-    if config.algorithm == "finetune":  # transfer learning: nothing to meta-train
+    if not get(config.algorithm).meta_trained:  # transfer learning: nothing to meta-train
         config.training = None
         for name in ("best", "last"):
-            save_checkpoint(output / name, model, config)
-        typer.echo(json.dumps({"algorithm": "finetune", "checkpoint": str(output / "best")}))
+            save_checkpoint(args.output / name, model, config)
+        typer.echo(json.dumps({"algorithm": config.algorithm, "checkpoint": str(args.output / "best")}))
         return
     logger.info("training tasks: %s", ", ".join(t.name for t in train_tasks))
-    final = meta_train(model, list(train_tasks), list(val_tasks), config, output, state, progress)
+    final = meta_train(model, list(train_tasks), list(val_tasks), config, args.output, state, args.progress)
     typer.echo(json.dumps({k: v for k, v in final.metrics.items() if k not in ("curve",)}, indent=2))
 
 
@@ -192,7 +304,10 @@ def evaluate(
     encoder: Annotated[str | None, typer.Option(help="Encoder for the baseline (default all-MiniLM-L6-v2)")] = None,
     algorithm: Annotated[
         str,
-        typer.Option(help="Without --checkpoint: 'none' (head-only inner loop) or 'finetune' (every tensor adapted)"),
+        typer.Option(
+            help="Without --checkpoint: an algorithm that is not meta-trained, e.g. 'none' (head-only inner "
+            "loop) or 'finetune' (every tensor adapted)"
+        ),
     ] = "none",
     domains: Annotated[
         str | None,
@@ -227,14 +342,13 @@ def evaluate(
     from metasent.meta.evaluate import evaluate_tasks, format_table, summarize
     from metasent.meta.model import resolve_device
 
-    model, config = load_model(checkpoint, encoder, resolve_device(device), algorithm)
-    overrides = {"steps": inner_steps, "lr": inner_lr, "adapted_layers": adapted_layers}
     try:
-        inner = type(config.inner_loop).model_validate(
-            {**config.inner_loop.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
-        )
+        model, config = load_model(checkpoint, encoder, resolve_device(device), algorithm)
     except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--inner-steps") from error
+        if checkpoint is not None:
+            raise
+        raise typer.BadParameter(str(error), param_hint="--algorithm") from error
+    inner = _inner_loop(config.inner_loop, inner_steps, inner_lr, adapted_layers)
     if max_length is not None:
         model.config = model.config.model_copy(update={"max_length": max_length})
     include = _split(domains) or (arsc_target_domains(data) if Path(data, "workspace.target.list").exists() else None)
@@ -298,7 +412,7 @@ def serve(
 
 
 @app.command()
-def bench(
+def speed(
     data: Annotated[
         str, typer.Option(help="ARSC directory (support and query texts come from it)")
     ] = "../shared/data/arsc",
@@ -347,6 +461,14 @@ def bench(
         output.write_text(text + "\n")
 
 
+@app.command("bench", hidden=True, help="Deprecated alias of `metasent speed` (same options).")
+@functools.wraps(speed)
+def bench(**options: Any) -> None:
+    """``metasent bench``, the old name of ``metasent speed``: warns, then runs it."""
+    logger.warning("`metasent bench` is deprecated and will be removed: use `metasent speed` (same options)")
+    speed(**options)
+
+
 @app.command()
 def benchmark(
     data: Annotated[str, typer.Option(help="ARSC directory")] = "../shared/data/arsc",
@@ -357,8 +479,8 @@ def benchmark(
     methods: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated: fomaml, fomaml_anchors, reptile, protonet, matching, multitask, finetune, "
-            "pretrained, setfit (default: all)"
+            help="Comma-separated method names (default: all): each registered algorithm (the un-meta-trained "
+            "'none' as 'pretrained'), fomaml_anchors, matching_anchors and setfit"
         ),
     ] = None,
     checkpoint: Annotated[
@@ -377,8 +499,12 @@ def benchmark(
     ARSC test tasks, the 6 food tasks (5 seeds), accuracy against shots, and the dev tasks that
     choose the default. Writes results/benchmark_<budget>.{json,csv,md} and PNG plots."""
     _setup(threads)
-    from bench.benchmark import run_benchmark
+    from bench.benchmark import benchmark_methods, run_benchmark
 
+    known = benchmark_methods()
+    unknown = [name for name in _split(methods) or [] if name not in known]
+    if unknown:
+        raise typer.BadParameter(f"unknown methods {unknown}; choose from {', '.join(known)}", param_hint="--methods")
     loaded = {}
     for item in checkpoint or []:
         name, _, path = item.partition("=")

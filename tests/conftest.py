@@ -84,6 +84,18 @@ def save_tiny_encoder(directory: Path) -> Path:
     return directory
 
 
+def write_arsc_like(root: Path) -> Path:
+    """A tiny ARSC-shaped directory: domains food, drinks and snacks (one binary task each, the
+    same 20 reviews rotated), each with train, dev and test files."""
+    root.mkdir()
+    for i, domain in enumerate(["food", "drinks", "snacks"]):
+        pos, neg = POSITIVE[i:] + POSITIVE[:i], NEGATIVE[i:] + NEGATIVE[:i]
+        lines = [f"{t}\t1" for t in pos] + [f"{t}\t-1" for t in neg]
+        for split in ("train", "dev", "test"):
+            (root / f"{domain}.t2.{split}").write_text("\n".join(lines) + "\n")
+    return root
+
+
 def make_task(name: str = "food", domain: str = "food") -> Task:
     pos = [Example(t, "positive") for t in POSITIVE]
     neg = [Example(t, "negative") for t in NEGATIVE]

@@ -9,19 +9,14 @@ from typer.testing import CliRunner
 
 from metasent.cli import app
 from metasent.meta.checkpoint import load_checkpoint
-from tests.conftest import NEGATIVE, POSITIVE, save_tiny_encoder
+from tests.conftest import save_tiny_encoder, write_arsc_like
 
 runner = CliRunner()
 
 
-def write_arsc_like(root: Path) -> Path:
-    root.mkdir()
-    for i, domain in enumerate(["food", "drinks", "snacks"]):
-        pos, neg = POSITIVE[i:] + POSITIVE[:i], NEGATIVE[i:] + NEGATIVE[:i]
-        lines = [f"{t}\t1" for t in pos] + [f"{t}\t-1" for t in neg]
-        for split in ("train", "dev", "test"):
-            (root / f"{domain}.t2.{split}").write_text("\n".join(lines) + "\n")
-    return root
+def flat(output: str) -> str:
+    """CLI output as one line of words: rich wraps error panels at the terminal width."""
+    return " ".join(output.replace("│", " ").split())
 
 
 def test_help_explains_each_command() -> None:
@@ -131,11 +126,170 @@ def test_train_defaults_to_the_dev_chosen_method(tmp_path: Path) -> None:
     assert config.inner_loop.label_anchors and config.training is not None
     assert config.training.query_sampling == "natural"
     bad = runner.invoke(app, [*args, "--algorithm", "maml2"])
-    assert bad.exit_code != 0 and "unknown algorithm" in bad.output
+    assert bad.exit_code != 0 and "unknown algorithm 'maml2'; choose from fomaml, reptile" in flat(bad.output)
     steps = runner.invoke(app, [*args, "--inner-steps", "5"])  # matching takes no inner step
-    assert steps.exit_code != 0 and "no gradient steps" in steps.output
+    assert steps.exit_code != 0 and "--inner-steps: the matching classifier takes no gradient steps" in flat(
+        steps.output
+    )
     fomaml = runner.invoke(app, [*args, "--algorithm", "fomaml", "--output", str(tmp_path / "fomaml")])
     assert fomaml.exit_code == 0, fomaml.output
     _, config = load_checkpoint(tmp_path / "fomaml" / "best")  # the options stay the matching default's
     assert config.algorithm == "fomaml" and not config.inner_loop.label_anchors
     assert config.training is not None and config.training.query_sampling == "balanced"
+
+
+# every option `metasent train` had before its options were generated from TrainingArguments
+TRAIN_OPTIONS = [
+    "--data", "--output", "--exclude-domains", "--val-domains", "--val-split", "--encoder", "--max-length",
+    "--algorithm", "--inner-steps", "--inner-lr", "--adapted-layers", "--label-anchors", "--no-label-anchors",
+    "--query-sampling", "--n-way", "--k-shot", "--q-query", "--meta-batch-size", "--outer-steps", "--outer-lr",
+    "--warmup-steps", "--eval-every", "--save-every", "--val-episodes", "--val-q-query", "--max-minutes",
+    "--frozen-layers", "--seed", "--resume", "--device", "--threads", "--progress", "--no-progress",
+]  # fmt: skip
+
+
+def train_command():
+    import typer
+
+    return typer.main.get_command(app).get_command(None, "train")
+
+
+def test_train_options_are_the_training_arguments_with_their_defaults() -> None:
+    from metasent.meta.config import TrainConfig, TrainingArguments
+
+    params = {p.name: p for p in train_command().params}
+    assert {opt for p in params.values() for opt in (*p.opts, *p.secondary_opts)} >= set(TRAIN_OPTIONS)
+    for name, info in TrainingArguments.model_fields.items():
+        option = params[name]
+        default = option.default.value if hasattr(option.default, "value") else option.default
+        if info.is_required():
+            assert default is None and not option.required, name  # may come from --config instead
+        elif isinstance(info.get_default(call_default_factory=True), list):
+            assert default.split(",") == info.get_default(call_default_factory=True), name
+        else:
+            assert default == info.get_default(call_default_factory=True), name
+        assert info.description and info.description in option.help, name
+    assert params["save_every"].default == TrainConfig().save_every == 25  # what CLI users always got
+    assert params["exclude_domains"].default == "books,dvd,electronics,kitchen_housewares,gourmet_food,grocery"
+
+
+def capture_training(monkeypatch, tmp_path: Path) -> tuple[list, list[str]]:
+    """Replace meta_train by a recorder; returns the list it fills and the common arguments."""
+    import metasent.meta.train
+
+    seen: list = []
+    monkeypatch.setattr(
+        metasent.meta.train, "meta_train", lambda model, tr, va, config, *rest: seen.append(config) or config
+    )
+    data = write_arsc_like(tmp_path / "arsc")
+    encoder = save_tiny_encoder(tmp_path / "encoder")
+    return seen, ["train", "--data", str(data), "--encoder", str(encoder), "--device", "cpu"]
+
+
+def test_train_without_options_runs_the_training_arguments_defaults(monkeypatch, tmp_path: Path) -> None:
+    from metasent.meta.config import TrainConfig, TrainingArguments
+
+    seen, args = capture_training(monkeypatch, tmp_path)
+    result = runner.invoke(app, [*args, "--output", str(tmp_path / "run"), "--val-domains", "drinks"])
+    assert result.exit_code == 0, result.output
+    (config,) = seen
+    expected = TrainingArguments(data=args[2], output=tmp_path / "run", encoder=args[4], val_domains=["drinks"])
+    assert config == expected.checkpoint_config()
+    assert config.algorithm == "matching" and config.inner_loop.label_anchors
+    training = config.training.model_dump()
+    defaults = TrainConfig().model_dump()
+    assert {k for k in defaults if training[k] != defaults[k]} == {
+        "data", "exclude_domains", "val_domains", "query_sampling"
+    }  # fmt: skip
+
+
+def test_train_reads_a_config_file_then_options_then_set(monkeypatch, tmp_path: Path) -> None:
+    seen, args = capture_training(monkeypatch, tmp_path)
+    toml = tmp_path / "train.toml"
+    toml.write_text(
+        f'output = "{tmp_path / "run"}"\nalgorithm = "fomaml"\nouter_steps = 7\nk_shot = 2\nsave_every = 3\n'
+        'exclude_domains = ["snacks"]\nval_domains = ["drinks"]\ninner_steps = 2\n'
+    )
+    options = ["--k-shot", "3", "--set", "save_every=4", "--set", "max_minutes=1.5"]
+    assert runner.invoke(app, [*args, "--config", str(toml), *options]).exit_code == 0
+    (config,) = seen
+    assert config.algorithm == "fomaml" and config.inner_loop.steps == 2 and not config.inner_loop.label_anchors
+    training = config.training
+    assert (training.outer_steps, training.k_shot, training.save_every) == (7, 3, 4)
+    assert training.max_minutes == 1.5 and training.query_sampling == "balanced"
+    assert training.exclude_domains == ["snacks"] and training.val_domains == ["drinks"]
+
+    as_json = tmp_path / "train.json"
+    as_json.write_text(json.dumps({"output": str(tmp_path / "run2"), "val_domains": ["drinks"], "max_minutes": 2}))
+    options = ["--set", "val_domains=snacks,drinks", "--set", "max_minutes=none"]
+    assert runner.invoke(app, [*args, "--config", str(as_json), *options]).exit_code == 0
+    assert seen[1].algorithm == "matching" and seen[1].training.val_domains == ["snacks", "drinks"]
+    assert seen[1].training.max_minutes is None
+
+    bad = {
+        ("--set", "outer_stpes=3"): "--set: expected KEY=VALUE with KEY one of data,",
+        ("--set", "max_length=4"): "--max-length: Input should be greater than or equal to 8",
+        ("--set", "seed=null"): "--seed: Input should be a valid integer",
+        ("--algorithm", "maml2"): "--algorithm: unknown algorithm 'maml2'",
+        ("--query-sampling", "random"): "'random' is not one of 'balanced', 'natural'",
+        ("--adapted-layers", "-2"): "--adapted-layers: Input should be greater than or equal to -1",
+        ("--inner-lr", "0"): "--inner-lr: Input should be greater than 0",
+    }
+    for option, message in bad.items():
+        result = runner.invoke(app, [*args, "--config", str(toml), *option])
+        assert result.exit_code == 2 and message in flat(result.output), (option, flat(result.output))
+    toml.write_text('outer_stpes = 3\noutput = "x"\n')
+    result = runner.invoke(app, [*args, "--config", str(toml)])
+    assert result.exit_code == 2 and "--config: Extra inputs are not permitted" in flat(result.output)
+    assert len(seen) == 2
+
+
+def test_evaluate_reads_the_inner_loop_options_with_train(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    data = write_arsc_like(tmp_path / "arsc")
+    args = ["evaluate", "--data", str(data), "--checkpoint", str(tiny_checkpoint), "--device", "cpu"]
+    for option, message in {
+        ("--inner-lr", "-1"): "--inner-lr: Input should be greater than 0",
+        ("--inner-steps", "101"): "--inner-steps: Input should be less than or equal to 100",
+    }.items():
+        result = runner.invoke(app, [*args, *option])
+        assert result.exit_code == 2 and message in flat(result.output), flat(result.output)
+    baseline = ["evaluate", "--data", str(data), "--algorithm", "fomaml", "--encoder", "tiny"]
+    result = runner.invoke(app, baseline)
+    assert result.exit_code == 2
+    assert (
+        "--algorithm: algorithm 'fomaml' needs a meta-trained checkpoint; without one choose from finetune, none"
+        in flat(result.output)
+    )
+
+
+def test_speed_and_its_deprecated_alias_bench(monkeypatch, caplog, tmp_path: Path) -> None:
+    import logging
+
+    import bench.speed
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(bench.speed, "run_bench", lambda *args: calls.append(args) or {"repeats": args[3]})
+    listing = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    assert "speed" in listing.split() and "bench" not in listing.split()
+    with caplog.at_level(logging.WARNING, logger="metasent"):
+        speed = runner.invoke(app, ["speed", "--repeats", "4", "--no-http", "--device", "cpu"])
+        assert speed.exit_code == 0, speed.output
+        assert "deprecated" not in caplog.text
+        old = runner.invoke(app, ["bench", "--repeats", "4", "--no-http", "--device", "cpu"])
+    assert old.exit_code == 0, old.output
+    assert json.loads(speed.stdout) == json.loads(old.stdout) == {"repeats": 4}
+    assert calls[0] == calls[1] and calls[0][8] is False  # the same options reach the same function
+    assert "`metasent bench` is deprecated and will be removed: use `metasent speed`" in caplog.text
+
+
+def test_client_commands_start_without_torch() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from typer.main import get_command; from metasent.cli import app; group = get_command(app); "
+        "group.get_command(None, 'classify'); print('torch' in sys.modules); "
+        "group.get_command(None, 'train'); print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "True"]  # train's options come from TrainingArguments
