@@ -14,7 +14,8 @@ from .settings import Settings
 from .store import DomainStore
 
 
-def get_settings(request: Request) -> Settings:
+def request_settings(request: Request) -> Settings:
+    """The settings the app was created with (``app.state``), for ``Depends``."""
     return request.app.state.settings
 
 
@@ -34,7 +35,7 @@ def get_adapt_queue(request: Request) -> AdaptationQueue:
     return request.app.state.adapt_queue
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(request_settings)]
 ServiceDep = Annotated[ModelService, Depends(get_service)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 StoreDep = Annotated[DomainStore, Depends(get_store)]

@@ -10,8 +10,8 @@ from starlette.concurrency import run_in_threadpool
 from ..adaptation import adapt_queued, predictions
 from ..auth import require_tenant
 from ..dependencies import AdaptQueueDep, ServiceDep, SettingsDep
-from ..routers.domains import QUEUE_FULL, REQUEST_ERRORS, V1_ERRORS, check_limit, pairs
 from ..schemas import AdaptAndClassify, AdaptAndClassifyResponse
+from .common import QUEUE_FULL, REQUEST_ERRORS, V1_ERRORS, check_limit, pairs
 
 router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_tenant)], responses=V1_ERRORS)
 

@@ -28,21 +28,10 @@ from ..schemas import (
 from ..service import AdaptedState, ModelService
 from ..settings import Settings
 from ..store import DomainLimitError, DomainStore, StoredDomain, VersionConflictError
+from .common import QUEUE_FULL, REQUEST_ERRORS, V1_ERRORS, check_limit, pairs
 
-V1_ERRORS: dict[int | str, dict[str, object]] = {  # every /v1 route: API key, request timeout
-    401: {"model": ErrorResponse, "description": "Missing or unknown API key"},
-    503: {"model": ErrorResponse, "description": "The request took longer than the server's timeout (Retry-After)"},
-}
 router = APIRouter(prefix="/v1/domains", tags=["domains"], dependencies=[Depends(require_tenant)], responses=V1_ERRORS)
 
-REQUEST_ERRORS: dict[int | str, dict[str, object]] = {
-    400: {"model": ErrorResponse, "description": "Malformed JSON"},
-    413: {"model": ErrorResponse, "description": "More examples or texts, or a larger body, than the server's limits"},
-    422: {"model": ErrorResponse, "description": "Invalid field (the error names it and the fix)"},
-}
-QUEUE_FULL: dict[int | str, dict[str, object]] = {
-    429: {"model": ErrorResponse, "description": "The adaptation queue is full (Retry-After)"}
-}
 _NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"model": ErrorResponse, "description": "Unknown domain"}}
 _CONFLICT: dict[int | str, dict[str, object]] = {
     409: {"model": ErrorResponse, "description": "expected_version is not the domain's version"}
@@ -70,18 +59,6 @@ def _conflict(domain_id: str, current: int, expected: int | None) -> ApiError:
     )
 
 
-def check_limit(count: int, limit: int, field: str, setting: str) -> None:
-    """Raises a 413 :class:`ApiError` naming ``field`` when ``count`` exceeds ``limit``."""
-    if count > limit:
-        raise ApiError(
-            413,
-            "too_many_items",
-            f"{count} {field}; this server accepts at most {limit}",
-            field,
-            f"send at most {limit} {field} per request (server setting METASENT_{setting})",
-        )
-
-
 def _too_many_domains(limit: int) -> ApiError:
     return ApiError(
         422,
@@ -91,11 +68,6 @@ def _too_many_domains(limit: int) -> ApiError:
         "DELETE /v1/domains/{domain_id} a domain you no longer need "
         "(or raise the server setting METASENT_MAX_DOMAINS_PER_TENANT)",
     )
-
-
-def pairs(examples: list[LabelledText]) -> Examples:
-    """``(text, label)`` pairs of request examples."""
-    return [(ex.text, ex.label) for ex in examples]
 
 
 _DOMAIN_ID = re.compile(r"[0-9a-f]{32}")  # every id is uuid4().hex

@@ -1,0 +1,38 @@
+"""What every ``/v1`` router shares: the documented error responses, the request-size check and
+the conversion of request examples into a support set."""
+
+from __future__ import annotations
+
+from ..adaptation import Examples
+from ..errors import ApiError
+from ..schemas import ErrorResponse, LabelledText
+
+V1_ERRORS: dict[int | str, dict[str, object]] = {  # every /v1 route: API key, request timeout
+    401: {"model": ErrorResponse, "description": "Missing or unknown API key"},
+    503: {"model": ErrorResponse, "description": "The request took longer than the server's timeout (Retry-After)"},
+}
+REQUEST_ERRORS: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorResponse, "description": "Malformed JSON"},
+    413: {"model": ErrorResponse, "description": "More examples or texts, or a larger body, than the server's limits"},
+    422: {"model": ErrorResponse, "description": "Invalid field (the error names it and the fix)"},
+}
+QUEUE_FULL: dict[int | str, dict[str, object]] = {
+    429: {"model": ErrorResponse, "description": "The adaptation queue is full (Retry-After)"}
+}
+
+
+def check_limit(count: int, limit: int, field: str, setting: str) -> None:
+    """Raises a 413 :class:`ApiError` naming ``field`` when ``count`` exceeds ``limit``."""
+    if count > limit:
+        raise ApiError(
+            413,
+            "too_many_items",
+            f"{count} {field}; this server accepts at most {limit}",
+            field,
+            f"send at most {limit} {field} per request (server setting METASENT_{setting})",
+        )
+
+
+def pairs(examples: list[LabelledText]) -> Examples:
+    """``(text, label)`` pairs of request examples."""
+    return [(ex.text, ex.label) for ex in examples]
