@@ -1,14 +1,26 @@
-"""Shared fixtures: a tiny randomly initialised BERT (hidden 32, 2 layers) with a hand-written
-vocabulary, hand-written review tasks, and a checkpoint of the tiny model."""
+"""Shared fixtures and helpers: a tiny randomly initialised BERT (hidden 32, 2 layers) with a
+hand-written vocabulary, hand-written review tasks, a checkpoint of the tiny model, the REST API
+helpers (support sets, the JSON error shape, /metrics lines), servers on free ports, and ways to
+wait on observable state (a gate that holds adaptations, polling with a deadline) instead of
+sleeping. Test modules import helpers from here, never from each other."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import torch
+from fastapi import FastAPI
 
 from metasent.data.readers import Example
 from metasent.data.registry import Task
@@ -138,3 +150,175 @@ def modified_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> Path:
     config.inner_loop.steps = 2
     (copy / "metasent.json").write_text(config.model_dump_json(indent=2))
     return copy
+
+
+# -- the REST API: support sets, the JSON error shape, /metrics ----------------------------------
+
+TEXTS = [POSITIVE[8], NEGATIVE[8], POSITIVE[9], NEGATIVE[9], "okay fine average"]
+
+
+def support(pos: str = "positive", neg: str = "negative", k: int = 5) -> list[dict[str, str]]:
+    """A K-shot support set for the REST API: ``k`` positive then ``k`` negative reviews."""
+    positives = [{"text": t, "label": pos} for t in POSITIVE[:k]]
+    return positives + [{"text": t, "label": neg} for t in NEGATIVE[:k]]
+
+
+def valid_domain() -> dict[str, Any]:
+    return {"name": "food", "examples": support()}
+
+
+def assert_error(response, status: int, field: str | None = None, code: str | None = None) -> dict:
+    """The response is ``status`` in the JSON error shape, a detail names ``field`` with a fix."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"code", "message", "details"}
+    assert error["code"] and error["message"] and error["details"]
+    for detail in error["details"]:
+        assert set(detail) == {"field", "message", "fix"}
+        assert detail["fix"].strip() and detail["message"].strip()
+    if field is not None:
+        assert field in [d["field"] for d in error["details"]], error["details"]
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+def assert_same_scores(a: list[dict[str, float]], b: list[dict[str, float]]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert list(x) == list(y)
+        assert x == pytest.approx(y, abs=1e-6)
+
+
+def metric(text: str, line_start: str, default: float | None = None) -> float:
+    """The value of the one /metrics line that starts with ``line_start``."""
+    lines = [line for line in text.splitlines() if line.startswith(line_start)]
+    if not lines and default is not None:
+        return default
+    (line,) = lines
+    return float(line.rsplit(" ", 1)[1])
+
+
+# -- servers on free ports -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (bound to port 0, then released), for a subprocess."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, timeout: float = 60) -> Iterator[str]:
+    """``app`` under uvicorn in a thread, on a socket bound to a free port before the server starts
+    (no port to race for); yields its URL once it accepts connections."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            assert thread.is_alive(), "the server thread exited before it started"
+            assert time.monotonic() < deadline, f"the server did not start in {timeout} s"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan run, behind an async client (concurrent requests)."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+# -- waiting on observable state, never on a sleep -----------------------------------------------
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Poll ``condition`` on the event loop until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+class AdaptationGate:
+    """Holds every adaptation of an app in its worker thread until :meth:`release`, so what a test
+    observes while an adaptation runs (queue depth, 429s, a timeout) cannot race with it finishing.
+
+    ``entered`` counts adaptations that reached the gate, ``finished`` those that passed it and
+    returned (or raised).
+    """
+
+    def __init__(self, timeout: float = 60) -> None:
+        self._open = threading.Event()
+        self._lock = threading.Lock()
+        self._timeout = timeout
+        self.entered = 0
+        self.finished = 0
+
+    def release(self) -> None:
+        """Let every held and later adaptation run."""
+        self._open.set()
+
+    def wrap(self, adapt: Callable[..., Any]) -> Callable[..., Any]:
+        def gated(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                self.entered += 1
+            try:
+                if not self._open.wait(self._timeout):
+                    raise TimeoutError("the test never released the adaptation gate")
+                return adapt(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.finished += 1
+
+        return gated
+
+
+@contextmanager
+def gated_adaptations(app: FastAPI) -> Iterator[AdaptationGate]:
+    """Every adaptation of the running ``app`` (``ModelService.adapt``: create, PUT examples,
+    stateless classify, a stale domain's re-adaptation) waits at a gate the test releases; the gate
+    opens and the service is restored on exit."""
+    service = app.state.service
+    original = service.adapt
+    gate = AdaptationGate()
+    service.adapt = gate.wrap(original)
+    try:
+        yield gate
+    finally:
+        gate.release()
+        service.adapt = original
+
+
+@contextmanager
+def request_timeout(app: FastAPI, seconds: float) -> Iterator[None]:
+    """The app's request time limit (``TimeoutMiddleware``, from METASENT_REQUEST_TIMEOUT_S) set to
+    ``seconds`` inside the block: a test that makes one held request time out gives the requests
+    around it a limit they cannot hit on a busy machine."""
+    from metasent.app.limits import TimeoutMiddleware
+
+    if app.middleware_stack is None:  # built on the first request; build it as Starlette would
+        app.middleware_stack = app.build_middleware_stack()
+    layer: Any = app.middleware_stack
+    while not isinstance(layer, TimeoutMiddleware):
+        layer = layer.app
+    previous, layer.seconds = layer.seconds, seconds
+    try:
+        yield
+    finally:
+        layer.seconds = previous

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from metasent.app.auth import KeyRing
 from metasent.app.main import create_app
 from metasent.app.settings import Settings
-from tests.test_api import assert_error, support
+from tests.conftest import assert_error, support
 
 KEY_A, KEY_B = "key-a-0123456789", "key-b-9876543210"
 A = {"Authorization": f"Bearer {KEY_A}"}

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from bench.benchmark import ARSC_TEST_DOMAINS, FOOD_DOMAINS, markdown_table
@@ -31,6 +32,18 @@ def write_arsc_shaped(root: Path) -> Path:
     return root
 
 
+def achievable_scores(positives: int, negatives: int) -> list[tuple[float, float]]:
+    """(accuracy, macro-F1) in percent of every possible prediction of a binary query set with
+    ``positives`` and ``negatives`` reviews: ``tp`` positives and ``tn`` negatives labelled right."""
+    scores = []
+    for tp in range(positives + 1):
+        for tn in range(negatives + 1):
+            wrong = (positives - tp) + (negatives - tn)  # false negatives + false positives
+            f1_positive, f1_negative = 2 * tp / (2 * tp + wrong), 2 * tn / (2 * tn + wrong)
+            scores.append((100 * (tp + tn) / (positives + negatives), 50 * (f1_positive + f1_negative)))
+    return scores
+
+
 def test_benchmark_trains_evaluates_and_writes_every_file(tmp_path: Path) -> None:
     data = write_arsc_shaped(tmp_path / "arsc")
     encoder = save_tiny_encoder(tmp_path / "encoder")
@@ -52,17 +65,25 @@ def test_benchmark_trains_evaluates_and_writes_every_file(tmp_path: Path) -> Non
     assert bench["machine"]["device"] == "cpu" and bench["budget"]["name"] == "smoke"
     dev = {name: bench["methods"][name]["dev"]["mean"]["accuracy"] for name in ("fomaml", "fomaml_anchors", "protonet")}
     assert bench["default"] == max(dev, key=dev.__getitem__)  # chosen on dev tasks only
+    possible = achievable_scores(10, 7)  # every query set is a test file: 10 positives, 7 negatives
     for name, entry in bench["methods"].items():
         assert set(entry["arsc"]) == {f"{d}.t2" for d in ARSC_TEST_DOMAINS} | {"mean"}
         assert set(entry["food"]) == {f"{d}.t2" for d in FOOD_DOMAINS} | {"mean"}
-        for row in [*entry["arsc"].values(), *entry["food"].values()]:
-            assert 0 <= row["accuracy"] <= 100 and 0 <= row["macro_f1"] <= 100
+        for suite in ("arsc", "food"):  # one episode per task: a score some prediction of it gets
+            tasks = [row for task, row in entry[suite].items() if task != "mean"]
+            for row in tasks:
+                assert any(
+                    abs(row["accuracy"] - acc) <= 0.006 and abs(row["macro_f1"] - f1) <= 0.006 for acc, f1 in possible
+                ), (name, suite, row)
+            mean = entry[suite]["mean"]  # every task weighs the same
+            assert mean["accuracy"] == pytest.approx(sum(r["accuracy"] for r in tasks) / len(tasks), abs=0.006)
+            assert mean["macro_f1"] == pytest.approx(sum(r["macro_f1"] for r in tasks) / len(tasks), abs=0.006)
         assert entry["food"]["mean"]["episodes"] == 2  # 2 food tasks x 1 seed
         assert set(entry["shots"]) == {"1", "5"}
         trained = entry["training"]
         assert (trained is None) == (name == "finetune"), name
         if trained:
-            assert trained["outer_steps"] >= 1 and trained["validation"][0]["step"] == 0
+            assert trained["outer_steps"] == 4 and trained["validation"][0]["step"] == 0  # the smoke budget's
     assert bench["methods"]["finetune"]["inner_loop"]["adapted_layers"] == -1
     # 10 positives and 7 negatives in every query file
     assert bench["references"]["always_positive"]["arsc"]["mean"]["accuracy"] == round(100 * 10 / 17, 2)

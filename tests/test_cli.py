@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import pytest
+import typer
 from typer.testing import CliRunner
 
 from metasent.cli import app
@@ -19,13 +22,37 @@ def flat(output: str) -> str:
     return " ".join(output.replace("│", " ").split())
 
 
+WIDE = {"COLUMNS": "250"}  # no option's row wraps
+
+
 def test_help_explains_each_command() -> None:
-    result = runner.invoke(app, ["--help"])
+    group = typer.main.get_command(app)
+    result = runner.invoke(app, ["--help"], env=WIDE)
     assert result.exit_code == 0
-    for command in ("train", "evaluate", "serve"):
-        assert command in result.output
-        sub = runner.invoke(app, [command, "--help"])
-        assert sub.exit_code == 0 and "--" in sub.output
+    context = typer.Context(group)
+    commands = {name: group.get_command(context, name) for name in group.list_commands(context)}  # train: lazy
+    assert {"train", "evaluate", "serve", "speed", "benchmark", "adapt", "classify"} <= set(commands)
+    for name, command in commands.items():  # each command with the start of its own help
+        if command.hidden:  # the deprecated `bench` alias (tested with `speed`)
+            assert name not in result.output.split(), name
+            continue
+        assert re.search(rf"{name}\s+{re.escape(command.help.split()[0])}", result.output), name
+        sub = runner.invoke(app, [name, "--help"], env=WIDE)
+        assert sub.exit_code == 0, sub.output
+        options = [p for p in command.params if p.param_type_name == "option" and not p.hidden]
+        assert options, name
+        for option in options:  # every option is listed, with its default or as required
+            row = next((line for line in sub.output.splitlines() if f" {option.opts[0]} " in line), None)
+            assert row is not None, f"{name} {option.opts[0]} is not in the help"
+            if option.required:
+                assert "[required]" in row, row
+            elif option.default is not None and not option.is_flag and option.show_default:
+                shown = getattr(option.default, "value", option.default)  # a choice's enum member: its value
+                assert f"[default: {shown}]" in sub.output, f"{name} {option.opts[0]}"
+    # defaults a user relies on, as the help states them
+    facts = {"train": "[default: matching]", "evaluate": "[default: fixed]", "serve": "default 8000"}
+    for name, fact in facts.items():
+        assert fact in runner.invoke(app, [name, "--help"], env=WIDE).output, name
 
 
 def test_train_then_evaluate_with_an_encoder_path(tmp_path: Path) -> None:
@@ -77,8 +104,13 @@ def test_train_then_evaluate_with_an_encoder_path(tmp_path: Path) -> None:
     summary = json.loads(report.read_text())
     assert summary["tasks"]["snacks.t2"]["episodes"] == 3
     assert summary["config"]["inner_loop"]["steps"] == 2
-    assert 0 <= summary["mean"]["accuracy"] <= 100
     assert len(summary["episodes"]) == 3 and {e["seed"] for e in summary["episodes"]} == {0, 1, 2}
+    for episode in summary["episodes"]:  # the query set is the whole 20-review test file of snacks
+        assert episode["num_query"] == 20
+        assert episode["accuracy"] * 20 == pytest.approx(round(episode["accuracy"] * 20))  # k of 20 right
+    mean = 100 * sum(e["accuracy"] for e in summary["episodes"]) / 3
+    assert summary["tasks"]["snacks.t2"]["accuracy"] == summary["mean"]["accuracy"]  # one task
+    assert summary["mean"]["accuracy"] == pytest.approx(mean, abs=0.005)
 
 
 def test_curve_table_windows_and_validation() -> None:

@@ -7,15 +7,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -24,8 +20,7 @@ from metasent.app.client import MetasentClient, MetasentError, read_examples, re
 from metasent.app.main import create_app
 from metasent.app.settings import Settings
 from metasent.cli import app as cli
-from tests.conftest import NEGATIVE, POSITIVE
-from tests.test_api import support
+from tests.conftest import NEGATIVE, POSITIVE, free_port, metric, serve_in_thread, support
 
 runner = CliRunner()
 
@@ -160,7 +155,7 @@ def test_client_error_without_json_body_and_retry_after() -> None:
 
 
 def test_client_connection_error() -> None:
-    with MetasentClient(f"http://127.0.0.1:{_free_port()}", timeout=2) as client:
+    with MetasentClient(f"http://127.0.0.1:{free_port()}", timeout=2) as client:
         with pytest.raises(MetasentError) as raised:
             client.list_domains()
     assert raised.value.status is None and raised.value.code == "connection_error"
@@ -185,27 +180,11 @@ def test_read_examples_and_texts(tmp_path: Path) -> None:
 # -- the CLI against a live server ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
     settings = Settings(checkpoint=tiny_checkpoint, device="cpu", data_dir=tmp_path_factory.mktemp("live"))
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(create_app(settings)) as url:
+        yield url
 
 
 def test_cli_adapt_and_classify(live_server: str, tmp_path: Path) -> None:
@@ -254,15 +233,25 @@ def test_cli_errors(live_server: str, tmp_path: Path) -> None:
 
 
 def test_load_script_against_a_live_server(live_server: str) -> None:
+    before = httpx.get(f"{live_server}/metrics").text
     args = argparse.Namespace(clients=4, duration=2.0, adapt_share=0.3, texts=4, timeout=60.0, seed=0)
     result = asyncio.run(run_load(live_server, FALLBACK, args))
+    after = httpx.get(f"{live_server}/metrics").text
     assert result["errors"] == 0, result["error_samples"]
     operations = result["operations"]
     assert operations["classify"]["requests"] > 0 and operations["adapt"]["requests"] > 0
     assert set(operations["classify"]["statuses"]) == {"200"}
     assert operations["adapt"]["statuses"].get("201", 0) == operations["delete"]["statuses"]["204"]
-    assert 0 < operations["classify"]["p50_ms"] <= operations["classify"]["p99_ms"]
-    assert result["server_adaptation_seconds_mean"] > 0
+
+    # the script's counts are the server's: its request counters moved by as much
+    def served(route: str, status: int, method: str = "POST") -> float:
+        line = f'metasent_http_requests_total{{method="{method}",route="{route}",status="{status}"}}'
+        return metric(after, line, default=0) - metric(before, line, default=0)
+
+    assert served("/v1/domains/{domain_id}/classify", 200) == operations["classify"]["statuses"]["200"]
+    assert served("/v1/domains", 201) == operations["adapt"]["statuses"]["201"] + 1  # + the shared domain
+    adaptations = metric(after, "metasent_adaptation_seconds_sum") / metric(after, "metasent_adaptation_seconds_count")
+    assert result["server_adaptation_seconds_mean"] == round(adaptations, 3)
     with MetasentClient(live_server) as client:  # the script cleans up after itself
         assert all(d["name"] not in ("load", "shared") for d in client.list_domains())
 

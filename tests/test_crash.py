@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,25 +24,18 @@ import httpx
 import pytest
 from safetensors.torch import load as load_tensors
 
-from tests.test_api import support
-from tests.test_store import TEXTS, assert_same_scores
+from tests.conftest import TEXTS, assert_same_scores, free_port, support
 
 pytestmark = pytest.mark.slow
 KEY = "crash-test-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Server:
     """A ``metasent serve`` subprocess on the tiny checkpoint, logging to a file."""
 
     def __init__(self, checkpoint: Path, data_dir: Path, log: Path, **env: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         command = [
@@ -70,6 +62,8 @@ class Server:
             command, env=environment, cwd=data_dir.parent, stdout=self._log_file, stderr=subprocess.STDOUT
         )
         self.client = httpx.Client(base_url=self.url, headers=HEADERS, timeout=60)
+        self._background: list[threading.Thread] = []
+        self.answered: list[str] = []  # background requests answered although the kill should come first
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 60) -> None:
@@ -104,21 +98,26 @@ class Server:
         def send() -> None:
             try:
                 response = self.client.request(method, path, json=body)
-                raise AssertionError(f"answered before the kill: {response.status_code} {response.text}")
-            except httpx.TransportError:
-                pass
+            except httpx.TransportError:  # the connection died with the server
+                return
+            self.answered.append(f"{method} {path} -> {response.status_code} {response.text}")
 
         thread = threading.Thread(target=send, daemon=True)
         thread.start()
+        self._background.append(thread)
         return thread
 
     def kill(self) -> None:
         """SIGKILL: no shutdown handler, no flush, no commit runs."""
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=30)
+        for thread in self._background:
+            thread.join(timeout=30)
+            assert not thread.is_alive(), "a background request outlived the server"
         self.client.close()
         self._log_file.close()
         assert self.process.returncode == -signal.SIGKILL
+        assert not self.answered, f"answered before the kill: {self.answered}"
 
 
 @contextmanager
@@ -164,7 +163,6 @@ def _check_database(path: Path, expected: set[str]) -> None:
 def test_sigkill_during_adaptation_and_writes_loses_nothing(tiny_checkpoint: Path, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    started = time.monotonic()
     with server(tiny_checkpoint, data_dir, tmp_path / "0-acknowledge.log") as srv:
         acked = _acknowledge(srv.client)
         expected = {domain_id: _scores(srv.client, domain_id) for domain_id in acked}
@@ -198,4 +196,3 @@ def test_sigkill_during_adaptation_and_writes_loses_nothing(tiny_checkpoint: Pat
             assert_same_scores(_scores(srv.client, domain_id), scores)
         examples = srv.client.get(f"/v1/domains/{first}/examples").json()
         assert examples["version"] == 2 and examples["examples"][-1] == {"text": "okay", "label": "meh"}
-    assert time.monotonic() - started < 120

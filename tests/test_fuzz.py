@@ -25,8 +25,7 @@ from metasent.app.main import create_app
 from metasent.app.settings import Settings
 from metasent.meta.checkpoint import save_checkpoint
 from metasent.meta.config import CheckpointConfig, InnerLoopConfig
-from tests.conftest import make_tiny_model
-from tests.test_api import support
+from tests.conftest import make_tiny_model, support
 
 MAX_EXAMPLES = 30  # per operation and generation mode
 KEY = "fuzz-key-0123456789"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from metasent.data.registry import Task
 from metasent.meta.adaptation import AdaptedState, Predictor, PrototypeHead, encode_labels, inner_loop
 from metasent.meta.checkpoint import is_checkpoint, load_checkpoint, load_training_state, save_checkpoint
 from metasent.meta.config import CheckpointConfig, InnerLoopConfig, TrainConfig
-from metasent.meta.evaluate import EpisodeResult, evaluate_episode, format_table, summarize
+from metasent.meta.evaluate import EpisodeResult, evaluate_episode, format_table, score_episode, summarize
 from metasent.meta.fomaml import fomaml_query_loss
 from metasent.meta.model import MetaLearner
 from metasent.meta.train import meta_train
@@ -210,10 +211,24 @@ def test_checkpoint_round_trip(tmp_path: Path, tiny_model: MetaLearner) -> None:
 
 
 def test_evaluate_episode_and_summary(tiny_model: MetaLearner, food_task: Task) -> None:
-    result = evaluate_episode(tiny_model, fixed_episode(food_task), InnerLoopConfig(steps=1, adapted_layers=0))
+    episode, inner = fixed_episode(food_task), InnerLoopConfig(steps=1, adapted_layers=0)
+    result = evaluate_episode(tiny_model, episode, inner)
     assert result.num_query == len(food_task.split("test"))
-    assert 0 <= result.accuracy <= 1 and 0 <= result.macro_f1 <= 1
+    # the same adaptation done by hand: its query predictions give the accuracy
+    texts, labels = [e.text for e in episode.support], [e.label for e in episode.support]
+    adaptation = inner_loop(tiny_model, texts, labels, inner, episode.labels)
+    probs = predict_proba(tiny_model, adaptation, [e.text for e in episode.query])
+    predicted = [adaptation.labels[i] for i in probs.argmax(-1).tolist()]
+    correct = sum(p == e.label for p, e in zip(predicted, episode.query, strict=True))
+    assert result.accuracy == pytest.approx(correct / 8)
     assert result.positive_share == 0.5  # 4 positive, 4 negative test reviews
+    # macro-F1 by hand on fixed predictions: always "positive" on 4 + 4 is F1 2/3 and 0, mean 1/3
+    always = score_episode(episode, ["positive"] * 8, None, 0.0, 1.0)
+    assert always.accuracy == 0.5 and always.macro_f1 == pytest.approx(1 / 3)
+    # 3 of 4 positives and 4 of 4 negatives right: F1 6/7 (positive) and 8/9 (negative)
+    mostly = score_episode(episode, [e.label if i else "negative" for i, e in enumerate(episode.query)], 0, 0.0, 1.0)
+    assert episode.query[0].label == "positive"
+    assert mostly.accuracy == 7 / 8 and mostly.macro_f1 == pytest.approx((6 / 7 + 8 / 9) / 2)
     results = [
         EpisodeResult("a", 0, 0.5, 0.4, 10, 0.1, 1.0, 0.8),
         EpisodeResult("a", 1, 0.7, 0.6, 10, 0.3, 1.0, 0.6),
@@ -224,7 +239,9 @@ def test_evaluate_episode_and_summary(tiny_model: MetaLearner, food_task: Task) 
     assert summary["tasks"]["a"]["accuracy"] == 60.0
     assert summary["tasks"]["a"]["accuracy_ci95"] == pytest.approx(127.06, abs=0.01)  # t(0.975, 1) * 14.14 / sqrt 2
     assert summary["mean"]["accuracy"] == 75.0 and summary["mean"]["macro_f1"] == 65.0
-    assert summary["mean"]["episodes"] == 4 and summary["mean"]["accuracy_ci95"] > 0
+    # sampled tasks: the mean's CI is over all 4 episodes, t(0.975, 3) * stdev / sqrt 4
+    assert summary["mean"]["episodes"] == 4
+    assert summary["mean"]["accuracy_ci95"] == pytest.approx(3.1824 * statistics.stdev([50, 70, 90, 90]) / 2, abs=0.01)
     assert summary["tasks"]["a"]["always_positive_accuracy"] == 70.0
     assert summary["mean"]["always_positive_accuracy"] == 60.0
     table = format_table(summary, "title")

@@ -8,14 +8,12 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from metasent.app.errors import ApiError
@@ -23,34 +21,20 @@ from metasent.app.main import create_app
 from metasent.app.observability import configure_logging, make_formatter, request_id_var
 from metasent.app.queue import AdaptationQueue
 from metasent.app.settings import Settings
-from tests.conftest import WORDS
-from tests.test_api import assert_error, valid_domain
+from tests.conftest import (
+    WORDS,
+    assert_error,
+    gated_adaptations,
+    metric,
+    request_timeout,
+    running,
+    valid_domain,
+    wait_until,
+)
 
 
 def make_settings(checkpoint: Path, data_dir: Path, **overrides: Any) -> Settings:
     return Settings(checkpoint=checkpoint, device="cpu", data_dir=data_dir, **overrides)
-
-
-@asynccontextmanager
-async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """The app with its lifespan run, behind an async client (concurrent requests)."""
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
-
-
-def slow_adapt(app: FastAPI, seconds: float) -> Callable[..., Any]:
-    """Make the app's adaptations take at least ``seconds`` (in the worker thread)."""
-    service = app.state.service
-    original = service.adapt
-
-    def adapt(texts: list[str], labels: list[str]) -> Any:
-        time.sleep(seconds)
-        return original(texts, labels)
-
-    service.adapt = adapt
-    return original
 
 
 # -- the queue on its own ------------------------------------------------------------------------
@@ -62,8 +46,7 @@ def test_queue_full_raises_429_with_retry_after() -> None:
         release = threading.Event()
         first = asyncio.create_task(queue.run(release.wait, 5))
         second = asyncio.create_task(queue.run(lambda: "second"))
-        await asyncio.sleep(0.05)
-        assert queue.depth == 2
+        await wait_until(lambda: queue.depth == 2, "both jobs in the queue")
         with pytest.raises(ApiError) as raised:
             await queue.run(lambda: "third")
         error = raised.value
@@ -73,7 +56,10 @@ def test_queue_full_raises_429_with_retry_after() -> None:
         assert await first is True and await second == "second"
         assert queue.depth == 0
         assert await queue.run(lambda: "fourth") == "fourth"
-        assert queue.retry_after() >= 1
+        fresh = AdaptationQueue(capacity=1, default_seconds=3.0)
+        assert fresh.retry_after() == 3  # no history: the default estimate
+        assert await fresh.run(lambda: "instant") == "instant"
+        assert fresh.retry_after() == 1  # the measured (instant) adaptation replaces it; at least 1 s
 
     asyncio.run(scenario())
 
@@ -82,15 +68,19 @@ def test_queue_runs_one_at_a_time_and_drops_abandoned_jobs() -> None:
     async def scenario() -> None:
         observed: list[float] = []
         queue = AdaptationQueue(capacity=5, observe=observed.append)
-        running_now, most, calls = 0, 0, []
+        running_now, most, started, calls = 0, 0, [], []
         lock = threading.Lock()
+        release = threading.Event()
 
         def work(name: str) -> str:
             nonlocal running_now, most
             with lock:
                 running_now += 1
                 most = max(most, running_now)
-            time.sleep(0.05)
+                started.append(name)
+            if name == "job0":
+                assert release.wait(30), "the test never released job0"
+            time.sleep(0.05)  # the work itself: long enough for a second job to overlap if one could
             with lock:
                 running_now -= 1
             calls.append(name)
@@ -98,15 +88,18 @@ def test_queue_runs_one_at_a_time_and_drops_abandoned_jobs() -> None:
 
         tasks = [asyncio.create_task(queue.run(work, f"job{i}")) for i in range(3)]
         waiting = asyncio.create_task(queue.run(work, "abandoned"))
-        await asyncio.sleep(0.01)
+        await wait_until(lambda: started == ["job0"], "job0 to start")  # and held until released
         assert queue.depth == 4
         waiting.cancel()  # a request that gave up while queued leaves the queue at once
-        await asyncio.sleep(0)
-        assert queue.depth == 3
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert queue.depth == 3 and started == ["job0"]
+        release.set()
         assert await asyncio.gather(*tasks) == ["job0", "job1", "job2"]
-        await asyncio.sleep(0.01)
-        assert most == 1 and "abandoned" not in calls and queue.depth == 0
-        assert len(observed) == 3 and all(s >= 0.05 for s in observed)
+        # jobs run in arrival order: the abandoned job's turn comes (and is skipped) before this one
+        assert await queue.run(work, "after") == "after"
+        assert most == 1 and calls == ["job0", "job1", "job2", "after"] and queue.depth == 0
+        assert len(observed) == 4 and all(s >= 0.05 for s in observed)
 
     asyncio.run(scenario())
 
@@ -133,14 +126,26 @@ def test_full_queue_answers_429_then_recovers(tiny_checkpoint: Path, tmp_path: P
 
     async def scenario() -> None:
         async with running(app) as client:
-            slow_adapt(app, 0.6)
-            responses = await asyncio.gather(*[client.post("/v1/domains", json=valid_domain()) for _ in range(3)])
+            with gated_adaptations(app) as gate:  # the first adaptation holds the one slot
+                requests = [asyncio.create_task(client.post("/v1/domains", json=valid_domain())) for _ in range(3)]
+                await wait_until(
+                    lambda: gate.entered == 1 and sum(r.done() for r in requests) == 2,
+                    "one adaptation held and two requests answered",
+                )
+                refused = [r.result() for r in requests if r.done()]
+                assert [r.status_code for r in refused] == [429, 429]
+                assert app.state.adapt_queue.depth == 1 and gate.finished == 0
+                # Retry-After is the queue's estimate: no adaptation timed yet, the 1 s default x depth 1
+                expected = str(app.state.adapt_queue.retry_after())
+                assert expected == "1" and [r.headers["Retry-After"] for r in refused] == [expected, expected]
+                gate.release()
+                responses = await asyncio.gather(*requests)
+            assert gate.entered == 1  # the refused requests never adapted
             statuses = sorted(r.status_code for r in responses)
             assert statuses == [201, 429, 429], [r.text for r in responses]
             for response in responses:
                 if response.status_code == 429:
                     assert_error(response, 429, "server", "adaptation_queue_full")
-                    assert int(response.headers["Retry-After"]) >= 1
                     assert "METASENT_ADAPT_QUEUE_SIZE" in response.json()["error"]["details"][0]["fix"]
             assert app.state.adapt_queue.depth == 0
             assert (await client.post("/v1/domains", json=valid_domain())).status_code == 201
@@ -150,26 +155,29 @@ def test_full_queue_answers_429_then_recovers(tiny_checkpoint: Path, tmp_path: P
 
 
 def test_timed_out_adaptation_answers_503_and_stores_nothing(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    app = create_app(make_settings(tiny_checkpoint, tmp_path, request_timeout_s=0.3))
+    # 1 s: ample for the handler to reach the adaptation, which the gate then holds past the limit
+    app = create_app(make_settings(tiny_checkpoint, tmp_path, request_timeout_s=1.0))
 
     async def scenario() -> None:
         async with running(app) as client:
-            original = slow_adapt(app, 1.0)
-            started = time.perf_counter()
-            response = await client.post("/v1/domains", json=valid_domain())
-            assert time.perf_counter() - started < 0.9  # answered at the timeout, not after the adaptation
-            assert_error(response, 503, "server", "request_timeout")
-            assert int(response.headers["Retry-After"]) >= 1
-            assert app.state.adapt_queue.depth == 1  # still running in its thread
-            await asyncio.sleep(1.0)
-            assert app.state.adapt_queue.depth == 0
-            assert (await client.get("/v1/domains")).json()["domains"] == []  # nothing half-stored
-            app.state.service.adapt = original
-            created = await client.post("/v1/domains", json=valid_domain())
-            assert created.status_code == 201, created.text
-            domain_id = created.json()["domain_id"]
-            classified = await client.post(f"/v1/domains/{domain_id}/classify", json={"texts": ["great coffee"]})
-            assert classified.status_code == 200
+            with gated_adaptations(app) as gate:
+                response = await client.post("/v1/domains", json=valid_domain())
+                error = assert_error(response, 503, "server", "request_timeout")
+                assert "limit of 1 s" in error["message"]  # METASENT_REQUEST_TIMEOUT_S reached the middleware
+                assert response.headers["Retry-After"] == str(app.state.adapt_queue.retry_after())  # the queue's
+                # answered at the timeout, while its adaptation is still held in its thread
+                assert gate.entered == 1 and gate.finished == 0 and app.state.adapt_queue.depth == 1
+                gate.release()
+                await wait_until(
+                    lambda: gate.finished == 1 and app.state.adapt_queue.depth == 0, "the adaptation to finish"
+                )
+            with request_timeout(app, 60):  # the requests below are not the ones timed out
+                assert (await client.get("/v1/domains")).json()["domains"] == []  # nothing half-stored
+                created = await client.post("/v1/domains", json=valid_domain())
+                assert created.status_code == 201, created.text
+                domain_id = created.json()["domain_id"]
+                classified = await client.post(f"/v1/domains/{domain_id}/classify", json={"texts": ["great coffee"]})
+                assert classified.status_code == 200
 
     asyncio.run(scenario())
 
@@ -234,14 +242,6 @@ def test_truncated_flag(client: TestClient) -> None:
     assert client.app.state.service.token_counts([fits, over]) == [limit, limit + 1]  # type: ignore[attr-defined]
 
 
-def _metric(text: str, line_start: str, default: float | None = None) -> float:
-    lines = [line for line in text.splitlines() if line.startswith(line_start)]
-    if not lines and default is not None:
-        return default
-    (line,) = lines
-    return float(line.rsplit(" ", 1)[1])
-
-
 def test_metrics_after_requests(client: TestClient) -> None:
     before = client.get("/metrics").text
     domain = client.post("/v1/domains", json=valid_domain()).json()
@@ -253,16 +253,17 @@ def test_metrics_after_requests(client: TestClient) -> None:
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     text = response.text
     not_found = 'metasent_http_requests_total{method="GET",route="/v1/domains/{domain_id}",status="404"}'
-    assert _metric(text, not_found) == 2  # by template: both unknown ids in one series
+    assert metric(text, not_found) == 2  # by template: both unknown ids in one series
     assert "not-a-domain" not in text and "/no/such/route" not in text
-    assert _metric(text, 'metasent_http_requests_total{method="GET",route="unmatched",status="404"}') == 1
+    assert metric(text, 'metasent_http_requests_total{method="GET",route="unmatched",status="404"}') == 1
     created = 'metasent_http_requests_total{method="POST",route="/v1/domains",status="201"}'
-    assert _metric(text, created) == _metric(before, created, default=0) + 1
+    assert metric(text, created) == metric(before, created, default=0) + 1
     classify = 'metasent_http_request_duration_seconds_count{method="POST",route="/v1/domains/{domain_id}/classify"'
-    assert _metric(text, classify) >= 1
-    assert _metric(text, "metasent_adaptation_seconds_count") >= 1
-    assert _metric(text, "metasent_adaptation_queue_depth") == 0
-    assert _metric(text, "metasent_domains") == len(client.get("/v1/domains").json()["domains"])
+    assert metric(text, classify) == metric(before, classify, default=0) + 1
+    adaptations = "metasent_adaptation_seconds_count"
+    assert metric(text, adaptations) == metric(before, adaptations, default=0) + 1  # the one domain created
+    assert metric(text, "metasent_adaptation_queue_depth") == 0
+    assert metric(text, "metasent_domains") == len(client.get("/v1/domains").json()["domains"])
     (info,) = [line for line in text.splitlines() if line.startswith("metasent_model_info{")]
     assert 'algorithm="none"' in info and 'encoder="tiny-bert"' in info and 'device="cpu"' in info
 

@@ -17,9 +17,18 @@ from fastapi.testclient import TestClient
 from metasent.app.main import create_app
 from metasent.app.settings import Settings
 from metasent.app.store import DomainStore
-from tests.conftest import NEGATIVE, POSITIVE, WORDS
-from tests.test_api import assert_error, support
-from tests.test_ops import _metric, running, slow_adapt
+from tests.conftest import (
+    NEGATIVE,
+    POSITIVE,
+    WORDS,
+    assert_error,
+    gated_adaptations,
+    metric,
+    request_timeout,
+    running,
+    support,
+    wait_until,
+)
 
 KEY_A, KEY_B = "prod-key-a-0123456789", "prod-key-b-9876543210"
 A = {"Authorization": f"Bearer {KEY_A}"}
@@ -42,27 +51,30 @@ def test_every_adaptation_path_goes_through_the_queue(
             fresh = await client.post("/v1/domains", json={"name": "fresh", "examples": support()})
             assert fresh.status_code == 201, fresh.text
             fresh_id = fresh.json()["domain_id"]
-            slow_adapt(app, 1.0)
-            blocker = asyncio.create_task(client.post("/v1/domains", json={"name": "b", "examples": support()}))
-            await asyncio.sleep(0.3)
-            assert app.state.adapt_queue.depth == 1  # the one slot is taken
-            refused = {
-                "create": await client.post("/v1/domains", json={"name": "x", "examples": support()}),
-                "put": await client.put(f"/v1/domains/{fresh_id}/examples", json={"examples": support()}),
-                "stateless": await client.post("/v1/classify", json={"examples": support(), "texts": ["great"]}),
-                "stale get": await client.get(f"/v1/domains/{stale_id}"),
-                "stale classify": await client.post(f"/v1/domains/{stale_id}/classify", json={"texts": ["great"]}),
-            }
-            for name, response in refused.items():
-                assert_error(response, 429, "server", "adaptation_queue_full")
-                assert int(response.headers["Retry-After"]) >= 1, name
-            # what needs no adaptation is served meanwhile: a fresh domain, the list, the examples
-            served = await client.post(f"/v1/domains/{fresh_id}/classify", json={"texts": ["great"]})
-            assert served.status_code == 200, served.text
-            listed = {d["domain_id"]: d for d in (await client.get("/v1/domains")).json()["domains"]}
-            assert listed[stale_id]["stale"] is True and listed[fresh_id]["version"] == 1  # nothing changed
-            assert (await client.get(f"/v1/domains/{stale_id}/examples")).status_code == 200
-            assert (await blocker).status_code == 201
+            with gated_adaptations(app) as gate:
+                blocker = asyncio.create_task(client.post("/v1/domains", json={"name": "b", "examples": support()}))
+                await wait_until(lambda: gate.entered == 1, "the blocker's adaptation to start")
+                assert app.state.adapt_queue.depth == 1  # the one slot is taken
+                refused = {
+                    "create": await client.post("/v1/domains", json={"name": "x", "examples": support()}),
+                    "put": await client.put(f"/v1/domains/{fresh_id}/examples", json={"examples": support()}),
+                    "stateless": await client.post("/v1/classify", json={"examples": support(), "texts": ["great"]}),
+                    "stale get": await client.get(f"/v1/domains/{stale_id}"),
+                    "stale classify": await client.post(f"/v1/domains/{stale_id}/classify", json={"texts": ["great"]}),
+                }
+                retry_after = str(app.state.adapt_queue.retry_after())  # the queue's estimate, held steady
+                for name, response in refused.items():
+                    assert_error(response, 429, "server", "adaptation_queue_full")
+                    assert response.headers["Retry-After"] == retry_after, name
+                # what needs no adaptation is served meanwhile: a fresh domain, the list, the examples
+                served = await client.post(f"/v1/domains/{fresh_id}/classify", json={"texts": ["great"]})
+                assert served.status_code == 200, served.text
+                listed = {d["domain_id"]: d for d in (await client.get("/v1/domains")).json()["domains"]}
+                assert listed[stale_id]["stale"] is True and listed[fresh_id]["version"] == 1  # nothing changed
+                assert (await client.get(f"/v1/domains/{stale_id}/examples")).status_code == 200
+                assert gate.entered == 1 and not blocker.done()  # all of the above while the slot was taken
+                gate.release()
+                assert (await blocker).status_code == 201
             assert app.state.adapt_queue.depth == 0
 
             # the queue free again, each path runs (and the stale domain is re-adapted on first use)
@@ -73,30 +85,35 @@ def test_every_adaptation_path_goes_through_the_queue(
             body = {"examples": support(), "texts": [POSITIVE[9], NEGATIVE[9]]}
             assert (await client.post("/v1/classify", json=body)).status_code == 200
             metrics = (await client.get("/metrics")).text
-            assert _metric(metrics, "metasent_adaptation_seconds_count") == 5  # fresh, blocker, 3 above
+            assert metric(metrics, "metasent_adaptation_seconds_count") == 5  # fresh, blocker, 3 above
 
     asyncio.run(scenario())
 
 
 def test_timed_out_put_stores_nothing(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    app = create_app(settings(tiny_checkpoint, tmp_path, request_timeout_s=0.3))
+    # 1 s: ample for the handler to reach the adaptation, which the gate then holds past the limit
+    app = create_app(settings(tiny_checkpoint, tmp_path, request_timeout_s=1.0))
 
     async def scenario() -> None:
         async with running(app) as client:
-            domain = (await client.post("/v1/domains", json={"name": "food", "examples": support()})).json()
-            original = slow_adapt(app, 1.0)
+            with request_timeout(app, 60):  # only the PUT below is to time out
+                domain = (await client.post("/v1/domains", json={"name": "food", "examples": support()})).json()
             body = {"examples": support("good", "bad"), "mode": "replace"}
-            response = await client.put(f"/v1/domains/{domain['domain_id']}/examples", json=body)
-            assert_error(response, 503, "server", "request_timeout")
-            assert int(response.headers["Retry-After"]) >= 1
-            await asyncio.sleep(1.0)  # the adaptation finishes in its thread; its result is dropped
-            assert app.state.adapt_queue.depth == 0
-            assert (await client.get(f"/v1/domains/{domain['domain_id']}")).json() == domain
-            stored = (await client.get(f"/v1/domains/{domain['domain_id']}/examples")).json()
-            assert stored["version"] == 1 and stored["examples"] == support()
-            app.state.service.adapt = original
-            retried = await client.put(f"/v1/domains/{domain['domain_id']}/examples", json=body)
-            assert retried.status_code == 200 and retried.json()["labels"] == ["good", "bad"]
+            with gated_adaptations(app) as gate:
+                response = await client.put(f"/v1/domains/{domain['domain_id']}/examples", json=body)
+                assert_error(response, 503, "server", "request_timeout")
+                assert response.headers["Retry-After"] == str(app.state.adapt_queue.retry_after())
+                assert gate.entered == 1 and gate.finished == 0  # answered while its adaptation still runs
+                gate.release()  # the adaptation finishes in its thread; its result is dropped
+                await wait_until(
+                    lambda: gate.finished == 1 and app.state.adapt_queue.depth == 0, "the adaptation to finish"
+                )
+            with request_timeout(app, 60):
+                assert (await client.get(f"/v1/domains/{domain['domain_id']}")).json() == domain
+                stored = (await client.get(f"/v1/domains/{domain['domain_id']}/examples")).json()
+                assert stored["version"] == 1 and stored["examples"] == support()
+                retried = await client.put(f"/v1/domains/{domain['domain_id']}/examples", json=body)
+                assert retried.status_code == 200 and retried.json()["labels"] == ["good", "bad"]
 
     asyncio.run(scenario())
 
@@ -124,9 +141,9 @@ def test_ops_routes_are_public_and_count_every_tenant(tiny_checkpoint: Path, tmp
         assert client.get("/readyz").json() == {"status": "ready", "model_loaded": True, "store_reachable": True}
         metrics = client.get("/metrics")
         assert metrics.status_code == 200
-        assert _metric(metrics.text, "metasent_domains") == 3
+        assert metric(metrics.text, "metasent_domains") == 3
         unauthorised = 'metasent_http_requests_total{method="GET",route="/v1/domains",status="401"}'
-        assert _metric(metrics.text, unauthorised) == 1
+        assert metric(metrics.text, unauthorised) == 1
         spec = client.get("/openapi.json").json()
         for path in ("/healthz", "/readyz", "/metrics"):
             assert "security" not in spec["paths"][path]["get"], path
@@ -147,7 +164,7 @@ def test_readyz_and_gauges_when_the_real_store_is_down(tiny_checkpoint: Path, tm
             health = await client.get("/healthz")  # liveness does not depend on the store
             assert health.status_code == 200 and health.json()["domains"] is None
             metrics = await client.get("/metrics")
-            assert metrics.status_code == 200 and math.isnan(_metric(metrics.text, "metasent_domains"))
+            assert metrics.status_code == 200 and math.isnan(metric(metrics.text, "metasent_domains"))
             for response in (
                 await client.get("/v1/domains"),
                 await client.post("/v1/domains", json={"name": "food", "examples": support()}),
@@ -166,19 +183,22 @@ def test_client_gone_while_queued_leaves_the_queue(tiny_checkpoint: Path, tmp_pa
 
     async def scenario() -> None:
         async with running(app) as client:
-            slow_adapt(app, 0.5)
-            first = asyncio.create_task(client.post("/v1/domains", json={"name": "a", "examples": support()}))
-            await asyncio.sleep(0.1)
-            queued = asyncio.create_task(client.post("/v1/classify", json={"examples": support(), "texts": ["x"]}))
-            await asyncio.sleep(0.1)
-            assert app.state.adapt_queue.depth == 2
-            queued.cancel()
-            try:
-                await queued
-            except (asyncio.CancelledError, httpx.HTTPError):
-                pass
-            await asyncio.sleep(0.05)
-            assert app.state.adapt_queue.depth == 1
-            assert (await first).status_code == 201
+            with gated_adaptations(app) as gate:
+                first = asyncio.create_task(client.post("/v1/domains", json={"name": "a", "examples": support()}))
+                await wait_until(lambda: gate.entered == 1, "the first adaptation to start")
+                queued = asyncio.create_task(client.post("/v1/classify", json={"examples": support(), "texts": ["x"]}))
+                await wait_until(lambda: app.state.adapt_queue.depth == 2, "the classify request to queue")
+                queued.cancel()
+                try:
+                    await queued
+                except (asyncio.CancelledError, httpx.HTTPError):
+                    pass
+                await wait_until(lambda: app.state.adapt_queue.depth == 1, "the cancelled request to leave the queue")
+                gate.release()
+                assert (await first).status_code == 201
+                # the next adaptation runs after the abandoned one's turn: that one was skipped, never run
+                after = await client.post("/v1/classify", json={"examples": support(), "texts": ["x"]})
+                assert after.status_code == 200 and gate.entered == 2
+                assert app.state.adapt_queue.depth == 0
 
     asyncio.run(scenario())

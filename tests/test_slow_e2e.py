@@ -9,7 +9,7 @@ from metasent.app.main import create_app
 from metasent.app.settings import Settings
 from metasent.data.episodes import EpisodeSampler
 from metasent.data.readers import read_arsc
-from tests.conftest import ARSC_DIR
+from tests.conftest import ARSC_DIR, free_port
 
 pytestmark = [
     pytest.mark.slow,
@@ -48,6 +48,7 @@ def test_adapt_to_gourmet_food_and_classify_over_http(tmp_path) -> None:
 
 def test_bench_prints_every_figure_with_its_ratio(tiny_checkpoint) -> None:
     from bench.speed import run_bench
+    from metasent.meta.checkpoint import load_checkpoint
 
     result = run_bench(
         ARSC_DIR,
@@ -61,15 +62,31 @@ def test_bench_prints_every_figure_with_its_ratio(tiny_checkpoint) -> None:
         requests=2,
         per_request=3,
         domains=3,
-        port=8791,
+        port=free_port(),
     )
-    assert result["adaptation"]["ratio_to_forward"] == pytest.approx(
-        result["adaptation"]["adapt_seconds_median"] / result["adaptation"]["forward_seconds_median"], rel=0.02
-    )
-    assert result["classification"]["texts"] == 24 and result["classification"]["ratio_to_bare_sorted"] > 0
-    assert result["meta_training"]["episodes_timed"] == 4 and result["meta_training"]["after_episodes_per_s"] > 0
-    assert result["meta_training"]["frozen_lower_layers"] == 1  # the tiny BERT has 2 layers
-    assert result["meta_training"]["frozen_lower_warm_cache_episodes_per_s"] > 0
-    assert result["http"]["requests"] == 4 and result["http"]["p99_ms"] >= result["http"]["p50_ms"] > 0
-    assert result["memory"]["domains"] == 3 and result["memory"]["peak_rss_mib"] > 0
-    assert result["model"]["bytes_per_domain_tensors"] > 0
+    adaptation = result["adaptation"]
+    assert adaptation["repeats"] == 2 and set(adaptation) >= {"adapt_seconds_median", "ratio_to_forward"}
+    # the inner loop runs at least 4 forward passes of the same support batch (the prototype
+    # initialisation, then 3 steps with their backward passes): it cannot beat one forward pass
+    assert adaptation["adapt_seconds_median"] > adaptation["forward_seconds_median"]
+    classification = result["classification"]
+    # 24 texts in batches of 8; the tiny BERT cuts at 32 tokens and has 64 positions (padding cap)
+    assert (classification["texts"], classification["batch_size"]) == (24, 8)
+    assert (classification["max_length"], classification["padded_length"]) == (32, 64)
+    assert {"ratio_to_bare_sorted", "ratio_to_file_order_padded"} <= set(classification)
+    training = result["meta_training"]
+    assert training["episodes_timed"] == 4  # 1 outer step x the default meta-batch of 4 episodes
+    assert training["frozen_lower_layers"] == 1  # the tiny BERT has 2 layers
+    assert {"speedup", "frozen_lower_warm_speedup", "frozen_lower_warm_cache_episodes_per_s"} <= set(training)
+    http = result["http"]
+    assert (http["clients"], http["requests"], http["texts_per_request"]) == (2, 4, 3)  # 2 clients x 2 requests
+    assert "ratio_to_service" in http
+    memory = result["memory"]
+    assert memory["domains"] == 3
+    assert memory["peak_rss_mib"] >= max(memory["rss_with_1_domain_mib"], memory["rss_with_all_domains_mib"])
+    # a domain stores the head (2 classes x 32 + 2 biases) and the adapted top layer, in float32
+    model, config = load_checkpoint(tiny_checkpoint)
+    assert config.inner_loop.adapted_layers == 1
+    parameters = dict(model.named_parameters())
+    adapted = sum(parameters[name].numel() for name in model.adapted_parameter_names(1))
+    assert result["model"]["bytes_per_domain_tensors"] == 4 * (adapted + 2 * 32 + 2)

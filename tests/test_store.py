@@ -19,10 +19,7 @@ from metasent.app.settings import Settings
 from metasent.app.store import DomainStore, VersionConflictError
 from metasent.meta.checkpoint import model_fingerprint
 from metasent.meta.config import CheckpointConfig
-from tests.conftest import NEGATIVE, POSITIVE
-from tests.test_api import assert_error, support
-
-TEXTS = [POSITIVE[8], NEGATIVE[8], POSITIVE[9], NEGATIVE[9], "okay fine average"]
+from tests.conftest import TEXTS, assert_error, assert_same_scores, support
 
 
 @contextmanager
@@ -42,13 +39,6 @@ def scores(client: TestClient, domain_id: str, texts: list[str] = TEXTS) -> list
     response = client.post(f"/v1/domains/{domain_id}/classify", json={"texts": texts})
     assert response.status_code == 200, response.text
     return [p["scores"] for p in response.json()["predictions"]]
-
-
-def assert_same_scores(a: list[dict[str, float]], b: list[dict[str, float]]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert list(x) == list(y)
-        assert x == pytest.approx(y, abs=1e-6)
 
 
 def put(client: TestClient, domain_id: str, **body: Any):
