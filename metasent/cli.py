@@ -44,7 +44,7 @@ class _Commands(TyperGroup):
         return super().get_command(ctx, cmd_name)
 
 
-app = typer.Typer(
+cli = typer.Typer(
     cls=_Commands,
     help="metasent: meta-train a BERT encoder across sentiment domains (matching networks by default; "
     "first-order MAML, Reptile, prototypical networks and more), evaluate it on few-shot tasks, and serve "
@@ -294,7 +294,7 @@ def train(args: TrainingArguments) -> None:
     typer.echo(json.dumps({k: v for k, v in final.metrics.items() if k not in ("curve",)}, indent=2))
 
 
-@app.command()
+@cli.command()
 def evaluate(
     data: Annotated[str, typer.Option(help="ARSC directory, or a JSONL/CSV/HF dataset")],
     checkpoint: Annotated[
@@ -375,7 +375,7 @@ def evaluate(
         output.write_text(json.dumps(summary, indent=2))
 
 
-@app.command()
+@cli.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (METASENT_HOST, default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (METASENT_PORT, default 8000)")] = None,
@@ -411,7 +411,7 @@ def serve(
     )
 
 
-@app.command()
+@cli.command()
 def speed(
     data: Annotated[
         str, typer.Option(help="ARSC directory (support and query texts come from it)")
@@ -461,7 +461,7 @@ def speed(
         output.write_text(text + "\n")
 
 
-@app.command("bench", hidden=True, help="Deprecated alias of `metasent speed` (same options).")
+@cli.command("bench", hidden=True, help="Deprecated alias of `metasent speed` (same options).")
 @functools.wraps(speed)
 def bench(**options: Any) -> None:
     """``metasent bench``, the old name of ``metasent speed``: warns, then runs it."""
@@ -469,7 +469,7 @@ def bench(**options: Any) -> None:
     speed(**options)
 
 
-@app.command()
+@cli.command()
 def benchmark(
     data: Annotated[str, typer.Option(help="ARSC directory")] = "../shared/data/arsc",
     output: Annotated[Path, typer.Option(help="Results directory")] = Path("results"),
@@ -533,7 +533,7 @@ def _call(fn, *args):
         raise typer.Exit(1) from error
 
 
-@app.command()
+@cli.command()
 def adapt(
     name: Annotated[str, typer.Option(help="A name for the domain")],
     examples: Annotated[Path, typer.Option(help="Support set: JSONL ({text, label} a line) or CSV (text,label)")],
@@ -554,7 +554,7 @@ def adapt(
     typer.echo(json.dumps(domain, indent=2))
 
 
-@app.command()
+@cli.command()
 def classify(
     domain: Annotated[str, typer.Option(help="domain_id returned by `metasent adapt`")],
     texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify")] = None,
@@ -580,7 +580,7 @@ def classify(
 
 
 def main() -> None:
-    app()
+    cli()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bench.benchmark import ARSC_TEST_DOMAINS, FOOD_DOMAINS, markdown_table
-from metasent.cli import app
+from metasent.cli import cli
 from metasent.data.readers import ARSC_VALIDATION
 from tests.conftest import NEGATIVE, POSITIVE, save_tiny_encoder
 
@@ -57,7 +57,7 @@ def test_benchmark_trains_evaluates_and_writes_every_file(tmp_path: Path) -> Non
         "--device",
         "cpu",
     ]
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
 
     bench = json.loads((out / "benchmark_smoke.json").read_text())

@@ -10,7 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from metasent.cli import app
+from metasent.cli import cli
 from metasent.meta.checkpoint import load_checkpoint
 from tests.conftest import save_tiny_encoder, write_arsc_like
 
@@ -26,8 +26,8 @@ WIDE = {"COLUMNS": "250"}  # no option's row wraps
 
 
 def test_help_explains_each_command() -> None:
-    group = typer.main.get_command(app)
-    result = runner.invoke(app, ["--help"], env=WIDE)
+    group = typer.main.get_command(cli)
+    result = runner.invoke(cli, ["--help"], env=WIDE)
     assert result.exit_code == 0
     context = typer.Context(group)
     commands = {name: group.get_command(context, name) for name in group.list_commands(context)}  # train: lazy
@@ -37,7 +37,7 @@ def test_help_explains_each_command() -> None:
             assert name not in result.output.split(), name
             continue
         assert re.search(rf"{name}\s+{re.escape(command.help.split()[0])}", result.output), name
-        sub = runner.invoke(app, [name, "--help"], env=WIDE)
+        sub = runner.invoke(cli, [name, "--help"], env=WIDE)
         assert sub.exit_code == 0, sub.output
         options = [p for p in command.params if p.param_type_name == "option" and not p.hidden]
         assert options, name
@@ -52,7 +52,7 @@ def test_help_explains_each_command() -> None:
     # defaults a user relies on, as the help states them
     facts = {"train": "[default: matching]", "evaluate": "[default: fixed]", "serve": "default 8000"}
     for name, fact in facts.items():
-        assert fact in runner.invoke(app, [name, "--help"], env=WIDE).output, name
+        assert fact in runner.invoke(cli, [name, "--help"], env=WIDE).output, name
 
 
 def test_train_then_evaluate_with_an_encoder_path(tmp_path: Path) -> None:
@@ -75,7 +75,7 @@ def test_train_then_evaluate_with_an_encoder_path(tmp_path: Path) -> None:
         "--device",
         "cpu",
     ]
-    result = runner.invoke(app, args)
+    result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
     _, config = load_checkpoint(out / "last")
     assert config.step == 2 and config.algorithm == "fomaml"
@@ -98,7 +98,7 @@ def test_train_then_evaluate_with_an_encoder_path(tmp_path: Path) -> None:
         "--device",
         "cpu",
     ]
-    result = runner.invoke(app, args)
+    result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "snacks.t2" in result.output and "MEAN (1 tasks)" in result.output
     summary = json.loads(report.read_text())
@@ -150,20 +150,20 @@ def test_train_defaults_to_the_dev_chosen_method(tmp_path: Path) -> None:
     args = ["train", "--data", str(data), "--output", str(tmp_path / "run"), "--encoder", str(encoder_dir)]
     args += ["--exclude-domains", "snacks", "--val-domains", "drinks", "--outer-steps", "1", "--k-shot", "2"]
     args += ["--q-query", "2", "--meta-batch-size", "1", "--val-q-query", "2", "--max-length", "16", "--no-progress"]
-    result = runner.invoke(app, [*args, "--device", "cpu"])
+    result = runner.invoke(cli, [*args, "--device", "cpu"])
     assert result.exit_code == 0, result.output
     _, config = load_checkpoint(tmp_path / "run" / "best")
     assert config.algorithm == "matching"
     assert config.inner_loop.classifier == "matching" and config.inner_loop.steps == 0
     assert config.inner_loop.label_anchors and config.training is not None
     assert config.training.query_sampling == "natural"
-    bad = runner.invoke(app, [*args, "--algorithm", "maml2"])
+    bad = runner.invoke(cli, [*args, "--algorithm", "maml2"])
     assert bad.exit_code != 0 and "unknown algorithm 'maml2'; choose from fomaml, reptile" in flat(bad.output)
-    steps = runner.invoke(app, [*args, "--inner-steps", "5"])  # matching takes no inner step
+    steps = runner.invoke(cli, [*args, "--inner-steps", "5"])  # matching takes no inner step
     assert steps.exit_code != 0 and "--inner-steps: the matching classifier takes no gradient steps" in flat(
         steps.output
     )
-    fomaml = runner.invoke(app, [*args, "--algorithm", "fomaml", "--output", str(tmp_path / "fomaml")])
+    fomaml = runner.invoke(cli, [*args, "--algorithm", "fomaml", "--output", str(tmp_path / "fomaml")])
     assert fomaml.exit_code == 0, fomaml.output
     _, config = load_checkpoint(tmp_path / "fomaml" / "best")  # the options stay the matching default's
     assert config.algorithm == "fomaml" and not config.inner_loop.label_anchors
@@ -183,7 +183,7 @@ TRAIN_OPTIONS = [
 def train_command():
     import typer
 
-    return typer.main.get_command(app).get_command(None, "train")
+    return typer.main.get_command(cli).get_command(None, "train")
 
 
 def test_train_options_are_the_training_arguments_with_their_defaults() -> None:
@@ -222,7 +222,7 @@ def test_train_without_options_runs_the_training_arguments_defaults(monkeypatch,
     from metasent.meta.config import TrainConfig, TrainingArguments
 
     seen, args = capture_training(monkeypatch, tmp_path)
-    result = runner.invoke(app, [*args, "--output", str(tmp_path / "run"), "--val-domains", "drinks"])
+    result = runner.invoke(cli, [*args, "--output", str(tmp_path / "run"), "--val-domains", "drinks"])
     assert result.exit_code == 0, result.output
     (config,) = seen
     expected = TrainingArguments(data=args[2], output=tmp_path / "run", encoder=args[4], val_domains=["drinks"])
@@ -243,7 +243,7 @@ def test_train_reads_a_config_file_then_options_then_set(monkeypatch, tmp_path: 
         'exclude_domains = ["snacks"]\nval_domains = ["drinks"]\ninner_steps = 2\n'
     )
     options = ["--k-shot", "3", "--set", "save_every=4", "--set", "max_minutes=1.5"]
-    assert runner.invoke(app, [*args, "--config", str(toml), *options]).exit_code == 0
+    assert runner.invoke(cli, [*args, "--config", str(toml), *options]).exit_code == 0
     (config,) = seen
     assert config.algorithm == "fomaml" and config.inner_loop.steps == 2 and not config.inner_loop.label_anchors
     training = config.training
@@ -254,7 +254,7 @@ def test_train_reads_a_config_file_then_options_then_set(monkeypatch, tmp_path: 
     as_json = tmp_path / "train.json"
     as_json.write_text(json.dumps({"output": str(tmp_path / "run2"), "val_domains": ["drinks"], "max_minutes": 2}))
     options = ["--set", "val_domains=snacks,drinks", "--set", "max_minutes=none"]
-    assert runner.invoke(app, [*args, "--config", str(as_json), *options]).exit_code == 0
+    assert runner.invoke(cli, [*args, "--config", str(as_json), *options]).exit_code == 0
     assert seen[1].algorithm == "matching" and seen[1].training.val_domains == ["snacks", "drinks"]
     assert seen[1].training.max_minutes is None
 
@@ -268,10 +268,10 @@ def test_train_reads_a_config_file_then_options_then_set(monkeypatch, tmp_path: 
         ("--inner-lr", "0"): "--inner-lr: Input should be greater than 0",
     }
     for option, message in bad.items():
-        result = runner.invoke(app, [*args, "--config", str(toml), *option])
+        result = runner.invoke(cli, [*args, "--config", str(toml), *option])
         assert result.exit_code == 2 and message in flat(result.output), (option, flat(result.output))
     toml.write_text('outer_stpes = 3\noutput = "x"\n')
-    result = runner.invoke(app, [*args, "--config", str(toml)])
+    result = runner.invoke(cli, [*args, "--config", str(toml)])
     assert result.exit_code == 2 and "--config: Extra inputs are not permitted" in flat(result.output)
     assert len(seen) == 2
 
@@ -283,10 +283,10 @@ def test_evaluate_reads_the_inner_loop_options_with_train(tiny_checkpoint: Path,
         ("--inner-lr", "-1"): "--inner-lr: Input should be greater than 0",
         ("--inner-steps", "101"): "--inner-steps: Input should be less than or equal to 100",
     }.items():
-        result = runner.invoke(app, [*args, *option])
+        result = runner.invoke(cli, [*args, *option])
         assert result.exit_code == 2 and message in flat(result.output), flat(result.output)
     baseline = ["evaluate", "--data", str(data), "--algorithm", "fomaml", "--encoder", "tiny"]
-    result = runner.invoke(app, baseline)
+    result = runner.invoke(cli, baseline)
     assert result.exit_code == 2
     assert (
         "--algorithm: algorithm 'fomaml' needs a meta-trained checkpoint; without one choose from finetune, none"
@@ -301,13 +301,13 @@ def test_speed_and_its_deprecated_alias_bench(monkeypatch, caplog, tmp_path: Pat
 
     calls: list[tuple] = []
     monkeypatch.setattr(bench.speed, "run_bench", lambda *args: calls.append(args) or {"repeats": args[3]})
-    listing = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    listing = runner.invoke(cli, ["--help"], env={"COLUMNS": "200"}).output
     assert "speed" in listing.split() and "bench" not in listing.split()
     with caplog.at_level(logging.WARNING, logger="metasent"):
-        speed = runner.invoke(app, ["speed", "--repeats", "4", "--no-http", "--device", "cpu"])
+        speed = runner.invoke(cli, ["speed", "--repeats", "4", "--no-http", "--device", "cpu"])
         assert speed.exit_code == 0, speed.output
         assert "deprecated" not in caplog.text
-        old = runner.invoke(app, ["bench", "--repeats", "4", "--no-http", "--device", "cpu"])
+        old = runner.invoke(cli, ["bench", "--repeats", "4", "--no-http", "--device", "cpu"])
     assert old.exit_code == 0, old.output
     assert json.loads(speed.stdout) == json.loads(old.stdout) == {"repeats": 4}
     assert calls[0] == calls[1] and calls[0][8] is False  # the same options reach the same function
@@ -319,7 +319,7 @@ def test_client_commands_start_without_torch() -> None:
     import sys
 
     script = (
-        "import sys; from typer.main import get_command; from metasent.cli import app; group = get_command(app); "
+        "import sys; from typer.main import get_command; from metasent.cli import cli; group = get_command(cli); "
         "group.get_command(None, 'classify'); print('torch' in sys.modules); "
         "group.get_command(None, 'train'); print('torch' in sys.modules)"
     )

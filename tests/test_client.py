@@ -19,7 +19,7 @@ from bench.load import FALLBACK, percentile, run_load
 from metasent.app.client import MetasentClient, MetasentError, read_examples, read_texts
 from metasent.app.main import create_app
 from metasent.app.settings import Settings
-from metasent.cli import app as cli
+from metasent.cli import cli
 from tests.conftest import NEGATIVE, POSITIVE, free_port, metric, serve_in_thread, support
 
 runner = CliRunner()

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from metasent.cli import app
+from metasent.cli import cli
 from metasent.meta import algorithms
 from metasent.meta.algorithms import AlgorithmSpec, UnknownAlgorithmError, make_outer_loop
 from metasent.meta.checkpoint import load_checkpoint, load_model
@@ -122,7 +122,7 @@ def test_a_method_in_one_file_is_trained_evaluated_and_served(tmp_path: Path) ->
     from metasent.app.settings import Settings
 
     runner = CliRunner()
-    assert "toy: toy (tests)" in flat(runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output)
+    assert "toy: toy (tests)" in flat(runner.invoke(cli, ["train", "--help"], env={"COLUMNS": "200"}).output)
     data = write_arsc_like(tmp_path / "arsc")
     encoder = save_tiny_encoder(tmp_path / "encoder")
     out = tmp_path / "run"
@@ -130,7 +130,7 @@ def test_a_method_in_one_file_is_trained_evaluated_and_served(tmp_path: Path) ->
     args += ["--exclude-domains", "snacks", "--val-domains", "drinks", "--outer-steps", "3", "--k-shot", "2"]
     args += ["--q-query", "2", "--meta-batch-size", "2", "--val-q-query", "2", "--outer-lr", "0.05"]
     args += ["--warmup-steps", "1", "--max-length", "16", "--no-progress", "--device", "cpu"]
-    result = runner.invoke(app, args)
+    result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
 
     model, config = load_checkpoint(out / "last")
@@ -144,7 +144,7 @@ def test_a_method_in_one_file_is_trained_evaluated_and_served(tmp_path: Path) ->
 
     report = tmp_path / "eval.json"
     args = ["evaluate", "--data", str(data), "--checkpoint", str(out / "best"), "--domains", "snacks"]
-    result = runner.invoke(app, [*args, "--output", str(report), "--device", "cpu"])
+    result = runner.invoke(cli, [*args, "--output", str(report), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     summary = json.loads(report.read_text())
     assert summary["config"]["algorithm"] == "toy" and summary["config"]["inner_loop"]["steps"] == 1
