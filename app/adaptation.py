@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import weakref
 from typing import Any
 
@@ -21,7 +20,6 @@ from metasent.meta.adaptation import AdaptedState
 
 from .queue import AdaptationQueue
 from .service import ModelService
-from .settings import Settings
 from .store import DomainStore, StoredDomain, VersionConflictError
 
 logger = logging.getLogger(__name__)
@@ -40,22 +38,17 @@ def _domain_lock(domain_id: str) -> threading.Lock:
         return lock
 
 
-def adapt(service: ModelService, settings: Settings, examples: Examples) -> AdaptedState:
+def adapt(service: ModelService, examples: Examples) -> AdaptedState:
     """Run the checkpoint's inner loop on ``examples`` (``(text, label)`` pairs).
 
     Args:
         service (`ModelService`): the model.
-        settings (`Settings`): ``test_adapt_delay_s`` (test-only) sleeps after the inner loop.
         examples (`list[tuple[str, str]]`): the support set.
 
     Returns:
         `AdaptedState`: the adapted head and tensors, and the run's figures.
     """
-    state = service.adapt([text for text, _ in examples], [label for _, label in examples])
-    if settings.test_adapt_delay_s:
-        logger.warning("test adapt delay: sleeping %.1f s before storing the adaptation", settings.test_adapt_delay_s)
-        time.sleep(settings.test_adapt_delay_s)
-    return state
+    return service.adapt([text for text, _ in examples], [label for _, label in examples])
 
 
 def refresh(service: ModelService, store: DomainStore, domain: StoredDomain) -> StoredDomain:
@@ -106,9 +99,7 @@ def refresh(service: ModelService, store: DomainStore, domain: StoredDomain) -> 
     return stored
 
 
-async def adapt_queued(
-    queue: AdaptationQueue, service: ModelService, settings: Settings, examples: Examples
-) -> AdaptedState:
+async def adapt_queued(queue: AdaptationQueue, service: ModelService, examples: Examples) -> AdaptedState:
     """:func:`adapt` through the adaptation queue; nothing is stored here.
 
     A request that gives up (timeout, client gone) while its adaptation still waits leaves the
@@ -117,7 +108,7 @@ async def adapt_queued(
     Raises:
         ApiError: 429 ``adaptation_queue_full`` (with ``Retry-After``) when the queue is full.
     """
-    return await queue.run(adapt, service, settings, examples)
+    return await queue.run(adapt, service, examples)
 
 
 async def refresh_queued(

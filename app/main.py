@@ -52,10 +52,8 @@ def _load_service(settings: Settings) -> ModelService:
 
 
 def _open_store(settings: Settings, service: ModelService) -> DomainStore:
-    store = DomainStore(settings.database(), service.device, settings.cache_domains, settings.test_write_delay_s)
+    store = DomainStore(settings.database(), service.device, settings.cache_domains)
     logger.info("domain store: %s (%d domains)", store.engine.url.render_as_string(hide_password=True), len(store))
-    if settings.test_write_delay_s or settings.test_adapt_delay_s:
-        logger.warning("TEST fault injection is on: METASENT_TEST_ADAPT/WRITE_DELAY_S; never use it in production")
     if settings.readapt_on_load:
         logger.info("re-adapted %d stale domains", readapt_all(service, store))
     return store

@@ -60,12 +60,6 @@ class Settings(BaseSettings):
     readapt_on_load: bool = Field(
         default=False, description="re-adapt every domain adapted with another checkpoint at start-up"
     )
-    test_adapt_delay_s: float = Field(
-        default=0.0, ge=0, description="TEST ONLY: seconds slept after each adaptation, before it is stored"
-    )
-    test_write_delay_s: float = Field(
-        default=0.0, ge=0, description="TEST ONLY: seconds slept inside each write transaction, before the commit"
-    )
     adapt_queue_size: int = Field(
         default=8,
         ge=1,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -183,17 +182,14 @@ class DomainStore:
             ``postgresql+psycopg://user:pass@host/metasent``.
         device (`str`, defaults to ``"cpu"``): where loaded tensors are placed.
         cache_size (`int`, defaults to 256): domains whose tensors stay in memory.
-        write_delay_s (`float`, defaults to 0): test-only fault injection, seconds slept inside
-            each write transaction after the row is written and before the commit.
     """
 
-    def __init__(self, url: str, device: str = "cpu", cache_size: int = 256, write_delay_s: float = 0.0) -> None:
+    def __init__(self, url: str, device: str = "cpu", cache_size: int = 256) -> None:
         self.engine = make_engine(url)
         database = self.engine.url.database
         if self.engine.dialect.name == "sqlite" and database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         self.device = device
-        self.write_delay_s = write_delay_s
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._cache = _ParamsCache(cache_size)
         Base.metadata.create_all(self.engine)
@@ -213,13 +209,10 @@ class DomainStore:
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
-        """A write transaction; the optional test delay runs after the flush, before the commit."""
+        """A write transaction: flushed, then committed as one (SQLAlchemy ``Session.begin``)."""
         with self._sessions() as session, session.begin():
             yield session
             session.flush()
-            if self.write_delay_s:
-                logger.warning("test write delay: sleeping %.1f s inside the write transaction", self.write_delay_s)
-                time.sleep(self.write_delay_s)
 
     def __len__(self) -> int:
         """Domains of every tenant."""

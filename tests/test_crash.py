@@ -1,9 +1,9 @@
 """Crash safety: ``metasent serve`` killed with SIGKILL during an adaptation (another one waiting
 in the adaptation queue) and in the middle of a write transaction (insert and update) loses no
-acknowledged domain and shows no half-written one. The mid-write kill is made deterministic by the
-test-only METASENT_TEST_WRITE_DELAY_S (sleeps inside the write transaction, after the row is
-written, before the commit) and the mid-adaptation one by METASENT_TEST_ADAPT_DELAY_S (sleeps
-after the inner loop, before the write).
+acknowledged domain and shows no half-written one. The servers run through the test-only
+launcher tests/fault_server.py: the mid-write kill is made deterministic by FAULT_WRITE_DELAY_S
+(sleeps inside the write transaction, after the row is written, before the commit) and the
+mid-adaptation one by FAULT_ADAPT_DELAY_S (sleeps after the inner loop, before the write).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from safetensors.torch import load as load_tensors
 from tests.conftest import TEXTS, assert_same_scores, free_port, support
 
 pytestmark = pytest.mark.slow
+FAULT_SERVER = Path(__file__).with_name("fault_server.py")
 KEY = "crash-test-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 
@@ -40,8 +41,7 @@ class Server:
         self.log = log
         command = [
             sys.executable,
-            "-m",
-            "metasent.cli",
+            str(FAULT_SERVER),
             "serve",
             "--port",
             str(self.port),
@@ -171,7 +171,7 @@ def test_sigkill_during_adaptation_and_writes_loses_nothing(tiny_checkpoint: Pat
 
     # (a) killed during an adaptation (a new domain), with an update of an existing domain waiting
     # behind it in the adaptation queue (one adaptation runs at a time)
-    with server(tiny_checkpoint, data_dir, tmp_path / "a-adapt.log", METASENT_TEST_ADAPT_DELAY_S="60") as srv:
+    with server(tiny_checkpoint, data_dir, tmp_path / "a-adapt.log", FAULT_ADAPT_DELAY_S="60") as srv:
         srv.in_background("POST", "/v1/domains", {"name": "killed-adapting", "examples": support()})
         srv.wait_for_log("test adapt delay")
         srv.in_background("PUT", f"/v1/domains/{second}/examples", {"examples": support("x", "y"), "mode": "replace"})
@@ -183,7 +183,7 @@ def test_sigkill_during_adaptation_and_writes_loses_nothing(tiny_checkpoint: Pat
         ("b-insert", "POST", "/v1/domains", {"name": "killed-writing", "examples": support()}),
         ("b-update", "PUT", f"/v1/domains/{first}/examples", {"examples": support("x", "y"), "mode": "replace"}),
     ]:
-        with server(tiny_checkpoint, data_dir, tmp_path / f"{name}.log", METASENT_TEST_WRITE_DELAY_S="60") as srv:
+        with server(tiny_checkpoint, data_dir, tmp_path / f"{name}.log", FAULT_WRITE_DELAY_S="60") as srv:
             srv.in_background(method, path, body)
             srv.wait_for_log("test write delay")
             srv.kill()

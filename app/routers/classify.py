@@ -25,7 +25,7 @@ async def adapt_and_classify(
     is created. Each prediction says whether its text was ``truncated``."""
     check_limit(len(body.examples), settings.max_examples, "examples", "MAX_EXAMPLES")
     check_limit(len(body.texts), settings.max_texts, "texts", "MAX_TEXTS")
-    state = await adapt_queued(adapt_queue, service, settings, pairs(body.examples))
+    state = await adapt_queued(adapt_queue, service, pairs(body.examples))
     probs, truncated = await asyncio.gather(  # (texts, classes); per text
         run_in_threadpool(service.classify, state, body.texts),
         run_in_threadpool(service.truncated, body.texts),

@@ -129,7 +129,7 @@ async def create_domain(
     if await run_in_threadpool(store.count, tenant) >= limit:
         raise _too_many_domains(limit)
     examples = pairs(body.examples)
-    state = await adapt_queued(adapt_queue, service, settings, examples)  # 429 when the queue is full
+    state = await adapt_queued(adapt_queue, service, examples)  # 429 when the queue is full
     try:
         domain = await run_in_threadpool(
             store.add,
@@ -206,7 +206,7 @@ async def update_examples(
     if body.expected_version is not None and body.expected_version != domain.version:
         raise _conflict(domain_id, domain.version, body.expected_version)
     examples = _merged(domain, body, settings)
-    state = await adapt_queued(adapt_queue, service, settings, examples)  # 429 when the queue is full
+    state = await adapt_queued(adapt_queue, service, examples)  # 429 when the queue is full
     try:
         stored = await run_in_threadpool(
             store.replace,
