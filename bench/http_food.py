@@ -16,18 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 from sklearn.metrics import f1_score
 
+from bench.server import local_server
 from metasent.data.readers import read_arsc
 
 logger = logging.getLogger("bench.http_food")
@@ -43,20 +40,6 @@ def food_episode(arsc: Path, seed: int, n_query: int) -> tuple[list[dict[str, st
     query = (list(task.split("test")) + list(task.split("dev")) + rest)[:n_query]
     as_dicts = lambda examples: [{"text": e.text, "label": e.label} for e in examples]  # noqa: E731
     return as_dicts(support), as_dicts(query)
-
-
-def wait_ready(url: str, process: subprocess.Popen | None, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).json().get("status") == "ok":
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not ready after {timeout} s")
 
 
 def run(url: str, arsc: Path, seed: int, n_query: int, repeats: int) -> dict[str, object]:
@@ -105,23 +88,11 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    process = None
-    url = args.url
-    if url is None:
-        url = f"http://127.0.0.1:{args.port}"
-        command = [sys.executable, "-m", "metasent.cli", "serve", "--port", str(args.port)]
-        if args.checkpoint:
-            command += ["--checkpoint", args.checkpoint]
-        logger.info("starting %s", " ".join(command))
-        env = dict(os.environ, METASENT_DATA_DIR=tempfile.mkdtemp(prefix="metasent-bench-"))  # a fresh store
-        process = subprocess.Popen(command, env=env)
-    try:
-        wait_ready(url, process)
-        result = run(url, args.arsc, args.seed, args.n_query, args.repeats)
-    finally:
-        if process is not None:
-            process.terminate()
-            process.wait(timeout=30)
+    if args.url is not None:
+        result = run(args.url, args.arsc, args.seed, args.n_query, args.repeats)
+    else:
+        with local_server(args.port, args.checkpoint) as (url, _):
+            result = run(url, args.arsc, args.seed, args.n_query, args.repeats)
     print(json.dumps(result, indent=2))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

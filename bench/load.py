@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from bench.http_food import wait_ready
+from bench.server import local_server
 
 logger = logging.getLogger("bench.load")
 
@@ -199,25 +198,6 @@ def summarize(stats: Stats, elapsed: float, health: dict, metrics: str, args: ar
     }
 
 
-def start_server(args: argparse.Namespace) -> tuple[str, subprocess.Popen, Path]:
-    url = f"http://127.0.0.1:{args.port}"
-    command = [sys.executable, "-m", "metasent.cli", "serve", "--host", "127.0.0.1", "--port", str(args.port)]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    if args.checkpoint:
-        command += ["--checkpoint", args.checkpoint]
-    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="metasent-load-data-"))
-    env = {**os.environ, "METASENT_DATA_DIR": str(data_dir)}
-    env.pop("METASENT_DATABASE_URL", None)  # the store is the SQLite file in data_dir
-    if args.api_key:
-        env["METASENT_API_KEYS"] = args.api_key
-    log = Path(tempfile.mkstemp(prefix="metasent-load-", suffix=".log")[1])
-    logger.info("starting %s (log: %s, data: %s)", " ".join(command), log, data_dir)
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    return url, process, log
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running server; omit to start `metasent serve` on --port")
@@ -240,17 +220,16 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     pool = reviews(args.arsc, args.seed)
-    process = None
-    url = args.url
-    if url is None:
-        url, process, _ = start_server(args)
-    try:
-        wait_ready(url, process)
-        result = asyncio.run(run_load(url, pool, args))
-    finally:
-        if process is not None:
-            process.terminate()
-            process.wait(timeout=30)
+    if args.url is not None:
+        result = asyncio.run(run_load(args.url, pool, args))
+    else:
+        env = {"METASENT_API_KEYS": args.api_key} if args.api_key else {}
+        if args.data_dir is not None:
+            env["METASENT_DATA_DIR"] = str(args.data_dir)
+        log = Path(tempfile.mkstemp(prefix="metasent-load-", suffix=".log")[1])
+        logger.info("server log: %s", log)
+        with local_server(args.port, args.checkpoint, args.threads, env, log) as (url, _):
+            result = asyncio.run(run_load(url, pool, args))
     result["command"] = "python -m bench.load " + " ".join(sys.argv[1:])
     text = json.dumps(result, indent=2)
     print(text)

@@ -20,9 +20,6 @@ import logging
 import os
 import random
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,7 +27,7 @@ from typing import Any
 
 import torch
 
-from bench.http_food import wait_ready
+from bench.server import local_server
 from metasent.data.episodes import EpisodeSampler
 from metasent.data.readers import read_arsc
 from metasent.meta.adaptation import AdaptedState, Predictor
@@ -231,17 +228,8 @@ def bench_server(
 ):
     import httpx
 
-    command = [sys.executable, "-m", "metasent.cli", "serve", "--port", str(port)]
-    if checkpoint is not None:
-        command += ["--checkpoint", str(checkpoint)]
-    env = dict(os.environ, METASENT_LOG_LEVEL="WARNING", METASENT_MAX_DOMAINS_PER_TENANT=str(domains + 10))
-    env["METASENT_DATA_DIR"] = tempfile.mkdtemp(prefix="metasent-bench-")  # a fresh domain store per run
-    if threads:
-        env["METASENT_THREADS"] = str(threads)
-    process = subprocess.Popen(command, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process)
+    env = {"METASENT_LOG_LEVEL": "WARNING", "METASENT_MAX_DOMAINS_PER_TENANT": str(domains + 10)}
+    with local_server(port, checkpoint, threads, env) as (url, process):  # a fresh domain store per run
         examples = [{"text": t, "label": lab} for t, lab in zip(*support, strict=True)]
         created = httpx.post(f"{url}/v1/domains", json={"name": "bench", "examples": examples}, timeout=600).json()
         http = asyncio.run(_http_load(url, created["domain_id"], texts, clients, requests, per_request))
@@ -251,9 +239,6 @@ def bench_server(
                 client.post("/v1/domains", json={"name": f"bench-{i}", "examples": examples}).raise_for_status()
         rss_all = _rss_kib(process.pid, "VmRSS")
         peak = _rss_kib(process.pid, "VmHWM")
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
     memory = {
         "domains": domains,
         "peak_rss_mib": round(peak / 1024, 1),
