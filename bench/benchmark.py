@@ -195,7 +195,7 @@ def _load(spec: MethodSpec, checkpoint: Path | None, budget: Budget, encoder: st
     model, config = load_model(None, encoder, device, spec.algorithm)
     config.inner_loop = InnerLoopConfig.model_validate({**config.inner_loop.model_dump(), **spec.inner})
     config.encoder = config.encoder.model_copy(update={"max_length": budget.max_length})
-    model.config = config.encoder
+    model.encoder_config = config.encoder
     return model, config
 
 

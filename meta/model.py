@@ -90,14 +90,15 @@ class MetaLearner(nn.Module):
         encoder (`nn.Module`): a Hugging Face encoder (``AutoModel``) returning
             ``last_hidden_state`` of shape (batch, tokens, hidden).
         tokenizer: its tokenizer.
-        config (`EncoderConfig`): encoder settings (max tokens, initial logit scale).
+        config (`EncoderConfig`): encoder settings (max tokens, initial logit scale), kept as
+            ``encoder_config`` (``encoder.config`` is the Hugging Face architecture config).
     """
 
     def __init__(self, encoder: nn.Module, tokenizer, config: EncoderConfig) -> None:
         super().__init__()
         self.encoder: Any = encoder  # a transformers PreTrainedModel
         self.tokenizer = tokenizer
-        self.config = config
+        self.encoder_config = config
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.init_logit_scale)))
         # log of the weight of a label-name anchor in its class prototype (label_anchors only)
         self.label_log_weight = nn.Parameter(torch.tensor(0.0))
@@ -128,8 +129,8 @@ class MetaLearner(nn.Module):
 
     def max_length(self) -> int:
         """Tokens per text: the config's ``max_length`` capped by the encoder's positions."""
-        limit = getattr(self.encoder.config, "max_position_embeddings", self.config.max_length)
-        return min(self.config.max_length, int(limit))
+        limit = getattr(self.encoder.config, "max_position_embeddings", self.encoder_config.max_length)
+        return min(self.encoder_config.max_length, int(limit))
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, truncated to :meth:`max_length` tokens, not padded."""

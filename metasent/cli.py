@@ -350,7 +350,7 @@ def evaluate(
         raise typer.BadParameter(str(error), param_hint="--algorithm") from error
     inner = _inner_loop(config.inner_loop, inner_steps, inner_lr, adapted_layers)
     if max_length is not None:
-        model.config = model.config.model_copy(update={"max_length": max_length})
+        model.encoder_config = model.encoder_config.model_copy(update={"max_length": max_length})
     include = _split(domains) or (arsc_target_domains(data) if Path(data, "workspace.target.list").exists() else None)
     tasks = list(_read_tasks(data, include=include))
     results = evaluate_tasks(model, tasks, inner, protocol, support_split, query_split, k_shot, seeds, batch_size)

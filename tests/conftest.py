@@ -136,7 +136,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = make_tiny_model(directory)
     config = CheckpointConfig(
         algorithm="none",
-        encoder=model.config,
+        encoder=model.encoder_config,
         inner_loop=InnerLoopConfig(steps=3, lr=0.1, adapted_layers=1),
     )
     return save_checkpoint(directory / "checkpoint", model, config)

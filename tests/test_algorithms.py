@@ -140,7 +140,7 @@ def test_meta_train_each_algorithm_saves_a_servable_checkpoint(
         inner = inner.model_copy(update={"adapted_layers": 1, "steps": 2})
     config = CheckpointConfig(
         algorithm=algorithm,  # type: ignore[arg-type]
-        encoder=tiny_model.config,
+        encoder=tiny_model.encoder_config,
         inner_loop=inner,
         training=TrainConfig(
             k_shot=2, q_query=2, meta_batch_size=2, outer_steps=3, outer_lr=1e-3, warmup_steps=1,
@@ -163,7 +163,7 @@ def test_finetune_and_old_checkpoints_load(tmp_path: Path, tiny_model: MetaLearn
     with pytest.raises(ValueError, match="needs a meta-trained checkpoint"):
         load_model(None, "tiny", algorithm="fomaml")
     config = CheckpointConfig(
-        algorithm="finetune", encoder=tiny_model.config, inner_loop=default_inner_loop("finetune")
+        algorithm="finetune", encoder=tiny_model.encoder_config, inner_loop=default_inner_loop("finetune")
     )
     save_checkpoint(tmp_path / "ft", tiny_model, config)
     # a checkpoint written before the label-anchor weight existed still loads, with weight 1

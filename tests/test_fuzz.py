@@ -36,7 +36,9 @@ STORED_DOMAINS = 3
 
 def _checkpoint(directory: Path, steps: int) -> Path:
     model = make_tiny_model(directory)
-    config = CheckpointConfig(algorithm="none", encoder=model.config, inner_loop=InnerLoopConfig(steps=steps, lr=0.1))
+    config = CheckpointConfig(
+        algorithm="none", encoder=model.encoder_config, inner_loop=InnerLoopConfig(steps=steps, lr=0.1)
+    )
     return save_checkpoint(directory / f"checkpoint-{steps}", model, config)
 
 

@@ -154,7 +154,7 @@ def write_meta_train(tmp_path: Path, model: MetaLearner, steps: int, state=None,
     tasks = [make_task("food", "food"), make_task("drinks", "drinks")]
     val = [make_task("snacks", "snacks")]
     config = config or CheckpointConfig(
-        encoder=model.config,
+        encoder=model.encoder_config,
         inner_loop=InnerLoopConfig(steps=2, lr=0.1, adapted_layers=1),
         training=TrainConfig(
             k_shot=2,
@@ -193,7 +193,9 @@ def test_meta_train_writes_best_and_last_and_resumes(tmp_path: Path, tiny_model:
 
 
 def test_checkpoint_round_trip(tmp_path: Path, tiny_model: MetaLearner) -> None:
-    config = CheckpointConfig(encoder=tiny_model.config, inner_loop=InnerLoopConfig(steps=4, lr=0.2, adapted_layers=1))
+    config = CheckpointConfig(
+        encoder=tiny_model.encoder_config, inner_loop=InnerLoopConfig(steps=4, lr=0.2, adapted_layers=1)
+    )
     config.metrics["note"] = "round trip"
     save_checkpoint(tmp_path / "ckpt", tiny_model, config)
     save_checkpoint(tmp_path / "ckpt", tiny_model, config)  # overwriting is atomic and leaves one copy
@@ -306,7 +308,7 @@ def test_meta_train_with_frozen_lower_layers_leaves_them_unchanged(tmp_path: Pat
 
     start = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
     config = CheckpointConfig(
-        encoder=tiny_model.config,
+        encoder=tiny_model.encoder_config,
         inner_loop=InnerLoopConfig(steps=2, lr=0.1, adapted_layers=0),
         training=TrainConfig(
             k_shot=2, q_query=2, meta_batch_size=2, outer_steps=2, outer_lr=1e-2, warmup_steps=1,
