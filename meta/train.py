@@ -78,18 +78,12 @@ def _lr_lambda(config: TrainConfig):
     return factor
 
 
-def meta_train(
-    model: MetaLearner,
-    train_tasks: Sequence[Task],
-    val_tasks: Sequence[Task],
-    config: CheckpointConfig,
-    output_dir: str | Path,
-    training_state: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> CheckpointConfig:
-    """Meta-train ``model`` with ``config.algorithm`` (:func:`meta.algorithms.make_outer_loop`);
-    write ``<output_dir>/last`` every ``save_every`` steps and at the end, and
-    ``<output_dir>/best`` at each validation record.
+class MetaTrainer:
+    """Meta-trains a model with ``config.algorithm``'s outer step (:mod:`meta.algorithms`), reading
+    top to bottom in :meth:`train`: sample a meta-batch, take one outer step, schedule the outer
+    learning rate, log the curve, validate every ``eval_every`` steps (``<output_dir>/best`` at
+    each record) and save ``<output_dir>/last`` every ``save_every`` steps and at the end, with
+    the optimiser, scheduler and RNG state for resuming.
 
     Args:
         model (`MetaLearner`): the meta-learner, trained in place.
@@ -101,116 +95,175 @@ def meta_train(
             to resume from.
         progress (`bool`, defaults to True): show a tqdm bar with running meta-loss and accuracy.
 
-    Returns:
-        `CheckpointConfig`: the final config (also saved in ``<output_dir>/last``).
-
     Raises:
-        ValueError: when no training task can supply an episode, or the algorithm is not
-            meta-trained.
+        ValueError: when ``config.training`` is missing, no training task can supply an episode,
+            ``frozen_layers`` reaches the adapted layers, or the algorithm is not meta-trained.
     """
-    train = config.training
-    if train is None:
-        raise ValueError("config.training must be set for meta-training")
-    output_dir = Path(output_dir)
-    torch.manual_seed(train.seed)
-    sampler = EpisodeSampler(
-        train_tasks, train.n_way, train.k_shot, train.q_query, seed=train.seed, query_sampling=train.query_sampling
-    )
-    sampler.tasks = usable_tasks(train_tasks, sampler)
-    if not sampler.tasks:
-        raise ValueError("no meta-training task has enough examples for an episode")
-    val_set = validation_episodes(val_tasks, train) if val_tasks else []
-    logger.info("meta-training on %d tasks, validating on %d episodes", len(sampler.tasks), len(val_set))
-    model.eval()  # dropout off in both loops, as in the server's adaptation
-    feature_cache = None
-    if train.frozen_layers:
-        if (
-            config.inner_loop.adapted_layers == -1
-            or train.frozen_layers > model.num_layers - config.inner_loop.adapted_layers
-        ):
-            raise ValueError("frozen_layers must lie below the layers the inner loop adapts")
-        for name in frozen_parameter_names(model, train.frozen_layers):
-            model.get_parameter(name).requires_grad_(False)
-        feature_cache = LowerLayerCache(model, train.frozen_layers)
-        logger.info("bottom %d layers frozen; their outputs are cached per text", train.frozen_layers)
-    optimizer = torch.optim.AdamW(
-        [p for n, p in model.named_parameters() if ".pooler." not in n and p.requires_grad],
-        lr=train.outer_lr,
-        weight_decay=train.weight_decay,
-    )
-    labels = sorted({ex.label for task in sampler.tasks for ex in task.split("train")})
-    outer = make_outer_loop(model, config, optimizer, labels, feature_cache)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(train))
-    metrics = config.metrics
-    metrics.setdefault("curve", [])
-    metrics.setdefault("validation", [])
-    if training_state is not None:
-        optimizer.load_state_dict(training_state["optimizer"])
-        scheduler.load_state_dict(training_state["scheduler"])
-        sampler.rng.setstate(training_state["sampler_rng"])
-        torch.set_rng_state(training_state["torch_rng"])
-        random.setstate(training_state["python_rng"])
-        if outer.extra is not None and "extra" in training_state:
-            outer.extra.load_state_dict(training_state["extra"])
 
-    def state() -> dict[str, Any]:
+    def __init__(
+        self,
+        model: MetaLearner,
+        train_tasks: Sequence[Task],
+        val_tasks: Sequence[Task],
+        config: CheckpointConfig,
+        output_dir: str | Path,
+        training_state: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        if config.training is None:
+            raise ValueError("config.training must be set for meta-training")
+        self.model, self.config, self.args = model, config, config.training
+        self.output_dir, self.progress = Path(output_dir), progress
+        torch.manual_seed(self.args.seed)
+        self.sampler = self._episode_sampler(train_tasks)
+        self.val_set = validation_episodes(val_tasks, self.args) if val_tasks else []
+        logger.info("meta-training on %d tasks, validating on %d episodes", len(self.sampler.tasks), len(self.val_set))
+        model.eval()  # dropout off in both loops, as in the server's adaptation
+        feature_cache = self._freeze_lower_layers()
+        self.optimizer = torch.optim.AdamW(
+            [p for n, p in model.named_parameters() if ".pooler." not in n and p.requires_grad],
+            lr=self.args.outer_lr,
+            weight_decay=self.args.weight_decay,
+        )
+        labels = sorted({ex.label for task in self.sampler.tasks for ex in task.split("train")})
+        self.outer = make_outer_loop(model, config, self.optimizer, labels, feature_cache)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.args))
+        self.metrics = config.metrics
+        self.metrics.setdefault("curve", [])
+        self.metrics.setdefault("validation", [])
+        if training_state is not None:
+            self.load_state(training_state)
+        self._started: float | None = None  # monotonic start of this run's outer loop
+
+    def _episode_sampler(self, train_tasks: Sequence[Task]) -> EpisodeSampler:
+        args = self.args
+        sampler = EpisodeSampler(
+            train_tasks, args.n_way, args.k_shot, args.q_query, seed=args.seed, query_sampling=args.query_sampling
+        )
+        sampler.tasks = usable_tasks(train_tasks, sampler)
+        if not sampler.tasks:
+            raise ValueError("no meta-training task has enough examples for an episode")
+        return sampler
+
+    def _freeze_lower_layers(self) -> LowerLayerCache | None:
+        """Freeze the bottom ``frozen_layers`` (and the embeddings) and cache their outputs."""
+        frozen, adapted = self.args.frozen_layers, self.config.inner_loop.adapted_layers
+        if not frozen:
+            return None
+        if adapted == -1 or frozen > self.model.num_layers - adapted:
+            raise ValueError("frozen_layers must lie below the layers the inner loop adapts")
+        for name in frozen_parameter_names(self.model, frozen):
+            self.model.get_parameter(name).requires_grad_(False)
+        logger.info("bottom %d layers frozen; their outputs are cached per text", frozen)
+        return LowerLayerCache(self.model, frozen)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimiser, scheduler, RNG and extra-module state (saved with ``last`` for resuming)."""
+        extra = self.outer.extra
         return {
-            "extra": outer.extra.state_dict() if outer.extra is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "sampler_rng": sampler.rng.getstate(),
+            "extra": extra.state_dict() if extra is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler_rng": self.sampler.rng.getstate(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
         }
 
-    def run_validation() -> None:
-        if not val_set:
-            return
-        accuracy = round(validate(model, val_set, config.inner_loop), 2)
-        elapsed = round(metrics.get("train_seconds", 0.0) + (time.monotonic() - started if started else 0.0), 1)
-        metrics["validation"].append({"step": config.step, "seconds": elapsed, "accuracy": accuracy})
-        best = metrics.get("best_val_accuracy")
-        logger.info("step %d: validation accuracy %.2f%% (best %s)", config.step, accuracy, best)
-        if best is None or accuracy > best:
-            metrics["best_val_accuracy"] = accuracy
-            metrics["best_step"] = config.step
-            save_checkpoint(output_dir / "best", model, config)
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.rng.setstate(state["sampler_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        if self.outer.extra is not None and state.get("extra") is not None:
+            self.outer.extra.load_state_dict(state["extra"])
 
-    started = 0.0
-    if config.step == 0:
-        run_validation()
-    started = time.monotonic()
-    seconds_before = metrics.get("train_seconds", 0.0)
-    running_loss = running_acc = None
-    bar = tqdm(total=train.outer_steps, initial=config.step, disable=not progress, desc="meta-train")
-    while config.step < train.outer_steps:
-        episodes = [sampler.sample() for _ in range(train.meta_batch_size)]
-        loss, accuracy = outer.step(episodes)  # query loss (reptile, multitask: training loss)
-        scheduler.step()
-        config.step += 1
-        running_loss = loss if running_loss is None else 0.9 * running_loss + 0.1 * loss
-        running_acc = accuracy if running_acc is None else 0.9 * running_acc + 0.1 * accuracy
-        metrics["curve"].append(
-            {
-                "step": config.step,
-                "seconds": round(seconds_before + time.monotonic() - started, 1),
-                "query_loss": round(loss, 4),
-                "query_accuracy": round(accuracy, 4),
-            }
-        )
-        bar.update(1)
-        bar.set_postfix(meta_loss=f"{running_loss:.3f}", query_acc=f"{running_acc:.3f}")
-        out_of_time = train.max_minutes is not None and (time.monotonic() - started) / 60 >= train.max_minutes
-        if config.step % train.eval_every == 0 or config.step == train.outer_steps or out_of_time:
-            run_validation()
-        if config.step % train.save_every == 0:
-            save_checkpoint(output_dir / "last", model, config, state())
-        if out_of_time:
-            logger.info("stopping at step %d: max_minutes=%s reached", config.step, train.max_minutes)
-            break
-    bar.close()
-    metrics["train_seconds"] = round(metrics.get("train_seconds", 0) + time.monotonic() - started, 1)
-    save_checkpoint(output_dir / "last", model, config, state())
-    if not val_set:
-        save_checkpoint(output_dir / "best", model, config)
-    return config
+    def _seconds(self) -> float:
+        """Meta-training seconds so far, earlier runs (resumed) included."""
+        running = time.monotonic() - self._started if self._started is not None else 0.0
+        return self.metrics.get("train_seconds", 0.0) + running
+
+    def validate(self) -> None:
+        """Score the validation episodes; a new record saves ``<output_dir>/best``."""
+        if not self.val_set:
+            return
+        accuracy = round(validate(self.model, self.val_set, self.config.inner_loop), 2)
+        step = self.config.step
+        self.metrics["validation"].append({"step": step, "seconds": round(self._seconds(), 1), "accuracy": accuracy})
+        best = self.metrics.get("best_val_accuracy")
+        logger.info("step %d: validation accuracy %.2f%% (best %s)", step, accuracy, best)
+        if best is None or accuracy > best:
+            self.metrics["best_val_accuracy"] = accuracy
+            self.metrics["best_step"] = step
+            save_checkpoint(self.output_dir / "best", self.model, self.config)
+
+    def _out_of_time(self) -> bool:
+        limit = self.args.max_minutes
+        return limit is not None and self._started is not None and (time.monotonic() - self._started) / 60 >= limit
+
+    def train(self) -> CheckpointConfig:
+        """Run the outer loop to ``outer_steps`` (or ``max_minutes``).
+
+        Returns:
+            `CheckpointConfig`: the final config (also saved in ``<output_dir>/last``).
+        """
+        args, config = self.args, self.config
+        if config.step == 0:
+            self.validate()  # the starting point of the learning curve
+        self._started = time.monotonic()
+        running_loss = running_acc = None
+        bar = tqdm(total=args.outer_steps, initial=config.step, disable=not self.progress, desc="meta-train")
+        while config.step < args.outer_steps:
+            episodes = [self.sampler.sample() for _ in range(args.meta_batch_size)]
+            loss, accuracy = self.outer.step(episodes)  # query loss (reptile, multitask: training loss)
+            self.scheduler.step()
+            config.step += 1
+            running_loss = loss if running_loss is None else 0.9 * running_loss + 0.1 * loss
+            running_acc = accuracy if running_acc is None else 0.9 * running_acc + 0.1 * accuracy
+            self.metrics["curve"].append(
+                {
+                    "step": config.step,
+                    "seconds": round(self._seconds(), 1),
+                    "query_loss": round(loss, 4),
+                    "query_accuracy": round(accuracy, 4),
+                }
+            )
+            bar.update(1)
+            bar.set_postfix(meta_loss=f"{running_loss:.3f}", query_acc=f"{running_acc:.3f}")
+            out_of_time = self._out_of_time()
+            if config.step % args.eval_every == 0 or config.step == args.outer_steps or out_of_time:
+                self.validate()
+            if config.step % args.save_every == 0:
+                save_checkpoint(self.output_dir / "last", self.model, config, self.state_dict())
+            if out_of_time:
+                logger.info("stopping at step %d: max_minutes=%s reached", config.step, args.max_minutes)
+                break
+        bar.close()
+        self.metrics["train_seconds"] = round(self._seconds(), 1)
+        self._started = None
+        save_checkpoint(self.output_dir / "last", self.model, config, self.state_dict())
+        if not self.val_set:
+            save_checkpoint(self.output_dir / "best", self.model, config)
+        return config
+
+
+def meta_train(
+    model: MetaLearner,
+    train_tasks: Sequence[Task],
+    val_tasks: Sequence[Task],
+    config: CheckpointConfig,
+    output_dir: str | Path,
+    training_state: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> CheckpointConfig:
+    """Meta-train ``model`` (:class:`MetaTrainer` with these arguments, then its
+    :meth:`~MetaTrainer.train`).
+
+    Returns:
+        `CheckpointConfig`: the final config (also saved in ``<output_dir>/last``).
+
+    Raises:
+        ValueError: as :class:`MetaTrainer`.
+    """
+    return MetaTrainer(model, train_tasks, val_tasks, config, output_dir, training_state, progress).train()
