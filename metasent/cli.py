@@ -54,6 +54,26 @@ cli = typer.Typer(
 )
 
 
+def _from_bench(module: str, *names: str) -> Any:
+    """Names from the repository's ``bench/`` package, which is not installed (it runs from a
+    checkout); a clear error when it is missing. One name is returned as is, several as a tuple."""
+    import importlib
+
+    try:
+        loaded = importlib.import_module(f"bench.{module}")
+    except ModuleNotFoundError as error:
+        if error.name not in ("bench", f"bench.{module}"):
+            raise
+        typer.echo(
+            "error: the benchmarks live in the repository's bench/ folder, which is not installed: "
+            "run this command from a metasent checkout (git clone, then the README's set-up command)",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+    values = tuple(getattr(loaded, name) for name in names)
+    return values[0] if len(values) == 1 else values
+
+
 def _setup(threads: int | None, log_level: str = "INFO") -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if threads:
@@ -435,7 +455,7 @@ def speed(
     """Measure adaptation seconds, classification and HTTP throughput, meta-training episodes/s
     and server memory, each with its ratio to a reference measured in the same run."""
     _setup(threads)
-    from bench.speed import run_bench
+    run_bench = _from_bench("speed", "run_bench")
 
     result = run_bench(
         Path(data),
@@ -499,7 +519,7 @@ def benchmark(
     ARSC test tasks, the 6 food tasks (5 seeds), accuracy against shots, and the dev tasks that
     choose the default. Writes results/benchmark_<budget>.{json,csv,md} and PNG plots."""
     _setup(threads)
-    from bench.benchmark import benchmark_methods, run_benchmark
+    benchmark_methods, run_benchmark = _from_bench("benchmark", "benchmark_methods", "run_benchmark")
 
     known = benchmark_methods()
     unknown = [name for name in _split(methods) or [] if name not in known]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -325,3 +328,15 @@ def test_client_commands_start_without_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "True"]  # train's options come from TrainingArguments
+
+
+def test_benchmark_commands_outside_a_checkout_say_where_to_run(tmp_path: Path) -> None:
+    # bench/ is not installed: from any other folder the commands explain it instead of a traceback
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    for command in (["speed", "--no-http"], ["benchmark", "--budget", "smoke"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "metasent.cli", *command], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert result.returncode == 2, result.stderr
+        assert "run this command from a metasent checkout" in result.stderr
+        assert "Traceback" not in result.stderr
