@@ -20,10 +20,10 @@ from metasent.meta.adaptation import AdaptedState
 
 from .queue import AdaptationQueue
 from .service import ModelService
-from .store import DomainStore, StoredDomain, VersionConflictError
+from .store import DomainStore, Examples, StoredDomain, VersionConflictError
 
 logger = logging.getLogger(__name__)
-Examples = list[tuple[str, str]]
+
 
 _locks: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
 _locks_guard = threading.Lock()
