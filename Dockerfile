@@ -8,13 +8,15 @@ ARG PYTHON_VERSION=3.11
 FROM python:${PYTHON_VERSION}-slim AS build
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=
+# pyproject extras installed besides the core: serve (the API image); serve,train to meta-train
+ARG EXTRAS=serve
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
 # Dependencies in their own layer (torch, then pyproject's list), rebuilt only when they change.
 COPY pyproject.toml README.md ./
 COPY scripts/install.sh scripts/install.sh
-RUN PYTHON=/opt/venv/bin/python TORCH_SPEC="$TORCH_SPEC" TORCH_INDEX_URL="$TORCH_INDEX_URL" \
+RUN PYTHON=/opt/venv/bin/python TORCH_SPEC="$TORCH_SPEC" TORCH_INDEX_URL="$TORCH_INDEX_URL" EXTRAS="$EXTRAS" \
     bash scripts/install.sh --deps-only /src
 # the three source folders install as metasent.app/.meta/.data (pyproject's package-dir);
 # bench/ stays in the repository and out of the image
@@ -22,7 +24,8 @@ COPY metasent/__init__.py metasent/cli.py metasent/
 COPY app app
 COPY meta meta
 COPY data data
-RUN PYTHON=/opt/venv/bin/python TORCH_SPEC="$TORCH_SPEC" TORCH_INDEX_URL="$TORCH_INDEX_URL" bash scripts/install.sh /src
+RUN PYTHON=/opt/venv/bin/python TORCH_SPEC="$TORCH_SPEC" TORCH_INDEX_URL="$TORCH_INDEX_URL" EXTRAS="$EXTRAS" \
+    bash scripts/install.sh /src
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
