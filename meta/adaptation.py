@@ -28,7 +28,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,12 @@ class Head(ABC):
     Subclasses are dataclasses whose fields are the head's tensors (fields with a default are
     optional); :meth:`tensors` and :meth:`from_tensors` name them after the fields.
     """
+
+    shares_encoder: ClassVar[bool] = True
+    """Whether the head reads only the pooled embeddings of the encoder, so that states with this
+    head and no adapted encoder tensor can share one base-encoder pass across domains
+    (:attr:`AdaptedState.shares_encoder`); a head that adapts or reads inside the encoder sets
+    False."""
 
     @classmethod
     @abstractmethod
@@ -261,9 +267,9 @@ class AdaptedState:
 
     @property
     def shares_encoder(self) -> bool:
-        """True when no encoder tensor is adapted, so states of different domains can share one
-        pass of the base encoder."""
-        return not self.encoder
+        """True when the head shares the encoder pass (:attr:`Head.shares_encoder`) and no encoder
+        tensor is adapted, so states of different domains can share one pass of the base encoder."""
+        return self.head.shares_encoder and not self.encoder
 
     @property
     def num_classes(self) -> int:
@@ -557,6 +563,10 @@ class Predictor:
 
         out = _map_sorted(model, texts, self.batch_size, probabilities)
         return out if out is not None else torch.empty(0, state.num_classes)
+
+    def predict(self, state: AdaptedState, texts: Sequence[str]) -> list[str]:
+        """The most probable label of each text under ``state``, in input order."""
+        return [state.labels[i] for i in self.predict_proba(state, texts).argmax(-1).tolist()]
 
     def embed(self, texts: Sequence[str]) -> Tensor:
         """Base-model embeddings (texts, hidden) on the CPU, in input order."""

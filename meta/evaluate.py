@@ -60,8 +60,7 @@ def evaluate_episode(
     ``episode.labels``) and score ``episode.query``."""
     predictor = Predictor(model, inner_config, batch_size)
     state = predictor.adapt([ex.text for ex in episode.support], [ex.label for ex in episode.support], episode.labels)
-    probs = predictor.predict_proba(state, [ex.text for ex in episode.query])
-    predicted = [state.labels[i] for i in probs.argmax(-1).tolist()]
+    predicted = predictor.predict(state, [ex.text for ex in episode.query])
     return score_episode(episode, predicted, seed, state.seconds, state.support_accuracy)
 
 

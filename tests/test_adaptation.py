@@ -3,8 +3,9 @@ their stored format, and the predictor's shared-encoder batching."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import get_args
+from typing import ClassVar, get_args
 
 import pytest
 import torch
@@ -140,6 +141,25 @@ def test_shares_encoder_and_batch_key(tiny_model: MetaLearner) -> None:
     assert head_only.shares_encoder and not layered.shares_encoder
     assert Predictor.batch_key(head_only, "d1") == Predictor.batch_key(head_only, "d2") == SHARED_ENCODER_KEY
     assert Predictor.batch_key(layered, "d1") == "d1"
+
+
+def test_a_head_that_reads_inside_the_encoder_never_shares_its_pass(tiny_model: MetaLearner) -> None:
+    @dataclasses.dataclass(frozen=True, eq=False)
+    class InsideHead(PrototypeHead):
+        shares_encoder: ClassVar[bool] = False
+
+    state = adapt(tiny_model, InnerLoopConfig(steps=1))
+    own = AdaptedState(InsideHead(**state.head.tensors()), state.labels)
+    assert state.shares_encoder and not own.shares_encoder  # no adapted encoder tensor in either
+    assert Predictor.batch_key(own, "d1") == "d1"
+
+
+def test_predict_gives_the_most_probable_label(tiny_model: MetaLearner) -> None:
+    predictor = Predictor(tiny_model, InnerLoopConfig(), batch_size=2)
+    state = adapt(tiny_model, InnerLoopConfig(steps=2))
+    texts = ["great coffee", "awful tea", "fine"]
+    probs = predictor.predict_proba(state, texts)
+    assert predictor.predict(state, texts) == [state.labels[int(row.argmax())] for row in probs]
 
 
 # -- prediction ----------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def test_train_defaults_to_the_dev_chosen_method(tmp_path: Path) -> None:
     assert config.inner_loop.label_anchors and config.training is not None
     assert config.training.query_sampling == "natural"
     bad = runner.invoke(cli, [*args, "--algorithm", "maml2"])
-    assert bad.exit_code != 0 and "unknown algorithm 'maml2'; choose from fomaml, reptile" in flat(bad.output)
+    assert bad.exit_code == 2 and "'maml2' is not one of 'fomaml', 'reptile'" in flat(bad.output)
     steps = runner.invoke(cli, [*args, "--inner-steps", "5"])  # matching takes no inner step
     assert steps.exit_code != 0 and "--inner-steps: the matching classifier takes no gradient steps" in flat(
         steps.output
@@ -265,7 +265,8 @@ def test_train_reads_a_config_file_then_options_then_set(monkeypatch, tmp_path: 
         ("--set", "outer_stpes=3"): "--set: expected KEY=VALUE with KEY one of data,",
         ("--set", "max_length=4"): "--max-length: Input should be greater than or equal to 8",
         ("--set", "seed=null"): "--seed: Input should be a valid integer",
-        ("--algorithm", "maml2"): "--algorithm: unknown algorithm 'maml2'",
+        ("--algorithm", "maml2"): "'maml2' is not one of 'fomaml', 'reptile', 'protonet', 'matching'",
+        ("--set", "algorithm=maml2"): "--algorithm: unknown algorithm 'maml2'; choose from fomaml, reptile",
         ("--query-sampling", "random"): "'random' is not one of 'balanced', 'natural'",
         ("--adapted-layers", "-2"): "--adapted-layers: Input should be greater than or equal to -1",
         ("--inner-lr", "0"): "--inner-lr: Input should be greater than 0",
@@ -338,5 +339,17 @@ def test_benchmark_commands_outside_a_checkout_say_where_to_run(tmp_path: Path) 
             [sys.executable, "-m", "metasent.cli", *command], cwd=tmp_path, env=env, capture_output=True, text=True
         )
         assert result.returncode == 2, result.stderr
-        assert "run this command from a metasent checkout" in result.stderr
+        assert "run this command from the root of a metasent checkout" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_benchmark_commands_run_from_the_checkout_root() -> None:
+    # the console script, as the README runs it: bench/ is found in the current folder
+    script = Path(sys.executable).with_name("metasent")
+    root = Path(__file__).resolve().parents[1]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"} | {"COLUMNS": "300"}
+    result = subprocess.run(
+        [str(script), "benchmark", "--methods", "bogus"], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2, result.stderr
+    assert "unknown methods bogus; choose from fomaml" in result.stderr, result.stderr

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -116,8 +118,20 @@ def test_entry_point_plugins_are_loaded_and_broken_ones_skipped(
         algorithms.unregister("plugged")
 
 
+@pytest.fixture
+def toy_method() -> Iterator[None]:
+    """``tests/toy_algorithm.py`` registered (importing it is all a new method needs), and
+    unregistered afterwards so that no other test sees it."""
+    import tests.toy_algorithm as toy
+
+    if "toy" not in algorithms.names():  # imported and unregistered earlier: register again
+        importlib.reload(toy)
+    yield
+    algorithms.unregister("toy")
+
+
+@pytest.mark.usefixtures("toy_method")
 def test_a_method_in_one_file_is_trained_evaluated_and_served(tmp_path: Path) -> None:
-    import tests.toy_algorithm  # noqa: F401  (registers "toy": the one file a new method needs)
     from metasent.app.main import create_app
     from metasent.app.settings import Settings
 

@@ -66,9 +66,10 @@ def test_bench_prints_every_figure_with_its_ratio(tiny_checkpoint) -> None:
     )
     adaptation = result["adaptation"]
     assert adaptation["repeats"] == 2 and set(adaptation) >= {"adapt_seconds_median", "ratio_to_forward"}
-    # the inner loop runs at least 4 forward passes of the same support batch (the prototype
-    # initialisation, then 3 steps with their backward passes): it cannot beat one forward pass
-    assert adaptation["adapt_seconds_median"] > adaptation["forward_seconds_median"]
+    # the ratio is of the two medians it reports (timings themselves are the benchmark's, not a test's)
+    assert adaptation["ratio_to_forward"] == pytest.approx(
+        adaptation["adapt_seconds_median"] / adaptation["forward_seconds_median"], rel=0.02
+    )
     classification = result["classification"]
     # 24 texts in batches of 8; the tiny BERT cuts at 32 tokens and has 64 positions (padding cap)
     assert (classification["texts"], classification["batch_size"]) == (24, 8)
