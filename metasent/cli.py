@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -39,7 +39,18 @@ class _Commands(TyperGroup):
     def list_commands(self, ctx: Any) -> list[str]:
         return [self.lazy, *(name for name in super().list_commands(ctx) if name != self.lazy)]
 
+    _listing = False  # True while the group's own help is written
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self._listing = True  # `metasent --help` lists train by its docstring, without importing torch
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name == self.lazy and self._listing:
+            return TyperCommand(self.lazy, help=inspect.getdoc(train))
         if cmd_name == self.lazy:  # built each time: algorithms registered since then are choices too
             return _train_command()
         return super().get_command(ctx, cmd_name)

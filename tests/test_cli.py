@@ -318,17 +318,16 @@ def test_speed_and_its_deprecated_alias_bench(monkeypatch, caplog, tmp_path: Pat
     assert "`metasent bench` is deprecated and will be removed: use `metasent speed`" in caplog.text
 
 
-def test_client_commands_start_without_torch() -> None:
-    import subprocess
-    import sys
-
+def test_client_commands_and_help_start_without_torch() -> None:
     script = (
-        "import sys; from typer.main import get_command; from metasent.cli import cli; group = get_command(cli); "
+        "import sys; from typer.main import get_command; from typer.testing import CliRunner; "
+        "from metasent.cli import cli; group = get_command(cli); "
         "group.get_command(None, 'classify'); print('torch' in sys.modules); "
+        "out = CliRunner().invoke(cli, ['--help']).output; print('torch' in sys.modules, 'Meta-train' in out); "
         "group.get_command(None, 'train'); print('torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["False", "True"]  # train's options come from TrainingArguments
+    assert result.stdout.split() == ["False", "False", "True", "True"]  # train's options need TrainingArguments
 
 
 def test_benchmark_commands_outside_a_checkout_say_where_to_run(tmp_path: Path) -> None:
