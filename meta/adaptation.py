@@ -423,11 +423,7 @@ def inner_loop(
             ``support_features`` is given with ``adapted_layers == -1``.
     """
     start = time.perf_counter()
-    if len(support_texts) != len(support_labels):
-        raise ValueError(f"{len(support_texts)} support texts but {len(support_labels)} labels")
-    names = tuple(label_names) if label_names is not None else tuple(dict.fromkeys(support_labels))
-    if len(set(names)) < 2:
-        raise ValueError(f"the support set needs at least 2 distinct labels, got {list(names)}")
+    names = _class_names(support_texts, support_labels, label_names)
     if support_features is not None and config.adapted_layers == -1:
         raise ValueError("support_features cannot be used when every encoder tensor is adapted")
     was_training = model.training
@@ -435,32 +431,20 @@ def inner_loop(
     try:
         with autocast(model.device):  # bf16 on CUDA, no-op on CPU
             targets = encode_labels(support_labels, names, model.device)  # (N*K,)
-            n_support = len(support_texts)
             texts = list(support_texts) + (anchor_texts(names) if config.label_anchors else [])
             base = {name: p.detach() for name, p in model.named_parameters()}
-            encoder = {
-                name: base[name].clone().requires_grad_(True)
-                for name in model.adapted_parameter_names(config.adapted_layers)
-            }
-            # The layers below the adapted ones run once; each step runs only the adapted layers.
-            batch: dict[str, Tensor] = {}
-            if support_features is not None:
-                first_adapted = model.num_layers - config.adapted_layers
-                frozen: FrozenFeatures | None = model.advance(base, support_features, first_adapted)
-            else:
-                batch = model.tokenize(texts)  # (N*K [+ N anchors], tokens)
-                frozen = model.frozen_features(batch, config.adapted_layers) if cache_frozen else None
+            embed = _support_embedder(model, base, texts, config, cache_frozen, support_features)
             if initial_head is None:
                 with torch.no_grad():
-                    z = model.embed_frozen(base, frozen) if frozen is not None else model.embed(base, batch)
-                    initial_head = init_head(model, z, targets, len(names), config)
+                    initial_head = init_head(model, embed({}), targets, len(names), config)
             start_head = initial_head
+            encoder = {
+                n: base[n].clone().requires_grad_(True) for n in model.adapted_parameter_names(config.adapted_layers)
+            }
             head = {name: t.detach().clone().requires_grad_(True) for name, t in start_head.tensors().items()}
 
-            def support_logits(encoder: Params, head: Params) -> Tensor:  # (N*K, N)
-                params = {**base, **encoder}
-                z = model.embed(params, batch) if frozen is None else model.embed_frozen(params, frozen)
-                return start_head.with_tensors(head).logits(z[:n_support], base["logit_scale"])  # no anchors
+            def support_logits(encoder: Params, head: Params) -> Tensor:  # (N*K, N); anchors are no examples
+                return start_head.with_tensors(head).logits(embed(encoder)[: len(support_texts)], base["logit_scale"])
 
             losses = []
             for _ in range(config.steps):
@@ -482,6 +466,48 @@ def inner_loop(
         steps=config.steps,
         seconds=time.perf_counter() - start,
     )
+
+
+def _class_names(
+    support_texts: Sequence[str], support_labels: Sequence[str], label_names: Sequence[str] | None
+) -> tuple[str, ...]:
+    """The class order: ``label_names``, or the labels in order of first appearance.
+
+    Raises:
+        ValueError: when texts and labels differ in length or there are fewer than 2 classes.
+    """
+    if len(support_texts) != len(support_labels):
+        raise ValueError(f"{len(support_texts)} support texts but {len(support_labels)} labels")
+    names = tuple(label_names) if label_names is not None else tuple(dict.fromkeys(support_labels))
+    if len(set(names)) < 2:
+        raise ValueError(f"the support set needs at least 2 distinct labels, got {list(names)}")
+    return names
+
+
+def _support_embedder(
+    model: MetaLearner,
+    base: Params,
+    texts: Sequence[str],
+    config: InnerLoopConfig,
+    cache_frozen: bool,
+    support_features: FrozenFeatures | None,
+) -> Callable[[Params], Tensor]:
+    """``embed(encoder) -> (N*K [+ N], hidden)``: the support embeddings with the adapted encoder
+    tensors ``encoder`` over the base ones. The layers below the adapted ones run once, here (or
+    come from ``support_features``); each call runs only the adapted layers."""
+    batch: dict[str, Tensor] = {}
+    if support_features is not None:
+        first_adapted = model.num_layers - config.adapted_layers
+        frozen: FrozenFeatures | None = model.advance(base, support_features, first_adapted)
+    else:
+        batch = model.tokenize(texts)  # (N*K [+ N anchors], tokens)
+        frozen = model.frozen_features(batch, config.adapted_layers) if cache_frozen else None
+
+    def embed(encoder: Params) -> Tensor:
+        params = {**base, **encoder}
+        return model.embed(params, batch) if frozen is None else model.embed_frozen(params, frozen)
+
+    return embed
 
 
 def _step(loss: Tensor, encoder: Params, head: Params, config: InnerLoopConfig) -> tuple[Params, Params]:
