@@ -76,7 +76,7 @@ def refresh(service: ModelService, store: DomainStore, domain: StoredDomain) -> 
             raise KeyError(domain.domain_id)
         if current.checkpoint_hash == service.checkpoint_hash or not current.examples:
             return current
-        state = service.adapt([t for t, _ in current.examples], [lab for _, lab in current.examples])
+        state = adapt(service, current.examples)
         try:
             stored = store.replace(
                 current,

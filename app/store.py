@@ -209,10 +209,9 @@ class DomainStore:
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
-        """A write transaction: flushed, then committed as one (SQLAlchemy ``Session.begin``)."""
+        """A write transaction, committed as one (SQLAlchemy ``Session.begin``)."""
         with self._sessions() as session, session.begin():
             yield session
-            session.flush()
 
     def __len__(self) -> int:
         """Domains of every tenant."""

@@ -120,6 +120,19 @@ RESULT_NAMES = {"none": "pretrained"}
 """Result names that differ from the algorithm's registered name."""
 
 
+def select_methods(methods: Sequence[str] | None, known: dict[str, MethodSpec] | None = None) -> list[str]:
+    """The methods to run: ``methods``, or every one of :func:`benchmark_methods` when empty.
+
+    Raises:
+        KeyError: naming the unknown methods and the known ones.
+    """
+    known = benchmark_methods() if known is None else known
+    unknown = [name for name in methods or [] if name not in known]
+    if unknown:
+        raise KeyError(f"unknown methods {', '.join(unknown)}; choose from {', '.join(known)}")
+    return list(methods or known)
+
+
 def benchmark_methods() -> dict[str, MethodSpec]:
     """The benchmark's methods, by result name: each registered algorithm (in the order of
     registration; the meta-trained ones may become the default), the ``_anchors`` variants of
@@ -312,10 +325,7 @@ def run_benchmark(
 
     budget = BUDGETS[budget_name]
     known = benchmark_methods()
-    names = list(methods or known)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise KeyError(f"unknown methods {unknown}; choose from {', '.join(known)}")
+    names = select_methods(methods, known)
     checkpoints = checkpoints or {}
     torch_device = resolve_device(device)
     tasks = _tasks(data)

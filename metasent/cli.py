@@ -542,14 +542,13 @@ def benchmark(
     ARSC test tasks, the 6 food tasks (5 seeds), accuracy against shots, and the dev tasks that
     choose the default. Writes results/benchmark_<budget>.{json,csv,md} and PNG plots."""
     _setup(threads)
-    benchmark_methods, run_benchmark = _from_bench("benchmark", "benchmark_methods", "run_benchmark")
-
-    known = benchmark_methods()
-    unknown = [name for name in _split(methods) or [] if name not in known]
-    if unknown:
-        raise typer.BadParameter(
-            f"unknown methods {', '.join(unknown)}; choose from {', '.join(known)}", param_hint="--methods"
-        )
+    budgets, select_methods, run_benchmark = _from_bench("benchmark", "BUDGETS", "select_methods", "run_benchmark")
+    if budget not in budgets:
+        raise typer.BadParameter(f"unknown budget {budget!r}; choose from {', '.join(budgets)}", param_hint="--budget")
+    try:
+        select_methods(_split(methods))
+    except KeyError as error:
+        raise typer.BadParameter(error.args[0], param_hint="--methods") from None
     loaded = {}
     for item in checkpoint or []:
         name, _, path = item.partition("=")

@@ -352,3 +352,12 @@ def test_benchmark_commands_run_from_the_checkout_root() -> None:
     )
     assert result.returncode == 2, result.stderr
     assert "unknown methods bogus; choose from fomaml" in result.stderr, result.stderr
+
+
+def test_benchmark_names_an_unknown_budget_or_method() -> None:
+    for args, message in (
+        (["--budget", "huge"], "unknown budget 'huge'; choose from cpu, gpu, smoke"),
+        (["--methods", "fomaml,bogus"], "unknown methods bogus; choose from fomaml"),
+    ):
+        result = runner.invoke(cli, ["benchmark", *args], env=WIDE)
+        assert result.exit_code == 2 and message in flat(result.output), result.output

@@ -24,6 +24,7 @@ import httpx
 import pytest
 from safetensors.torch import load as load_tensors
 
+from bench.server import wait_ready
 from tests.conftest import TEXTS, assert_same_scores, free_port, support
 
 pytestmark = pytest.mark.slow
@@ -67,16 +68,10 @@ class Server:
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).json().get("status") == "ok":
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"server not ready in {timeout} s:\n{self.log.read_text()}")
+        try:
+            wait_ready(self.url, self.process, timeout)
+        except (RuntimeError, TimeoutError) as error:  # exited, or not ready in time: show its log
+            raise AssertionError(f"{error}:\n{self.log.read_text()}") from error
 
     def wait_for_log(self, text: str, count: int = 1, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
