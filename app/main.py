@@ -31,24 +31,26 @@ REQUEST_ID_HEADER = "X-Request-ID"
 def _load_service(settings: Settings) -> ModelService:
     import torch
 
-    from metasent.meta.checkpoint import load_model, model_fingerprint
+    from metasent.meta.checkpoint import load_model, model_fingerprint, resolve_checkpoint
     from metasent.meta.model import resolve_device, resolve_encoder_path
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
-    model, config = load_model(settings.checkpoint, settings.encoder, device)
-    encoder_path = None if settings.checkpoint else resolve_encoder_path(config.encoder.name_or_path)
-    checkpoint_hash = model_fingerprint(settings.checkpoint, config, encoder_path)
+    checkpoint = resolve_checkpoint(settings.checkpoint)
+    model, config = load_model(checkpoint, settings.encoder, device)
+    encoder_path = None if checkpoint else resolve_encoder_path(config.encoder.name_or_path)
+    checkpoint_hash = model_fingerprint(checkpoint, config, encoder_path)
     logger.info(
-        "model loaded: algorithm=%s encoder=%s device=%s inner_loop=%s checkpoint_hash=%s",
+        "model loaded: %s algorithm=%s encoder=%s device=%s inner_loop=%s checkpoint_hash=%s",
+        config.name or checkpoint or "un-meta-trained encoder",
         config.algorithm,
         config.encoder.name_or_path,
         device,
         config.inner_loop.model_dump(),
         checkpoint_hash[:12],
     )
-    return ModelService(model, config, settings.batch_size, settings.max_text_chars, checkpoint_hash)
+    return ModelService(model, config, settings.batch_size, settings.max_text_chars, checkpoint_hash, checkpoint)
 
 
 def _open_store(settings: Settings, service: ModelService) -> DomainStore:
@@ -83,8 +85,9 @@ def _retry_after(app: FastAPI) -> int:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the metasent API. The lifespan loads the checkpoint (or, with none, the default
-    encoder) once; every domain shares that one base model. It then opens the domain store
+    """Build the metasent API. The lifespan loads the model once (``METASENT_CHECKPOINT``: the
+    shipped default model, a checkpoint directory, or ``none`` for the bare encoder); every
+    domain shares that one base model. It then opens the domain store
     (``METASENT_DATABASE_URL``, default SQLite in ``METASENT_DATA_DIR``).
 
     Args:
@@ -102,7 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             logger.info("API keys: %d tenants", len(settings.key_list()))
         app.state.adapt_queue = AdaptationQueue(settings.adapt_queue_size, metrics.adaptation.observe)
         service = await run_in_threadpool(_load_service, settings)
-        checkpoint = str(settings.checkpoint) if settings.checkpoint else None
+        checkpoint = str(service.checkpoint) if service.checkpoint else None
         metrics.set_model(service.config.algorithm, service.config.encoder.name_or_path, service.device, checkpoint)
         app.state.store = await run_in_threadpool(_open_store, settings, service)
         app.state.service = service

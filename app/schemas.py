@@ -195,9 +195,11 @@ class ErrorResponse(BaseModel):
 class Health(BaseModel):
     status: str
     model_loaded: bool
+    model: str | None = Field(default=None, description="the model's name; null for the un-meta-trained encoder")
     algorithm: str | None = None
     encoder: str | None = None
-    checkpoint: str | None = None
+    checkpoint: str | None = Field(default=None, description="the checkpoint directory; null: the bare encoder")
+    checkpoint_hash: str | None = Field(default=None, description="sha256 of the model, recorded with each domain")
     device: str | None = None
     domains: int | None = Field(default=0, description="stored domains of every tenant; null when the store is down")
 

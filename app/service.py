@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -34,6 +35,8 @@ class ModelService:
             tokenizer.
         checkpoint_hash (`str`, defaults to ``""``): the model's fingerprint (see
             :func:`meta.checkpoint.model_fingerprint`), recorded with every domain adapted on it.
+        checkpoint (`Path | None`): the checkpoint directory it was loaded from (``None``: the
+            un-meta-trained encoder).
     """
 
     def __init__(
@@ -43,10 +46,12 @@ class ModelService:
         batch_size: int = 32,
         max_text_chars: int = 20_000,
         checkpoint_hash: str = "",
+        checkpoint: Path | None = None,
     ) -> None:
         self.model = model
         self.config = config
         self.checkpoint_hash = checkpoint_hash
+        self.checkpoint = checkpoint
         self.batch_size = batch_size
         self.max_text_chars = max_text_chars
         self.predictor = Predictor(model, config.inner_loop, batch_size)

@@ -19,10 +19,12 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="METASENT_", env_file=".env", extra="ignore")
 
-    checkpoint: Path | None = Field(
-        default=None, description="metasent checkpoint directory; none: the un-meta-trained encoder"
+    checkpoint: Path | str | None = Field(
+        default="default",
+        description="the model: 'default', the meta-trained model shipped in the package (FOMAML with Meta-SGD "
+        "over LoRA adapters); 'none', the un-meta-trained encoder; or a checkpoint directory",
     )
-    encoder: str | None = Field(default=None, description="encoder name or path used when no checkpoint is given")
+    encoder: str | None = Field(default=None, description="encoder name or path served with METASENT_CHECKPOINT=none")
     device: str = Field(default="auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)

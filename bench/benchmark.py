@@ -114,8 +114,20 @@ class MethodSpec:
     default_candidate: bool = False
 
 
-ANCHORED = ("fomaml", "matching")
-"""Algorithms also benchmarked as ``<name>_anchors``: label-name anchors and natural query sets."""
+ANCHORED = ("matching",)
+"""Algorithms also benchmarked as ``<name>_anchors``: label-name anchors and natural query sets
+(FOMAML trains with both by default)."""
+VARIANTS = {
+    "fomaml_head": MethodSpec(
+        "fomaml_head",
+        "fomaml",
+        {"adapter": "full", "adapted_layers": 0, "meta_sgd": False},
+        {"outer_lr": 2e-5},
+        default_candidate=True,
+    ),
+}
+"""Further variants: ``fomaml_head`` is FOMAML as it was before LoRA and Meta-SGD (head-only inner
+loop, every encoder weight meta-trained at the encoder's learning rate)."""
 RESULT_NAMES = {"none": "pretrained"}
 """Result names that differ from the algorithm's registered name."""
 
@@ -146,6 +158,7 @@ def benchmark_methods() -> dict[str, MethodSpec]:
             methods[anchored] = MethodSpec(
                 anchored, spec.name, {"label_anchors": True}, {"query_sampling": "natural"}, default_candidate=True
             )
+    methods.update(VARIANTS)
     methods["setfit"] = MethodSpec("setfit", "setfit")
     return methods
 
@@ -174,7 +187,10 @@ def _train(
 ) -> tuple[MetaLearner, CheckpointConfig, CheckpointConfig]:
     """Meta-train ``spec`` for the budget's minutes; returns the best checkpoint (model and
     config) and the final config (steps, seconds, curves)."""
-    inner = InnerLoopConfig.model_validate({**default_inner_loop(spec.algorithm).model_dump(), **spec.inner})
+    defaults = dict(algorithms.get(spec.algorithm).training_defaults)  # as `metasent train` applies them
+    anchors = {"label_anchors": defaults["label_anchors"]} if "label_anchors" in defaults else {}
+    inner = InnerLoopConfig.model_validate({**default_inner_loop(spec.algorithm).model_dump(), **anchors, **spec.inner})
+    train_defaults = {k: v for k, v in defaults.items() if k in TrainConfig.model_fields}
     config = CheckpointConfig(
         algorithm=spec.algorithm,  # type: ignore[arg-type]
         encoder=EncoderConfig(name_or_path=encoder, max_length=budget.max_length),
@@ -189,14 +205,14 @@ def _train(
             save_every=100_000,
             warmup_steps=20,
             seed=seed,
-            **spec.train,
+            **{**train_defaults, **spec.train},
         ),
     )
     # the step count is open (100k): each method trains for the budget's minutes, its
     # learning rate flat after the warm-up
     train_tasks = tasks.select(exclude=ARSC_HELD_OUT + ARSC_VALIDATION).select(require_split="train")
     val_tasks = tasks.select(include=ARSC_VALIDATION).select(require_split="dev")
-    model = MetaLearner.from_pretrained(config.encoder).to(device)
+    model = MetaLearner.from_pretrained(config.encoder).prepare(config.inner_loop).to(device)
     final = meta_train(model, list(train_tasks), list(val_tasks), config, out / spec.name, progress=False)
     best, best_config = load_checkpoint(out / spec.name / "best", device)
     return best, best_config, final

@@ -164,8 +164,23 @@ def bench_meta_training(model: MetaLearner, config: CheckpointConfig, arsc: Path
         for batch in batches[1:]:
             fomaml_step(model, batch, config.inner_loop, optimizer, 1.0, True, feature_cache)
         rates[name] = outer_steps * meta_batch / (time.perf_counter() - start)
+    # One pass of the layers below the adapted ones for the whole meta-batch, or one per episode
+    # (fomaml_step's batched=None picks the meta-batch pass on CUDA only).
+    passes = {}
+    if 0 < config.inner_loop.adapted_layers < model.num_layers:
+        for name, batched in (("per_episode_passes", False), ("one_meta_batch_pass", True)):
+            fomaml_step(model, batches[0], config.inner_loop, optimizer, 1.0, True, None, batched)  # warm-up
+            start = time.perf_counter()
+            for batch in batches[1:]:
+                fomaml_step(model, batch, config.inner_loop, optimizer, 1.0, True, None, batched)
+            passes[name] = round(outer_steps / (time.perf_counter() - start), 4)
+        passes["ratio_meta_batch_to_per_episode"] = round(
+            passes["one_meta_batch_pass"] / passes["per_episode_passes"], 2
+        )
     optimizer.zero_grad(set_to_none=True)
     return {
+        "meta_batch_size": meta_batch,
+        "outer_steps_per_s": passes,
         "episodes_timed": outer_steps * meta_batch,
         "before_episodes_per_s": round(rates["uncached_inner_loop"], 3),
         "after_episodes_per_s": round(rates["cached_inner_loop"], 3),

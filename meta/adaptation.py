@@ -302,35 +302,64 @@ class AdaptedState:
 # -- pure inner-loop maths -------------------------------------------------------------------------
 
 
-def clip_factor(grads: Sequence[Tensor], clip: float | None) -> float:
+def clip_factor(grads: Sequence[Tensor], clip: float | None) -> Tensor | float:
     """The factor ``min(1, clip / ||g||)`` that scales ``grads`` to global L2 norm at most ``clip``
-    (1 when ``clip`` is ``None``)."""
+    (1 when ``clip`` is ``None``). A scalar tensor on the gradients' device: computing it never
+    waits for the device (no host sync)."""
     if clip is None:
         return 1.0
-    norm = torch.sqrt(sum((g.detach() ** 2).sum() for g in grads))  # type: ignore[arg-type]
-    return min(1.0, clip / (float(norm) + 1e-12))
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+    return torch.clamp(clip / (norm + 1e-12), max=1.0)
 
 
-def sgd_step(tensors: Sequence[Tensor], grads: Sequence[Tensor], lr: float, clip: float | None) -> list[Tensor]:
+def sgd_step(
+    tensors: Sequence[Tensor], grads: Sequence[Tensor], lr: float | Sequence[float | Tensor], clip: float | None
+) -> list[Tensor]:
     """One SGD update ``theta - lr * g`` with ``g`` clipped to global L2 norm ``clip``; pure.
 
     Args:
         tensors (`Sequence[Tensor]`): the parameters, in the same order as ``grads``.
         grads (`Sequence[Tensor]`): their gradients.
-        lr (`float`): learning rate.
+        lr (`float | Sequence[float | Tensor]`): one learning rate, or one per tensor (Meta-SGD,
+            Li et al. 2017; tensors are used by value, detached).
         clip (`float | None`): maximum global gradient norm, ``None`` for no clipping.
 
     Returns:
         `list[Tensor]`: new leaf tensors that require grad.
     """
     factor = clip_factor(grads, clip)
-    return [(p.detach() - lr * factor * g.detach()).requires_grad_(True) for p, g in zip(tensors, grads, strict=True)]
+    lrs = [lr] * len(tensors) if isinstance(lr, (int, float)) else list(lr)
+    return [
+        (p.detach() - _value(rate) * factor * g.detach()).requires_grad_(True)
+        for p, g, rate in zip(tensors, grads, lrs, strict=True)
+    ]
 
 
-def straight_through(start: Tensor, adapted: Tensor) -> Tensor:
-    """``start + stopgrad(adapted - start)``: the value of ``adapted`` with the gradient of
-    ``start`` (the first-order MAML approximation, Finn et al. 2017, section 5.2)."""
-    return start + (adapted - start.detach())
+def _value(x: float | Tensor) -> float | Tensor:
+    return x.detach() if isinstance(x, Tensor) else x
+
+
+def straight_through(start: Tensor, adapted: Tensor, lr: Tensor | None = None) -> Tensor:
+    """The value of ``adapted`` with first-order MAML gradients (Finn et al. 2017, section 5.2).
+
+    Without ``lr``: ``start + stopgrad(adapted - start)``, the gradient of ``start``. With the
+    Meta-SGD learning rate ``lr`` (a scalar tensor with a graph, the one the inner loop used,
+    Li et al. 2017): ``start + stopgrad(adapted - start) * lr / stopgrad(lr)``, whose gradient
+    with respect to ``lr`` is the first-order ``-sum_k g_k . dL/dphi``, because the inner loop
+    moved ``start`` by ``adapted - start = -lr * sum_k g_k`` (the clipped support gradients).
+
+    Args:
+        start (`Tensor`): the meta-parameter (or the head built from the support set).
+        adapted (`Tensor`): the inner loop's result for it, same shape.
+        lr (`Tensor`, *optional*): its Meta-SGD learning rate, a scalar.
+
+    Returns:
+        `Tensor`: equal to ``adapted`` in value.
+    """
+    delta = adapted.detach() - start.detach()
+    if lr is None:
+        return start + delta
+    return start + delta * (lr / lr.detach())
 
 
 def encode_labels(labels: Sequence[str], label_names: Sequence[str], device: torch.device) -> Tensor:
@@ -388,8 +417,10 @@ def inner_loop(
     initial_head: Head | None = None,
     cache_frozen: bool = True,
     support_features: FrozenFeatures | None = None,
+    score_support: bool = True,
 ) -> AdaptedState:
-    """Adapt the head and the top ``config.adapted_layers`` encoder layers to a support set.
+    """Adapt the head and the top ``config.adapted_layers`` encoder layers (their own tensors, or
+    their LoRA adapters with ``config.adapter == "lora"``) to a support set.
 
     The head starts from the support set (:func:`init_head`; with ``config.label_anchors`` each
     label name joins its class as a weighted example), then ``config.steps`` SGD steps
@@ -438,30 +469,35 @@ def inner_loop(
                 with torch.no_grad():
                     initial_head = init_head(model, embed({}), targets, len(names), config)
             start_head = initial_head
-            encoder = {
-                n: base[n].clone().requires_grad_(True) for n in model.adapted_parameter_names(config.adapted_layers)
-            }
+            adapted = model.adapted_parameter_names(config.adapted_layers, config.adapter)
+            encoder = {n: base[n].clone().requires_grad_(True) for n in adapted}
             head = {name: t.detach().clone().requires_grad_(True) for name, t in start_head.tensors().items()}
+            lrs = model.inner_lrs([*encoder, *(HEAD_PREFIX + name for name in head)])
+            step_lr: float | list[Tensor] = config.lr if lrs is None else [lr.detach() for lr in lrs]
 
             def support_logits(encoder: Params, head: Params) -> Tensor:  # (N*K, N); anchors are no examples
                 return start_head.with_tensors(head).logits(embed(encoder)[: len(support_texts)], base["logit_scale"])
 
-            losses = []
+            losses = []  # scalar tensors, read once at the end: no host sync per step
             for _ in range(config.steps):
                 loss = F.cross_entropy(support_logits(encoder, head), targets)
-                encoder, head = _step(loss, encoder, head, config)
-                losses.append(loss.item())
-            with torch.no_grad():
-                logits = support_logits(encoder, head)  # (N*K, N)
-                losses.append(float(F.cross_entropy(logits, targets)))
-                accuracy = float((logits.argmax(-1) == targets).float().mean())
+                encoder, head = _step(loss, encoder, head, step_lr, config.grad_clip)
+                losses.append(loss.detach())
+            losses_list, accuracy = [], math.nan
+            if score_support:
+                with torch.no_grad():
+                    logits = support_logits(encoder, head)  # (N*K, N)
+                    losses.append(F.cross_entropy(logits, targets))
+                    correct = (logits.argmax(-1) == targets).float().mean()
+                    figures = torch.stack([*losses, correct]).float().tolist()  # the one host sync
+                losses_list, accuracy = figures[:-1], figures[-1]
     finally:
         model.train(was_training)
     return AdaptedState(
         head=start_head.with_tensors({name: t.detach() for name, t in head.items()}),
         labels=names,
         encoder={name: t.detach() for name, t in encoder.items()},
-        support_losses=losses,
+        support_losses=losses_list,
         support_accuracy=accuracy,
         steps=config.steps,
         seconds=time.perf_counter() - start,
@@ -510,10 +546,13 @@ def _support_embedder(
     return embed
 
 
-def _step(loss: Tensor, encoder: Params, head: Params, config: InnerLoopConfig) -> tuple[Params, Params]:
-    """One :func:`sgd_step` on the encoder and head tensors together (one clipping norm)."""
+def _step(
+    loss: Tensor, encoder: Params, head: Params, lr: float | list[Tensor], clip: float | None
+) -> tuple[Params, Params]:
+    """One :func:`sgd_step` on the encoder and head tensors together (one clipping norm); ``lr``
+    is one rate or one per tensor (encoder tensors, then head tensors)."""
     tensors = [*encoder.values(), *head.values()]
-    updated = sgd_step(tensors, torch.autograd.grad(loss, tensors), config.lr, config.grad_clip)
+    updated = sgd_step(tensors, torch.autograd.grad(loss, tensors), lr, clip)
     split = len(encoder)
     return dict(zip(encoder, updated[:split], strict=True)), dict(zip(head, updated[split:], strict=True))
 

@@ -8,6 +8,11 @@ Layout::
     <dir>/tokenizer*.json ... the tokenizer (Hugging Face AutoTokenizer)
     <dir>/training_state.pt   optimiser, scheduler and RNG state, for `metasent train --resume`
 
+A compact model (:func:`export_model`, ``weights: "meta"`` in its config) is only
+``metasent.json`` and a ``model.safetensors`` of the meta-learned tensors (LoRA adapters,
+temperature, anchor weight, Meta-SGD learning rates): it loads over the base encoder from its
+package. The default model ships that way in the package (:func:`shipped_checkpoint`).
+
 A directory is written to a temporary sibling and renamed into place, so a crash never leaves a
 half-written checkpoint under the final name. :func:`model_fingerprint` hashes what a model was
 loaded from, so that adapted domains know which model adapted them.
@@ -19,6 +24,8 @@ import hashlib
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,49 @@ CONFIG_FILE = "metasent.json"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
 _ENCODER_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+DEFAULT_CHECKPOINT = "default"
+"""The name of the shipped default model (``metasent serve`` with no flags, ``METASENT_CHECKPOINT=default``)."""
+NO_CHECKPOINT = "none"
+"""The name that asks for the bare, un-meta-trained encoder (``METASENT_CHECKPOINT=none``)."""
+COMPACT_LIMIT_BYTES = 8 * 1024 * 1024
+"""Most bytes a compact model (``metasent.json`` + ``model.safetensors``) may take: it lives in the repository."""
+
+
+def shipped_checkpoint() -> Path:
+    """The directory of the default meta-trained model shipped in the package,
+    ``metasent/models/default`` (a compact model, see :func:`export_model`)."""
+    return Path(str(files("metasent"))) / "models" / DEFAULT_CHECKPOINT
+
+
+def resolve_checkpoint(checkpoint: str | Path | None) -> Path | None:
+    """Where a checkpoint setting points: ``"default"`` is the shipped model
+    (:func:`shipped_checkpoint`), ``None``, ``""`` and ``"none"`` the bare encoder (``None``), any
+    other value a directory (an existing directory named ``default`` or ``none`` wins).
+    """
+    if checkpoint is None or str(checkpoint).strip() in ("", NO_CHECKPOINT):
+        return None
+    path = Path(checkpoint)
+    if str(checkpoint) == DEFAULT_CHECKPOINT and not path.is_dir():
+        return shipped_checkpoint()
+    return path
+
+
+def _write_atomically(directory: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` on a temporary sibling of ``directory`` and rename it into place."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        write(tmp)
+        old = directory.with_name(f".{directory.name}.old")
+        if directory.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
 
 
 def save_checkpoint(
@@ -48,9 +98,8 @@ def save_checkpoint(
         `Path`: the checkpoint directory.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         model.encoder.config.save_pretrained(str(tmp))
@@ -58,17 +107,90 @@ def save_checkpoint(
         if training_state is not None:
             torch.save(training_state, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(config.model_dump_json(indent=2))
-        old = directory.with_name(f".{directory.name}.old")
-        if directory.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-        tmp.rename(directory)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    _write_atomically(directory, write)
     logger.info("saved checkpoint %s (step %d)", directory, config.step)
     return directory
+
+
+def _base_weights_sha256(name_or_path: str) -> str | None:
+    from .model import resolve_encoder_path
+
+    folder = Path(resolve_encoder_path(name_or_path))
+    weights = [folder / name for name in _ENCODER_WEIGHT_FILES if (folder / name).is_file()]
+    if not weights:
+        return None
+    digest = hashlib.sha256()
+    _hash_file(digest, weights[0])
+    return digest.hexdigest()
+
+
+def meta_learned_tensors(model: MetaLearner) -> dict[str, torch.Tensor]:
+    """The tensors of ``model`` that are not the base encoder's as loaded from its package: the
+    LoRA adapters, the temperature, the anchor weight, the Meta-SGD learning rates, and any base
+    tensor meta-training changed. On the CPU, contiguous, by state-dict name."""
+    base = MetaLearner.from_pretrained(model.encoder_config).encoder.state_dict()
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        key = name.removeprefix("encoder.").replace(".base_layer.", ".")  # peft wraps LoRA'd layers
+        if not name.startswith("encoder.") or key not in base or not torch.equal(base[key], tensor.detach().cpu()):
+            tensors[name] = tensor.detach().cpu().contiguous()
+    return tensors
+
+
+def export_model(
+    checkpoint: str | Path,
+    output: str | Path,
+    name: str | None = None,
+    limit_bytes: int = COMPACT_LIMIT_BYTES,
+) -> Path:
+    """Write the compact form of a training run's checkpoint: ``metasent.json`` (``weights:
+    "meta"``, the model's ``name``, the base encoder's hash) and a ``model.safetensors`` of the
+    meta-learned tensors (:func:`meta_learned_tensors`), to be loaded over the base encoder.
+    ``metasent export`` runs it; it is how the shipped default model is rebuilt.
+
+    Args:
+        checkpoint (`str | Path`): a checkpoint directory (e.g. ``runs/x/best``).
+        output (`str | Path`): the compact model's directory (replaced atomically).
+        name (`str`, *optional*): the model's name (default: the output directory's name).
+        limit_bytes (`int`, defaults to 8 MiB): the most the two files may take.
+
+    Returns:
+        `Path`: ``output``.
+
+    Raises:
+        ValueError: when the compact model would exceed ``limit_bytes`` (e.g. meta-training
+            changed base encoder tensors, which then all have to be stored).
+        FileNotFoundError: when ``checkpoint`` is not a checkpoint.
+    """
+    model, config = load_checkpoint(checkpoint)
+    tensors = meta_learned_tensors(model)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    if size > limit_bytes:
+        raise ValueError(f"{checkpoint}: the meta-learned tensors take {size} bytes, more than {limit_bytes}")
+    output = Path(output)
+    compact = config.model_copy(
+        update={
+            "name": name or output.name,
+            "weights": "meta",
+            "base_sha256": _base_weights_sha256(config.encoder.name_or_path),
+        }
+    )
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(compact.model_dump_json(indent=2))
+        tmp.chmod(0o755)  # readable by the service's user, as a package's files are
+        for file in tmp.iterdir():
+            file.chmod(0o644)
+
+    _write_atomically(output, write)
+    total = sum(f.stat().st_size for f in output.iterdir())
+    if total > limit_bytes:
+        shutil.rmtree(output)
+        raise ValueError(f"{output}: {total} bytes, more than {limit_bytes}")
+    logger.info("exported %s -> %s (%d tensors, %d bytes)", checkpoint, output, len(tensors), total)
+    return output
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -91,14 +213,34 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     if not is_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not a metasent checkpoint (no {CONFIG_FILE})")
     config = CheckpointConfig.model_validate_json((directory / CONFIG_FILE).read_text())
+    if config.weights == "meta":
+        return _load_over_base(directory, config, device), config
     encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(directory)))
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    model = MetaLearner(encoder, tokenizer, config.encoder)
+    model = MetaLearner(encoder, tokenizer, config.encoder).prepare(config.inner_loop)
     missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=False)
     if unexpected or [m for m in missing if ".pooler." not in m and m not in OPTIONAL_PARAMETERS]:
         raise ValueError(f"{directory}: weights do not match the encoder: missing {missing}, unexpected {unexpected}")
     model.to(device).eval()
     return model, config
+
+
+def _load_over_base(directory: Path, config: CheckpointConfig, device: str | torch.device) -> MetaLearner:
+    """A compact model: the base encoder from its package, then the meta-learned tensors."""
+    base_sha256 = _base_weights_sha256(config.encoder.name_or_path)
+    if config.base_sha256 is not None and base_sha256 != config.base_sha256:
+        logger.warning(
+            "%s was meta-trained over base encoder weights %s, the installed %s has %s",
+            directory, config.base_sha256[:12], config.encoder.name_or_path, (base_sha256 or "none")[:12],
+        )  # fmt: skip
+    model = MetaLearner.from_pretrained(config.encoder).prepare(config.inner_loop)
+    tensors = load_file(str(directory / WEIGHTS_FILE))
+    meta = {n for n in model.state_dict() if not n.startswith("encoder.") or ".lora_" in n} - OPTIONAL_PARAMETERS
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    absent = sorted(meta & set(missing))
+    if unexpected or absent:
+        raise ValueError(f"{directory}: tensors do not match the model: missing {absent}, unexpected {unexpected}")
+    return model.to(device).eval()
 
 
 def load_training_state(directory: str | Path) -> dict[str, Any] | None:
@@ -113,7 +255,8 @@ def load_model(
     device: str | torch.device = "cpu",
     algorithm: str = "none",
 ) -> tuple[MetaLearner, CheckpointConfig]:
-    """Load a checkpoint, or with ``checkpoint=None`` the un-meta-trained ``encoder`` (default:
+    """Load a checkpoint (``"default"``: the shipped model, see :func:`resolve_checkpoint`), or
+    with ``checkpoint=None`` or ``"none"`` the un-meta-trained ``encoder`` (default:
     all-MiniLM-L6-v2) with ``algorithm``'s inner loop (``"none"``: head only; ``"finetune"``:
     every tensor), so both go through one code path.
 
@@ -121,8 +264,9 @@ def load_model(
         ValueError: for an unknown algorithm (:class:`meta.algorithms.UnknownAlgorithmError`,
             naming the registered ones) or one that needs a meta-trained checkpoint.
     """
-    if checkpoint is not None:
-        return load_checkpoint(checkpoint, device)
+    resolved = resolve_checkpoint(checkpoint)
+    if resolved is not None:
+        return load_checkpoint(resolved, device)
     from .algorithms import get, names
     from .config import EncoderConfig
 
@@ -135,7 +279,7 @@ def load_model(
     config = CheckpointConfig(algorithm=algorithm, inner_loop=spec.default_inner_loop())
     if encoder is not None:
         config.encoder = EncoderConfig(name_or_path=encoder)
-    model = MetaLearner.from_pretrained(config.encoder).to(device).eval()
+    model = MetaLearner.from_pretrained(config.encoder).prepare(config.inner_loop).to(device).eval()
     return model, config
 
 

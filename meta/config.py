@@ -12,9 +12,9 @@ from pydantic.fields import FieldInfo
 from metasent.data.readers import ARSC_HELD_OUT, ARSC_VALIDATION
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
-DEFAULT_ALGORITHM = "matching"
-"""``metasent train``'s algorithm: matching networks scored best on the benchmark's dev tasks.
-The algorithms themselves are registered in :mod:`meta.algorithms`."""
+DEFAULT_ALGORITHM = "fomaml"
+"""``metasent train``'s algorithm: first-order MAML with Meta-SGD over LoRA adapters, the inner
+loop the service runs. The algorithms themselves are registered in :mod:`meta.algorithms`."""
 
 
 class EncoderConfig(BaseModel):
@@ -57,6 +57,20 @@ class InnerLoopConfig(BaseModel):
             encoder, to its class prototype as one more support example with a meta-learned
             weight (label semantics as a prior; it matters most at 1-5 shots and when a support
             set is noisy).
+        adapter (`str`, defaults to ``"full"``): what the inner loop adapts in the top
+            ``adapted_layers`` layers: ``"full"``, the layers' own tensors, or ``"lora"``, LoRA
+            adapters on them (Hu et al. 2021; injected by ``peft``, see
+            :meth:`meta.model.MetaLearner.prepare`). With ``"lora"`` the base encoder is frozen and
+            the meta-parameters are the LoRA initialisation, the temperature, the anchor weight and
+            (``meta_sgd``) the inner learning rates.
+        lora_rank (`int`, defaults to 8), lora_alpha (`int`, defaults to 16): LoRA rank r and
+            scale numerator (the update is ``alpha / r * B @ A``).
+        lora_layers (`int`, defaults to -1): top layers carrying LoRA adapters (-1: all); the
+            inner loop adapts those of the top ``adapted_layers``, the rest are meta-trained only.
+        lora_targets (`list[str]`, defaults to query, key, value, dense): the projections
+            (module-name suffixes) that get adapters: attention and feed-forward in BERT.
+        meta_sgd (`bool`, defaults to False): meta-learn one inner learning rate per adapted
+            tensor and one for the head, starting at ``lr`` (Li et al. 2017, "Meta-SGD").
     """
 
     steps: int = Field(default=5, ge=0, le=100, description="Inner-loop SGD steps k")
@@ -71,11 +85,38 @@ class InnerLoopConfig(BaseModel):
         description="Add each label name, embedded, to its class as one more support example (learned weight)",
     )
 
+    adapter: Literal["full", "lora"] = "full"
+    lora_rank: int = Field(default=8, ge=1, le=256, description="LoRA rank r")
+    lora_alpha: int = Field(default=16, gt=0, description="LoRA scale numerator alpha (update alpha/r * B @ A)")
+    lora_layers: int = Field(default=-1, ge=-1, description="Top encoder layers carrying LoRA adapters (-1: all)")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["query", "key", "value", "dense"], min_length=1, description="Projections with LoRA"
+    )
+    meta_sgd: bool = Field(default=False, description="Meta-learn one inner learning rate per adapted tensor")
+
     @model_validator(mode="after")
     def _matching_has_no_steps(self) -> InnerLoopConfig:
         if self.classifier == "matching" and self.steps != 0:
             raise ValueError("the matching classifier takes no gradient steps: set steps=0")
         return self
+
+    @model_validator(mode="after")
+    def _adapted_layers_have_adapters(self) -> InnerLoopConfig:
+        if self.adapter == "lora" and self.lora_layers != -1 and not 0 <= self.adapted_layers <= self.lora_layers:
+            raise ValueError(
+                f"adapted_layers={self.adapted_layers} must be at most lora_layers={self.lora_layers}: "
+                "the inner loop adapts LoRA tensors"
+            )
+        return self
+
+    def lora_settings(self) -> dict[str, Any]:
+        """What defines the injected LoRA adapters (rank, alpha, layers, targets)."""
+        return {
+            "rank": self.lora_rank,
+            "alpha": self.lora_alpha,
+            "layers": self.lora_layers,
+            "targets": list(self.lora_targets),
+        }
 
 
 def default_inner_loop(algorithm: str) -> InnerLoopConfig:
@@ -193,6 +234,18 @@ class TrainingArguments(TrainConfig):
         default=None, description="Top encoder layers adapted (0: head only, -1: all; default: the algorithm's)"
     )
     label_anchors: bool = _like(InnerLoopConfig, "label_anchors")
+    lora_rank: int | None = Field(default=None, ge=1, le=256, description="LoRA rank r (default: the algorithm's)")
+    lora_layers: int | None = Field(
+        default=None, ge=-1, description="Top layers carrying LoRA adapters (-1: all; default: the algorithm's)"
+    )
+    meta_sgd: bool | None = Field(
+        default=None, description="Meta-learn the inner learning rates, Meta-SGD (default: the algorithm's)"
+    )
+    extra_data: list[str] = Field(
+        default_factory=list,
+        description="More meta-training domains: JSONL/CSV files or folders of them with text,label[,domain] "
+        "(e.g. ../shared/data/reviews); training split only, never validated or tested on",
+    )
     resume: Path | None = Field(
         default=None, description="Resume from a 'last' checkpoint directory (its own settings apply)"
     )
@@ -219,9 +272,16 @@ class TrainingArguments(TrainConfig):
         return getattr(self, name)
 
     def base_inner_loop(self) -> InnerLoopConfig:
-        """The algorithm's default inner loop with ``label_anchors`` applied (no overrides)."""
+        """The algorithm's default inner loop with ``label_anchors``, ``lora_rank``,
+        ``lora_layers`` and ``meta_sgd`` applied (not the step overrides of :meth:`inner_loop`)."""
         base = default_inner_loop(self.algorithm)
-        return override_inner_loop(base, label_anchors=self.resolved("label_anchors"))
+        return override_inner_loop(
+            base,
+            label_anchors=self.resolved("label_anchors"),
+            lora_rank=self.lora_rank,
+            lora_layers=self.lora_layers,
+            meta_sgd=self.meta_sgd,
+        )
 
     def inner_loop(self) -> InnerLoopConfig:
         """:meth:`base_inner_loop` with ``inner_steps``, ``inner_lr`` and ``adapted_layers``.
@@ -260,6 +320,13 @@ class CheckpointConfig(BaseModel):
 
     Args:
         format_version (`int`): layout version of the checkpoint directory.
+        name (`str | None`): the model's name (set by ``metasent export``), shown by ``/healthz``.
+        weights (`str`): ``"full"``: ``model.safetensors`` holds every tensor and the directory
+            the encoder's config and tokenizer; ``"meta"``: a compact model holding only the
+            meta-learned tensors (LoRA, temperature, anchor weight, inner learning rates), loaded
+            over the base encoder ``encoder.name_or_path`` (see :func:`meta.checkpoint.export_model`).
+        base_sha256 (`str | None`): with ``"meta"`` weights, sha256 of the base encoder's weight
+            file the model was trained over (a different base logs a warning at load).
         algorithm (`str`): how the meta-parameters were learned: a name registered in
             :mod:`meta.algorithms` (checked on load; the error names the registered ones).
         encoder (`EncoderConfig`): the encoder.
@@ -270,6 +337,9 @@ class CheckpointConfig(BaseModel):
     """
 
     format_version: int = 1
+    name: str | None = None
+    weights: Literal["full", "meta"] = "full"
+    base_sha256: str | None = None
     algorithm: str = "fomaml"
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     inner_loop: InnerLoopConfig = Field(default_factory=InnerLoopConfig)

@@ -20,12 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .config import DEFAULT_ENCODER, EncoderConfig
+from .config import DEFAULT_ENCODER, EncoderConfig, InnerLoopConfig
 
 logger = logging.getLogger(__name__)
 
 # Meta-parameters added after the first checkpoints; older checkpoints load with their initial value.
 OPTIONAL_PARAMETERS = frozenset({"label_log_weight"})
+HEAD_LR_KEY = "head"
+"""The Meta-SGD learning-rate key shared by every head tensor (:meth:`MetaLearner.inner_lrs`)."""
+_LORA_MARK = ".lora_"
 _LAYER_INDEX = re.compile(r"(?:^|\.)layer\.(\d+)\.")
 _DEFAULT_ALIASES = {DEFAULT_ENCODER, "all-MiniLM-L6-v2", "default"}
 
@@ -70,6 +73,40 @@ class FrozenFeatures:
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
     embeddings: Tensor | None = None
 
+    def rows(self, index: slice, tokens: int | None = None) -> FrozenFeatures:
+        """The features of rows ``index`` of the batch, cut to their first ``tokens`` token
+        positions (e.g. the longest of those rows, so that a sub-batch carries no extra padding).
+        Every tensor with the batch as its first dimension is sliced, and each of its other
+        dimensions as long as the batch's token count is cut to ``tokens``."""
+        size, length = self.attention_mask.shape
+        keep = length if tokens is None else min(tokens, length)
+
+        def cut(value: Any) -> Any:
+            if not isinstance(value, Tensor) or not value.dim() or value.shape[0] != size:
+                return value
+            value = value[index]
+            for dim in range(1, value.dim()):
+                if value.shape[dim] == length and keep < length:
+                    value = value.narrow(dim, 0, keep)
+            return value
+
+        return FrozenFeatures(
+            cut(self.attention_mask),
+            self.first_layer,
+            cut(self.hidden),
+            tuple(cut(a) for a in self.layer_args),
+            {k: cut(v) for k, v in self.layer_kwargs.items()},
+            self.embeddings[index] if self.embeddings is not None else None,
+        )
+
+    def detach(self) -> FrozenFeatures:
+        """The same features without their graph."""
+        return replace(
+            self,
+            hidden=self.hidden.detach() if self.hidden is not None else None,
+            embeddings=self.embeddings.detach() if self.embeddings is not None else None,
+        )
+
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """Mean over real tokens, L2-normalised: (batch, tokens, hidden) -> (batch, hidden)."""
@@ -102,6 +139,9 @@ class MetaLearner(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.init_logit_scale)))
         # log of the weight of a label-name anchor in its class prototype (label_anchors only)
         self.label_log_weight = nn.Parameter(torch.tensor(0.0))
+        # Meta-SGD: log inner learning rate per adapted tensor (and one for the head), see prepare()
+        self.inner_log_lr = nn.ParameterDict()
+        self.lora: dict[str, Any] | None = None  # the LoRA settings once adapters are injected
 
     @classmethod
     def from_pretrained(cls, config: EncoderConfig | None = None) -> MetaLearner:
@@ -118,6 +158,64 @@ class MetaLearner(nn.Module):
         encoder = AutoModel.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(encoder, tokenizer, config)
+
+    def prepare(self, config: InnerLoopConfig) -> MetaLearner:
+        """Add the meta-parameters ``config``'s inner loop needs, before weights are loaded or
+        meta-training starts (idempotent; returns ``self``):
+
+        - ``config.adapter == "lora"``: LoRA adapters (Hu et al. 2021, "LoRA: Low-Rank Adaptation
+          of Large Language Models"), injected by ``peft`` into the ``config.lora_targets``
+          projections of the top ``config.lora_layers`` layers (rank ``config.lora_rank``, scale
+          ``lora_alpha / lora_rank``, no dropout). peft freezes every other encoder tensor: the
+          LoRA initialisation is what meta-training learns, and the inner loop adapts the LoRA
+          tensors of the top ``config.adapted_layers`` layers.
+        - ``config.meta_sgd``: one meta-learned log learning rate per adapted tensor and one for
+          the head (Li et al. 2017, "Meta-SGD"), initialised at ``log(config.lr)``.
+
+        Raises:
+            ValueError: when LoRA adapters of other settings are already injected, or
+                ``adapted_layers``/``lora_layers`` exceed the encoder's layers.
+        """
+        if config.adapter == "lora":
+            self._add_lora(config)
+        if config.meta_sgd:
+            for key in [*map(lr_key, self.adapted_parameter_names(config.adapted_layers, config.adapter)), HEAD_LR_KEY]:
+                if key not in self.inner_log_lr:
+                    self.inner_log_lr[key] = nn.Parameter(torch.tensor(math.log(config.lr), device=self.device))
+        return self
+
+    def _add_lora(self, config: InnerLoopConfig) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        settings = config.lora_settings()
+        if self.lora is not None:
+            if self.lora != settings:
+                raise ValueError(f"LoRA adapters {self.lora} are already injected, not {settings}")
+            return
+        layers = self.num_layers if config.lora_layers == -1 else config.lora_layers
+        if layers > self.num_layers:
+            raise ValueError(f"lora_layers={layers} > {self.num_layers} encoder layers")
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=list(config.lora_targets),
+            layers_to_transform=list(range(self.num_layers - layers, self.num_layers)),
+            layers_pattern="layer",
+            bias="none",
+        )
+        inject_adapter_in_model(lora, self.encoder)
+        self.encoder.to(self.device)
+        self.lora = settings
+        logger.info("LoRA rank %d on %s of the top %d layers", config.lora_rank, config.lora_targets, layers)
+
+    def inner_lrs(self, names: Sequence[str]) -> list[Tensor] | None:
+        """Meta-SGD inner learning rates ``exp(inner_log_lr)`` of adapted tensors ``names`` (head
+        tensors, named ``head.*``, share :data:`HEAD_LR_KEY`), or ``None`` without Meta-SGD.
+        Each is a scalar tensor with a graph into ``inner_log_lr``."""
+        if not len(self.inner_log_lr):
+            return None
+        return [self.inner_log_lr[HEAD_LR_KEY if n.startswith("head.") else lr_key(n)].exp() for n in names]
 
     @property
     def device(self) -> torch.device:
@@ -183,14 +281,15 @@ class MetaLearner(nn.Module):
                 return name[: match.end()]
         raise ValueError(f"no parameters of encoder layer {index}")
 
-    @torch.no_grad()
-    def layer_input(self, batch: Mapping[str, Tensor], index: int) -> FrozenFeatures:
-        """The input of encoder layer ``index`` for a batch, without autograd: only the
-        embeddings and the layers below ``index`` run.
+    def layer_input(self, batch: Mapping[str, Tensor], index: int, grad: bool = False) -> FrozenFeatures:
+        """The input of encoder layer ``index`` for a batch: only the embeddings and the layers
+        below ``index`` run.
 
         Args:
             batch: ``input_ids``/``attention_mask``, each (batch, tokens).
             index (`int`): a layer index in ``[0, num_layers)``.
+            grad (`bool`, defaults to False): keep the graph (meta-training through the lower
+                layers); without it no autograd state is recorded.
 
         Returns:
             `FrozenFeatures`: hidden states (batch, tokens, hidden) and the other arguments the
@@ -205,7 +304,8 @@ class MetaLearner(nn.Module):
 
         handle = layer.register_forward_pre_hook(capture, with_kwargs=True)
         try:
-            self(**batch)
+            with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+                self(**batch)
         except _StopForward:
             pass
         finally:
@@ -270,15 +370,23 @@ class MetaLearner(nn.Module):
         hidden = self._run_layers(params, features, to_layer)
         return replace(features, first_layer=to_layer, hidden=hidden)
 
-    def adapted_parameter_names(self, adapted_layers: int) -> list[str]:
-        """Names of the encoder tensors the inner loop adapts: the top ``adapted_layers``
-        transformer layers (0: none, -1: every encoder tensor). The head is always adapted.
+    def adapted_parameter_names(self, adapted_layers: int, adapter: str = "full") -> list[str]:
+        """Names of the encoder tensors the inner loop adapts: those of the top ``adapted_layers``
+        transformer layers (0: none, -1: every layer, and the embeddings with ``"full"``). The
+        head is always adapted.
+
+        Args:
+            adapted_layers (`int`): layers counted from the top.
+            adapter (`str`, defaults to ``"full"``): ``"full"``, the layers' own tensors, or
+                ``"lora"``, their LoRA tensors (after :meth:`prepare`).
 
         Raises:
             ValueError: when ``adapted_layers`` exceeds the encoder's layer count.
         """
         names = [n for n, _ in self.named_parameters() if n.startswith("encoder.")]
         names = [n for n in names if ".pooler." not in n]  # mean pooling never uses the pooler
+        lora = adapter == "lora"
+        names = [n for n in names if (_LORA_MARK in n) == lora]
         if adapted_layers == -1:
             return names
         if adapted_layers > self.num_layers:
@@ -292,6 +400,11 @@ class MetaLearner(nn.Module):
         return chosen
 
 
+def lr_key(name: str) -> str:
+    """The :attr:`MetaLearner.inner_log_lr` key of tensor ``name`` (``.`` is not allowed in keys)."""
+    return name.replace(".", "__")
+
+
 def frozen_parameter_names(model: MetaLearner, frozen_layers: int) -> list[str]:
     """Encoder tensors below layer ``frozen_layers``: the embeddings and the bottom
     ``frozen_layers`` layers (the pooler, unused by mean pooling, is left out).
@@ -303,8 +416,10 @@ def frozen_parameter_names(model: MetaLearner, frozen_layers: int) -> list[str]:
         raise ValueError(f"frozen_layers must be in [0, {model.num_layers}), got {frozen_layers}")
     if frozen_layers == 0:
         return []
-    trained = set(model.adapted_parameter_names(model.num_layers - frozen_layers))
-    return [n for n in model.adapted_parameter_names(-1) if n not in trained]
+    top = model.num_layers - frozen_layers
+    trained = {n for kind in ("full", "lora") for n in model.adapted_parameter_names(top, kind)}
+    everything = [n for kind in ("full", "lora") for n in model.adapted_parameter_names(-1, kind)]
+    return [n for n in everything if n not in trained]
 
 
 def resolve_device(device: str = "auto") -> torch.device:

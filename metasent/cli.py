@@ -111,6 +111,28 @@ def _read_tasks(data: str, include: list[str] | None = None, exclude: list[str] 
     return TaskRegistry(tasks).select(include=include, exclude=exclude)
 
 
+def _read_extra(sources: list[str], exclude: list[str]):
+    """Tasks of ``--extra-data``: each JSONL/CSV file, or every ``*.jsonl``/``*.csv`` file of a
+    folder, one task per domain (their rows are the ``train`` split).
+
+    Raises:
+        typer.BadParameter: naming ``--extra-data`` for a missing path, a folder with no such
+            file, or a domain name that is also in the main data.
+    """
+    from metasent.data.readers import read_table
+    from metasent.data.registry import TaskRegistry
+
+    files: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        found = sorted([*path.glob("*.jsonl"), *path.glob("*.csv")]) if path.is_dir() else [path]
+        if not found or not all(f.is_file() for f in found):
+            raise typer.BadParameter(f"{source}: no JSONL or CSV file there", param_hint="--extra-data")
+        files += found
+    tasks = [task for file in files for task in read_table(str(file))]
+    return TaskRegistry(tasks).select(exclude=exclude).select(require_split="train")
+
+
 def _option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -184,7 +206,7 @@ def _option(name: str, info: FieldInfo) -> inspect.Parameter:
         annotation = annotation | None
         help_text += " (required, here or in --config)"
     elif _is_list(info):
-        annotation, default = str, ",".join(default)
+        annotation, default = (str, ",".join(default)) if default else (str | None, None)  # none: no [default: ]
         help_text += " (comma-separated)"
     elif get_origin(annotation) is Literal:
         choices: Any = enum.Enum(name, {str(v): str(v) for v in get_args(annotation)}, type=str)  # type: ignore[misc]
@@ -318,13 +340,20 @@ def train(args: TrainingArguments) -> None:
     torch_device = resolve_device(args.device)
     held_out, val = args.exclude_domains, args.val_domains
     train_tasks = _read_tasks(args.data, exclude=held_out + val).select(require_split="train")
+    if args.extra_data:
+        from metasent.data.registry import TaskRegistry
+
+        try:
+            train_tasks = TaskRegistry([*train_tasks, *_read_extra(args.extra_data, exclude=held_out + val)])
+        except ValueError as error:  # a domain of the extra data repeats one of --data
+            raise typer.BadParameter(str(error), param_hint="--extra-data") from error
     val_tasks = _read_tasks(args.data, include=val).select(require_split=args.val_split) if val else []
     if args.resume is not None:
         model, config = load_checkpoint(args.resume, torch_device)
         state = load_training_state(args.resume)
     else:
         config = args.checkpoint_config(inner)
-        model = MetaLearner.from_pretrained(config.encoder).to(torch_device)
+        model = MetaLearner.from_pretrained(config.encoder).prepare(config.inner_loop).to(torch_device)
         state = None
     if not get(config.algorithm).meta_trained:  # transfer learning: nothing to meta-train
         config.training = None
@@ -423,8 +452,11 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (METASENT_HOST, default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (METASENT_PORT, default 8000)")] = None,
     checkpoint: Annotated[
-        Path | None,
-        typer.Option(help="Checkpoint directory (METASENT_CHECKPOINT); none: the un-meta-trained encoder"),
+        str | None,
+        typer.Option(
+            help="The model (METASENT_CHECKPOINT): default, the meta-trained model shipped in the package; "
+            "none, the un-meta-trained encoder; or a checkpoint directory  [default: default]"
+        ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda (METASENT_DEVICE)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (METASENT_THREADS)")] = None,
@@ -452,6 +484,33 @@ def serve(
         log_config=None,  # keep the logging configured above
         access_log=False,  # the request-id middleware logs every request
     )
+
+
+@cli.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A training run's checkpoint directory, e.g. runs/fomaml/best")],
+    output: Annotated[Path, typer.Option(help="The compact model's directory")] = Path("metasent/models/default"),
+    name: Annotated[str | None, typer.Option(help="The model's name, shown by /healthz")] = None,
+) -> None:
+    """Write a training run's checkpoint as a compact model: its config and a safetensors file of
+    the meta-learned tensors only (LoRA adapters, temperature, anchor weight, inner learning
+    rates; at most 8 MiB), loaded over the base encoder from its package. With no --output it
+    rebuilds the shipped default model, metasent/models/default, in a checkout."""
+    _setup(None)
+    from metasent.meta.checkpoint import export_model, model_fingerprint
+
+    try:
+        directory = export_model(checkpoint, output, name=name or "metasent-" + checkpoint.resolve().parent.name)
+    except (FileNotFoundError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="CHECKPOINT") from error
+    from metasent.meta.checkpoint import CONFIG_FILE
+    from metasent.meta.config import CheckpointConfig
+
+    config = CheckpointConfig.model_validate_json((directory / CONFIG_FILE).read_text())
+    size = sum(f.stat().st_size for f in directory.iterdir())
+    summary = {"model": config.name, "output": str(directory), "bytes": size}
+    summary["sha256"] = model_fingerprint(directory, config)
+    typer.echo(json.dumps(summary, indent=2))
 
 
 @cli.command()
@@ -523,7 +582,7 @@ def benchmark(
         str | None,
         typer.Option(
             help="Comma-separated method names (default: all): each registered algorithm (the un-meta-trained "
-            "'none' as 'pretrained'), fomaml_anchors, matching_anchors and setfit"
+            "'none' as 'pretrained'), fomaml_head (FOMAML before LoRA and Meta-SGD), matching_anchors and setfit"
         ),
     ] = None,
     checkpoint: Annotated[

@@ -51,7 +51,7 @@ def test_benchmark_trains_evaluates_and_writes_every_file(tmp_path: Path) -> Non
     args = ["benchmark", "--data", str(data), "--output", str(out), "--budget", "smoke", "--encoder", str(encoder)]
     args += [
         "--methods",
-        "fomaml,fomaml_anchors,protonet,finetune",
+        "fomaml,fomaml_head,protonet,finetune",
         "--runs",
         str(tmp_path / "runs"),
         "--device",
@@ -61,9 +61,9 @@ def test_benchmark_trains_evaluates_and_writes_every_file(tmp_path: Path) -> Non
     assert result.exit_code == 0, result.output
 
     bench = json.loads((out / "benchmark_smoke.json").read_text())
-    assert set(bench["methods"]) == {"fomaml", "fomaml_anchors", "protonet", "finetune"}
+    assert set(bench["methods"]) == {"fomaml", "fomaml_head", "protonet", "finetune"}
     assert bench["machine"]["device"] == "cpu" and bench["budget"]["name"] == "smoke"
-    dev = {name: bench["methods"][name]["dev"]["mean"]["accuracy"] for name in ("fomaml", "fomaml_anchors", "protonet")}
+    dev = {name: bench["methods"][name]["dev"]["mean"]["accuracy"] for name in ("fomaml", "fomaml_head", "protonet")}
     assert bench["default"] == max(dev, key=dev.__getitem__)  # chosen on dev tasks only
     possible = achievable_scores(10, 7)  # every query set is a test file: 10 positives, 7 negatives
     for name, entry in bench["methods"].items():

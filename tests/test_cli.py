@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from metasent.cli import cli
 from metasent.meta.checkpoint import load_checkpoint
-from tests.conftest import save_tiny_encoder, write_arsc_like
+from tests.conftest import NEGATIVE, POSITIVE, save_tiny_encoder, write_arsc_like
 
 runner = CliRunner()
 
@@ -53,7 +53,7 @@ def test_help_explains_each_command() -> None:
                 shown = getattr(option.default, "value", option.default)  # a choice's enum member: its value
                 assert f"[default: {shown}]" in sub.output, f"{name} {option.opts[0]}"
     # defaults a user relies on, as the help states them
-    facts = {"train": "[default: matching]", "evaluate": "[default: fixed]", "serve": "default 8000"}
+    facts = {"train": "[default: fomaml]", "evaluate": "[default: fixed]", "serve": "default 8000"}
     for name, fact in facts.items():
         assert fact in runner.invoke(cli, [name, "--help"], env=WIDE).output, name
 
@@ -155,21 +155,24 @@ def test_train_defaults_to_the_dev_chosen_method(tmp_path: Path) -> None:
     args += ["--q-query", "2", "--meta-batch-size", "1", "--val-q-query", "2", "--max-length", "16", "--no-progress"]
     result = runner.invoke(cli, [*args, "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    _, config = load_checkpoint(tmp_path / "run" / "best")
-    assert config.algorithm == "matching"
-    assert config.inner_loop.classifier == "matching" and config.inner_loop.steps == 0
-    assert config.inner_loop.label_anchors and config.training is not None
-    assert config.training.query_sampling == "natural"
+    model, config = load_checkpoint(tmp_path / "run" / "best")
+    assert config.algorithm == "fomaml"
+    inner = config.inner_loop
+    assert (inner.classifier, inner.steps, inner.adapter, inner.meta_sgd) == ("prototype", 5, "lora", True)
+    assert inner.label_anchors and config.training is not None
+    assert config.training.query_sampling == "natural" and config.training.outer_lr == 1e-3
+    assert model.lora is not None and len(model.inner_log_lr) > 1  # LoRA adapters and Meta-SGD rates loaded
     bad = runner.invoke(cli, [*args, "--algorithm", "maml2"])
     assert bad.exit_code == 2 and "'maml2' is not one of 'fomaml', 'reptile'" in flat(bad.output)
+    args += ["--algorithm", "matching"]
     steps = runner.invoke(cli, [*args, "--inner-steps", "5"])  # matching takes no inner step
     assert steps.exit_code != 0 and "--inner-steps: the matching classifier takes no gradient steps" in flat(
         steps.output
     )
-    fomaml = runner.invoke(cli, [*args, "--algorithm", "fomaml", "--output", str(tmp_path / "fomaml")])
-    assert fomaml.exit_code == 0, fomaml.output
-    _, config = load_checkpoint(tmp_path / "fomaml" / "best")  # the options stay the matching default's
-    assert config.algorithm == "fomaml" and not config.inner_loop.label_anchors
+    protonet = runner.invoke(cli, [*args, "--algorithm", "protonet", "--output", str(tmp_path / "protonet")])
+    assert protonet.exit_code == 0, protonet.output
+    _, config = load_checkpoint(tmp_path / "protonet" / "best")  # no training defaults of its own
+    assert config.algorithm == "protonet" and not config.inner_loop.label_anchors
     assert config.training is not None and config.training.query_sampling == "balanced"
 
 
@@ -200,7 +203,7 @@ def test_train_options_are_the_training_arguments_with_their_defaults() -> None:
         if info.is_required():
             assert default is None and not option.required, name  # may come from --config instead
         elif isinstance(info.get_default(call_default_factory=True), list):
-            assert default.split(",") == info.get_default(call_default_factory=True), name
+            assert (default.split(",") if default else []) == info.get_default(call_default_factory=True), name
         else:
             assert default == info.get_default(call_default_factory=True), name
         assert info.description and info.description in option.help, name
@@ -230,11 +233,11 @@ def test_train_without_options_runs_the_training_arguments_defaults(monkeypatch,
     (config,) = seen
     expected = TrainingArguments(data=args[2], output=tmp_path / "run", encoder=args[4], val_domains=["drinks"])
     assert config == expected.checkpoint_config()
-    assert config.algorithm == "matching" and config.inner_loop.label_anchors
+    assert config.algorithm == "fomaml" and config.inner_loop.label_anchors and config.inner_loop.meta_sgd
     training = config.training.model_dump()
     defaults = TrainConfig().model_dump()
     assert {k for k in defaults if training[k] != defaults[k]} == {
-        "data", "exclude_domains", "val_domains", "query_sampling"
+        "data", "exclude_domains", "val_domains", "query_sampling", "outer_lr"
     }  # fmt: skip
 
 
@@ -243,7 +246,8 @@ def test_train_reads_a_config_file_then_options_then_set(monkeypatch, tmp_path: 
     toml = tmp_path / "train.toml"
     toml.write_text(
         f'output = "{tmp_path / "run"}"\nalgorithm = "fomaml"\nouter_steps = 7\nk_shot = 2\nsave_every = 3\n'
-        'exclude_domains = ["snacks"]\nval_domains = ["drinks"]\ninner_steps = 2\n'
+        'exclude_domains = ["snacks"]\nval_domains = ["drinks"]\ninner_steps = 2\nlabel_anchors = false\n'
+        'query_sampling = "balanced"\n'
     )
     options = ["--k-shot", "3", "--set", "save_every=4", "--set", "max_minutes=1.5"]
     assert runner.invoke(cli, [*args, "--config", str(toml), *options]).exit_code == 0
@@ -258,7 +262,7 @@ def test_train_reads_a_config_file_then_options_then_set(monkeypatch, tmp_path: 
     as_json.write_text(json.dumps({"output": str(tmp_path / "run2"), "val_domains": ["drinks"], "max_minutes": 2}))
     options = ["--set", "val_domains=snacks,drinks", "--set", "max_minutes=none"]
     assert runner.invoke(cli, [*args, "--config", str(as_json), *options]).exit_code == 0
-    assert seen[1].algorithm == "matching" and seen[1].training.val_domains == ["snacks", "drinks"]
+    assert seen[1].algorithm == "fomaml" and seen[1].training.val_domains == ["snacks", "drinks"]
     assert seen[1].training.max_minutes is None
 
     bad = {
@@ -361,3 +365,29 @@ def test_benchmark_names_an_unknown_budget_or_method() -> None:
     ):
         result = runner.invoke(cli, ["benchmark", *args], env=WIDE)
         assert result.exit_code == 2 and message in flat(result.output), result.output
+
+
+def test_train_adds_the_extra_data_domains_to_meta_training_only(monkeypatch, tmp_path: Path) -> None:
+    import metasent.meta.train
+
+    seen: list = []
+    monkeypatch.setattr(
+        metasent.meta.train, "meta_train", lambda model, tr, va, config, *rest: seen.append((tr, va)) or config
+    )
+    data, encoder = write_arsc_like(tmp_path / "arsc"), save_tiny_encoder(tmp_path / "encoder")
+    extra = tmp_path / "reviews"
+    extra.mkdir()
+    rows = [{"text": t, "label": "positive", "domain": "tea"} for t in POSITIVE[:4]]
+    rows += [{"text": t, "label": "negative", "domain": "tea"} for t in NEGATIVE[:4]]
+    rows += [{"text": t, "label": "negative", "domain": "snacks"} for t in NEGATIVE[4:6]]  # a held-out domain
+    rows += [{"text": t, "label": "positive", "domain": "snacks"} for t in POSITIVE[4:6]]
+    (extra / "tea.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = ["train", "--data", str(data), "--encoder", str(encoder), "--device", "cpu", "--output", str(tmp_path / "r")]
+    args += ["--exclude-domains", "snacks", "--val-domains", "drinks"]
+    result = runner.invoke(cli, [*args, "--extra-data", str(extra)])
+    assert result.exit_code == 0, result.output
+    ((train_tasks, val_tasks),) = seen
+    assert sorted(t.name for t in train_tasks) == ["food.t2", "tea"]  # snacks stays held out, drinks validates
+    assert [t.name for t in val_tasks] == ["drinks.t2"]
+    missing = runner.invoke(cli, [*args, "--extra-data", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "--extra-data" in flat(missing.output) and "nowhere" in flat(missing.output)

@@ -42,6 +42,7 @@ def test_wheel_has_one_top_level_name(tmp_path: Path) -> None:
     (src / "metasent").mkdir()
     for name in ("__init__.py", "cli.py"):
         shutil.copy(ROOT / "metasent" / name, src / "metasent" / name)
+    shutil.copytree(ROOT / "metasent" / "models", src / "metasent" / "models")  # the shipped default model
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
     subprocess.run([*command, str(src)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("metasent-*.whl")
@@ -58,3 +59,5 @@ def test_wheel_has_one_top_level_name(tmp_path: Path) -> None:
     assert packages == _source_packages()
     assert not [n for n in names if n.startswith(("bench/", "tests/", "metasent/bench/"))]
     assert "metasent = metasent.cli:main" in scripts
+    shipped = {n for n in names if n.startswith("metasent/models/")}
+    assert shipped == {"metasent/models/default/metasent.json", "metasent/models/default/model.safetensors"}

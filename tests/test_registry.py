@@ -28,7 +28,7 @@ BUILT_IN = ("fomaml", "reptile", "protonet", "matching", "multitask", "finetune"
 
 # the inner loops of the if-chain the registry replaced (meta/config.py before issue 9)
 OLD_INNER_LOOPS = {
-    "fomaml": InnerLoopConfig(),
+    "fomaml": InnerLoopConfig(adapted_layers=2, adapter="lora", meta_sgd=True),  # LoRA + Meta-SGD since issue 10
     "reptile": InnerLoopConfig(adapted_layers=2),
     "protonet": InnerLoopConfig(steps=0),
     "matching": InnerLoopConfig(steps=0, classifier="matching"),
@@ -50,6 +50,9 @@ def test_built_in_methods_register_in_order_with_their_old_inner_loops() -> None
         assert default_inner_loop(name) == inner, name
         assert algorithms.get(name).default_inner_loop() is not algorithms.get(name).default_inner_loop()
     assert dict(algorithms.get("matching").training_defaults) == {"label_anchors": True, "query_sampling": "natural"}
+    assert dict(algorithms.get("fomaml").training_defaults) == {
+        "label_anchors": True, "query_sampling": "natural", "outer_lr": 1e-3
+    }  # fmt: skip
     with pytest.raises(UnknownAlgorithmError, match="unknown algorithm 'maml2'; choose from fomaml, reptile") as info:
         algorithms.get("maml2")
     assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
@@ -186,12 +189,20 @@ def test_training_arguments_take_the_algorithms_defaults_unless_given() -> None:
     chosen = TrainingArguments(data="d", output=Path("o"), label_anchors=False, query_sampling="balanced")
     assert not chosen.checkpoint_config().inner_loop.label_anchors
     assert chosen.train_config().query_sampling == "balanced"
-    fomaml = TrainingArguments(data="d", output=Path("o"), algorithm="fomaml", inner_steps=2, adapted_layers=1)
+    fomaml = TrainingArguments(
+        data="d", output=Path("o"), algorithm="fomaml", inner_steps=2, adapted_layers=1, label_anchors=False
+    )
     config = fomaml.checkpoint_config()
-    assert config.inner_loop == InnerLoopConfig(steps=2, adapted_layers=1)
-    assert config.training is not None and config.training.query_sampling == "balanced"
+    lora = {"adapter": "lora", "meta_sgd": True}
+    assert config.inner_loop == InnerLoopConfig(steps=2, adapted_layers=1, **lora)
+    assert config.training is not None and config.training.query_sampling == "natural"
+    assert config.training.outer_lr == 1e-3  # the algorithm's, not TrainConfig's 2e-5
+    plain = TrainingArguments(data="d", output=Path("o"), algorithm="fomaml", meta_sgd=False, lora_rank=4)
+    assert (plain.inner_loop().meta_sgd, plain.inner_loop().lora_rank) == (False, 4)
+    with pytest.raises(ValidationError, match="at most lora_layers"):
+        TrainingArguments(data="d", output=Path("o"), algorithm="fomaml", lora_layers=1).inner_loop()
     assert TrainingArguments(data="d", output=Path("o"), algorithm="finetune").checkpoint_config().training is None
     with pytest.raises(ValidationError, match="unknown algorithm 'maml2'"):
         TrainingArguments(data="d", output=Path("o"), algorithm="maml2")
     with pytest.raises(ValidationError, match="no gradient steps"):
-        TrainingArguments(data="d", output=Path("o"), inner_steps=3).checkpoint_config()
+        TrainingArguments(data="d", output=Path("o"), algorithm="matching", inner_steps=3).checkpoint_config()

@@ -9,6 +9,8 @@ from metasent.app.main import create_app
 from metasent.app.settings import Settings
 from metasent.data.episodes import EpisodeSampler
 from metasent.data.readers import read_arsc
+from metasent.meta.checkpoint import CONFIG_FILE, model_fingerprint, shipped_checkpoint
+from metasent.meta.config import CheckpointConfig
 from tests.conftest import ARSC_DIR, free_port
 
 pytestmark = [
@@ -18,10 +20,16 @@ pytestmark = [
 
 
 def test_adapt_to_gourmet_food_and_classify_over_http(tmp_path) -> None:
+    """The server with no settings serves the shipped default model (FOMAML over LoRA)."""
     (task,) = [t for t in read_arsc(ARSC_DIR, include=["gourmet_food"]) if t.name == "gourmet_food.t2"]
     episode = EpisodeSampler([task], k_shot=5, q_query=None, query_split="test", seed=0).sample()
     queries = episode.query[:40]
+    shipped = CheckpointConfig.model_validate_json((shipped_checkpoint() / CONFIG_FILE).read_text())
     with TestClient(create_app(Settings(device="cpu", data_dir=tmp_path))) as client:
+        health = client.get("/healthz").json()
+        assert health["model"] == shipped.name and health["algorithm"] == "fomaml"
+        assert health["checkpoint"] == str(shipped_checkpoint())
+        assert health["checkpoint_hash"] == model_fingerprint(shipped_checkpoint(), shipped)
         created = client.post(
             "/v1/domains",
             json={
@@ -44,6 +52,16 @@ def test_adapt_to_gourmet_food_and_classify_over_http(tmp_path) -> None:
             f"/v1/domains/{domain['domain_id']}/classify", json={"texts": [e.text for e in episode.support]}
         ).json()["predictions"]
         assert [p["label"] for p in support] == [e.label for e in episode.support]
+        stored = client.get(f"/v1/domains/{domain['domain_id']}").json()
+        assert stored["checkpoint_hash"] == health["checkpoint_hash"]
+
+
+def test_checkpoint_none_serves_the_bare_encoder(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("METASENT_CHECKPOINT", "none")
+    with TestClient(create_app(Settings(device="cpu", data_dir=tmp_path))) as client:
+        health = client.get("/healthz").json()
+    assert (health["model"], health["checkpoint"], health["algorithm"]) == (None, None, "none")
+    assert len(health["checkpoint_hash"]) == 64
 
 
 def test_bench_prints_every_figure_with_its_ratio(tiny_checkpoint) -> None:

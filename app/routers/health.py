@@ -32,13 +32,14 @@ async def healthz(request: Request) -> Health:
     service = getattr(request.app.state, "service", None)
     if service is None:
         return Health(status="starting", model_loaded=False)
-    settings = request.app.state.settings
     return Health(
         status="ok",
         model_loaded=True,
+        model=service.config.name or (service.checkpoint.name if service.checkpoint else None),
         algorithm=service.config.algorithm,
         encoder=service.config.encoder.name_or_path,
-        checkpoint=str(settings.checkpoint) if settings.checkpoint else None,
+        checkpoint=str(service.checkpoint) if service.checkpoint else None,
+        checkpoint_hash=service.checkpoint_hash,
         device=service.device,
         domains=await run_in_threadpool(_domains, request.app.state.store),
     )

@@ -36,12 +36,23 @@ def query_loss_outer_loop(context: OuterLoopContext) -> OuterLoop:
     )
 
 
+def lora_meta_sgd_inner_loop() -> InnerLoopConfig:
+    """FOMAML's inner loop: 5 SGD steps on the Proto-MAML head and the rank-8 LoRA adapters of
+    the top 2 layers (adapters on every layer's attention and feed-forward projections are
+    meta-trained), each tensor with its own meta-learned learning rate starting at 0.05
+    (Meta-SGD, Li et al. 2017)."""
+    return InnerLoopConfig(steps=5, lr=0.05, adapted_layers=2, adapter="lora", lora_rank=8, meta_sgd=True)
+
+
 SPEC = register(
     AlgorithmSpec(
         name="fomaml",
-        description="first-order MAML (Finn et al. 2017) with a Proto-MAML head: the query-loss gradient "
-        "at the support-adapted parameters; head only, 5 inner steps at 0.05",
-        default_inner_loop=InnerLoopConfig,  # head only, 5 steps at 0.05: chosen on validation tasks
+        description="first-order MAML (Finn et al. 2017) with Meta-SGD step sizes (Li et al. 2017) over LoRA "
+        "adapters (Hu et al. 2021) and a Proto-MAML head: the query-loss gradient at the support-adapted "
+        "parameters; 5 inner steps on the head and the top 2 layers' LoRA, base encoder frozen",
+        default_inner_loop=lora_meta_sgd_inner_loop,
         make_outer_loop=query_loss_outer_loop,
+        # LoRA tensors start at B = 0 and need a larger outer step than a pretrained encoder
+        training_defaults={"label_anchors": True, "query_sampling": "natural", "outer_lr": 1e-3},
     )
 )

@@ -1,0 +1,216 @@
+"""LoRA adapters as the adapted tensors, Meta-SGD inner learning rates, and the compact model
+that loads over the base encoder (the shipped default's format), on a tiny BERT."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from metasent.data.episodes import EpisodeSampler
+from metasent.meta.adaptation import Predictor, inner_loop, straight_through
+from metasent.meta.checkpoint import (
+    COMPACT_LIMIT_BYTES,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    export_model,
+    load_checkpoint,
+    load_model,
+    resolve_checkpoint,
+    save_checkpoint,
+    shipped_checkpoint,
+)
+from metasent.meta.config import DEFAULT_ENCODER, CheckpointConfig, EncoderConfig, InnerLoopConfig
+from metasent.meta.fomaml import fomaml_meta_batch_loss, fomaml_query_loss, fomaml_step
+from metasent.meta.model import HEAD_LR_KEY, MetaLearner, lr_key
+from tests.conftest import NEGATIVE, POSITIVE, make_task, save_tiny_encoder
+
+LORA = InnerLoopConfig(steps=3, lr=0.1, adapted_layers=1, adapter="lora", lora_rank=2, meta_sgd=True)
+TEXTS = POSITIVE[:3] + NEGATIVE[:3]
+LABELS = ["positive"] * 3 + ["negative"] * 3
+
+
+def lora_model(directory: Path, config: InnerLoopConfig = LORA) -> MetaLearner:
+    """The tiny BERT saved as a folder (so a compact model can load over it), with LoRA."""
+    encoder = save_tiny_encoder(directory / "encoder")
+    return MetaLearner.from_pretrained(EncoderConfig(name_or_path=str(encoder), max_length=32)).prepare(config).eval()
+
+
+def test_prepare_injects_peft_lora_and_one_meta_sgd_rate_per_adapted_tensor(tmp_path: Path) -> None:
+    model = lora_model(tmp_path)
+    adapted = model.adapted_parameter_names(1, "lora")
+    # query, key, value, attention output, intermediate, output: an A and a B each, top layer only
+    assert len(adapted) == 12 and all(".lora_" in n and ".layer.1." in n for n in adapted)
+    assert len(model.adapted_parameter_names(-1, "lora")) == 24  # lora_layers=-1: both layers carry adapters
+    assert not [n for n in model.adapted_parameter_names(1) if ".lora_" in n]  # "full" means the layer's own
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {*model.adapted_parameter_names(-1, "lora"), "logit_scale", "label_log_weight"} | {
+        f"inner_log_lr.{key}" for key in model.inner_log_lr
+    }  # peft froze the base encoder
+    assert set(model.inner_log_lr) == {*map(lr_key, adapted), HEAD_LR_KEY}
+    rates = model.inner_lrs([adapted[0], "head.weight"])
+    assert rates is not None and [round(float(r), 6) for r in rates] == [0.1, 0.1]
+    before = dict(model.state_dict())
+    assert model.prepare(LORA) is model and dict(model.state_dict()).keys() == before.keys()  # idempotent
+    with pytest.raises(ValueError, match="already injected"):
+        model.prepare(LORA.model_copy(update={"lora_rank": 4}))
+
+
+def test_lora_config_checks_adapted_layers_against_lora_layers() -> None:
+    with pytest.raises(ValueError, match="at most lora_layers"):
+        InnerLoopConfig(adapter="lora", lora_layers=1, adapted_layers=2)
+    assert InnerLoopConfig(adapter="lora", lora_layers=2, adapted_layers=2).adapted_layers == 2
+
+
+def test_lora_inner_loop_adapts_the_top_adapters_each_at_its_own_rate(tmp_path: Path) -> None:
+    model = lora_model(tmp_path)
+    base = {n: t.clone() for n, t in model.state_dict().items()}
+    adapted = model.adapted_parameter_names(1, "lora")
+    usual = inner_loop(model, TEXTS, LABELS, LORA)
+    slow_b = next(n for n in adapted if n.endswith("value.lora_B.default.weight"))
+    with torch.no_grad():
+        model.inner_log_lr[lr_key(slow_b)].fill_(math.log(1e-4))  # the clamp's floor: a 1000x smaller step
+    state = inner_loop(model, TEXTS, LABELS, LORA)
+    assert set(state.encoder) == set(adapted) and not state.shares_encoder
+    assert state.support_losses[-1] < state.support_losses[0]
+
+    def moved(s, name: str) -> float:
+        return float((s.encoder[name] - base[name]).abs().max())
+
+    assert moved(usual, slow_b) > 100 * moved(state, slow_b) > 0  # B starts at 0: it moves at its own rate
+    assert all(moved(state, n) > 0 for n in adapted if ".lora_B." in n)
+    unchanged = [torch.equal(t, base[n]) for n, t in model.state_dict().items() if not n.startswith("inner_log_lr.")]
+    assert all(unchanged)  # adaptation never writes the model's tensors
+    predictor = Predictor(model, LORA)
+    assert predictor.predict(state, TEXTS) == predictor.predict(inner_loop(model, TEXTS, LABELS, LORA), TEXTS)
+
+
+def test_meta_sgd_straight_through_has_the_first_order_rate_gradient_by_hand() -> None:
+    theta = torch.tensor([1.0, 2.0], requires_grad=True)
+    log_lr = torch.tensor(math.log(0.5), requires_grad=True)
+    lr = log_lr.exp()
+    g = torch.tensor([0.5, -1.0])  # the sum of the inner loop's (clipped) support gradients
+    adapted = theta.detach() - lr.detach() * g
+    phi = straight_through(theta, adapted, lr)
+    torch.testing.assert_close(phi, adapted)
+    (phi * torch.tensor([3.0, 4.0])).sum().backward()
+    assert theta.grad is not None and log_lr.grad is not None
+    torch.testing.assert_close(theta.grad, torch.tensor([3.0, 4.0]))  # first order: identity
+    # dL/dlr = -g . w = -(1.5 - 4) = 2.5, and dL/dlog_lr = lr * dL/dlr
+    torch.testing.assert_close(log_lr.grad, torch.tensor(0.5 * 2.5))
+
+
+def test_fomaml_query_loss_trains_the_lora_init_and_the_inner_rates_not_the_base(tmp_path: Path) -> None:
+    model = lora_model(tmp_path)
+    episode = EpisodeSampler([make_task()], k_shot=3, q_query=3, seed=0).sample()
+    loss, accuracy = fomaml_query_loss(model, episode, LORA)
+    loss.backward()
+    assert 0.0 <= float(accuracy) <= 1.0 and accuracy.shape == ()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is None for n, g in grads.items() if n.startswith("encoder.") and ".lora_" not in n)
+    for layer in (0, 1):  # the bottom layer's adapters are meta-trained too (not adapted)
+        b = [g for n, g in grads.items() if f".layer.{layer}." in n and ".lora_B." in n]
+        assert b and all(g is not None and float(g.abs().sum()) > 0 for g in b), layer
+    rates = {key: model.inner_log_lr[key].grad for key in model.inner_log_lr}
+    assert rates[HEAD_LR_KEY] is not None and float(rates[HEAD_LR_KEY].abs()) > 0
+    assert any(g is not None and float(g.abs()) > 0 for key, g in rates.items() if "lora_B" in key)
+
+
+def _trained(model: MetaLearner) -> MetaLearner:
+    """Non-zero adapters and rates, as after meta-training."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+        for p in model.inner_log_lr.values():
+            p.fill_(math.log(0.03))
+    return model
+
+
+def test_compact_export_loads_over_the_base_encoder_and_predicts_the_same(tmp_path: Path) -> None:
+    model = _trained(lora_model(tmp_path))
+    config = CheckpointConfig(algorithm="fomaml", encoder=model.encoder_config, inner_loop=LORA, step=7)
+    full = save_checkpoint(tmp_path / "run" / "best", model, config)
+    compact = export_model(full, tmp_path / "default", name="tiny-default")
+    assert sorted(p.name for p in compact.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    stored = load_file(str(compact / WEIGHTS_FILE))
+    assert all(".lora_" in n or not n.startswith("encoder.") for n in stored)  # no base encoder tensor
+    assert len(stored) == 24 + 13 + 2  # adapters, rates (12 tensors and the head), temperature, anchor weight
+    assert (compact / WEIGHTS_FILE).stat().st_size < (full / WEIGHTS_FILE).stat().st_size / 5
+    loaded, loaded_config = load_checkpoint(compact)
+    assert (loaded_config.weights, loaded_config.name, loaded_config.step) == ("meta", "tiny-default", 7)
+    assert loaded_config.base_sha256 is not None and len(loaded_config.base_sha256) == 64
+    reference, _ = load_checkpoint(full)
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    state = Predictor(reference, LORA).adapt(TEXTS, LABELS)
+    torch.testing.assert_close(
+        Predictor(loaded, LORA).predict_proba(Predictor(loaded, LORA).adapt(TEXTS, LABELS), TEXTS),
+        Predictor(reference, LORA).predict_proba(state, TEXTS),
+    )
+
+
+def test_compact_export_refuses_what_it_cannot_store_and_load(tmp_path: Path) -> None:
+    model = _trained(lora_model(tmp_path))
+    config = CheckpointConfig(algorithm="fomaml", encoder=model.encoder_config, inner_loop=LORA)
+    full = save_checkpoint(tmp_path / "run" / "best", model, config)
+    with pytest.raises(ValueError, match="more than 1000"):
+        export_model(full, tmp_path / "small", limit_bytes=1000)
+    assert not (tmp_path / "small").exists()
+    with torch.no_grad():  # a meta-trained base tensor must be stored too
+        model.encoder.embeddings.word_embeddings.weight[0].add_(1.0)
+    changed = export_model(save_checkpoint(tmp_path / "run2" / "best", model, config), tmp_path / "changed")
+    assert "encoder.embeddings.word_embeddings.weight" in load_file(str(changed / WEIGHTS_FILE))
+    compact = export_model(full, tmp_path / "default")
+    tensors = load_file(str(compact / WEIGHTS_FILE))
+    missing = next(n for n in tensors if ".lora_A." in n)
+    save_file({n: t for n, t in tensors.items() if n != missing}, str(compact / WEIGHTS_FILE))
+    with pytest.raises(ValueError, match="missing"):
+        load_checkpoint(compact)
+
+
+def test_checkpoint_names_resolve_to_the_shipped_model_or_the_bare_encoder(tmp_path: Path, monkeypatch) -> None:
+    assert resolve_checkpoint("default") == shipped_checkpoint()
+    assert shipped_checkpoint().parts[-3:] == ("metasent", "models", "default")
+    assert resolve_checkpoint(None) is None and resolve_checkpoint("none") is None and resolve_checkpoint("") is None
+    assert resolve_checkpoint(tmp_path / "x") == tmp_path / "x"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default").mkdir()  # a directory of that name, given relative, wins
+    assert resolve_checkpoint("default") == Path("default")
+    model, config = load_model("none", encoder=str(save_tiny_encoder(tmp_path / "enc")))
+    assert config.algorithm == "none" and model.lora is None and not len(model.inner_log_lr)
+
+
+def test_the_meta_batch_pass_gives_the_per_episode_gradients(tmp_path: Path) -> None:
+    model = _trained(lora_model(tmp_path))
+    sampler = EpisodeSampler([make_task()], k_shot=2, q_query=3, seed=0)
+    episodes = [sampler.sample() for _ in range(3)]
+    grads, figures = [], []
+    for batched in (False, True):
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        figures.append(fomaml_step(model, episodes, LORA, optimizer, grad_clip=None, batched=batched))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    per_episode, meta_batch = grads
+    assert per_episode.keys() == meta_batch.keys() and len(per_episode) > 24  # adapters, rates, temperature
+    for name, grad in per_episode.items():
+        torch.testing.assert_close(meta_batch[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert figures[0] == pytest.approx(figures[1], abs=1e-5)  # same loss and accuracy
+    with pytest.raises(ValueError, match="adapted_layers"):
+        fomaml_meta_batch_loss(model, episodes, LORA.model_copy(update={"adapted_layers": 0}))
+
+
+def test_the_shipped_default_model_is_a_compact_fomaml_over_lora_model() -> None:
+    directory = shipped_checkpoint()
+    files = sorted(p.name for p in directory.iterdir())
+    assert files == [CONFIG_FILE, WEIGHTS_FILE]
+    assert sum((directory / name).stat().st_size for name in files) <= COMPACT_LIMIT_BYTES
+    config = CheckpointConfig.model_validate_json((directory / CONFIG_FILE).read_text())
+    assert (config.weights, config.algorithm, config.encoder.name_or_path) == ("meta", "fomaml", DEFAULT_ENCODER)
+    inner = config.inner_loop
+    assert (inner.adapter, inner.meta_sgd, inner.label_anchors, inner.steps) == ("lora", True, True, 5)
+    assert config.name and config.training is not None and config.step > 0
+    assert all(".lora_" in n or not n.startswith("encoder.") for n in load_file(str(directory / WEIGHTS_FILE)))
