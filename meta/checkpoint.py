@@ -106,7 +106,8 @@ def save_checkpoint(
         model.tokenizer.save_pretrained(str(tmp))
         if training_state is not None:
             torch.save(training_state, tmp / STATE_FILE)
-        (tmp / CONFIG_FILE).write_text(config.model_dump_json(indent=2))
+        full = config.model_copy(update={"weights": "full", "base_sha256": None})  # every tensor is in the file
+        (tmp / CONFIG_FILE).write_text(full.model_dump_json(indent=2))
 
     _write_atomically(directory, write)
     logger.info("saved checkpoint %s (step %d)", directory, config.step)

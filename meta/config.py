@@ -166,6 +166,11 @@ class TrainConfig(BaseModel):
 
     data: str = Field(default="", description="ARSC directory, or a JSONL/CSV/HF dataset with text,label,domain")
     exclude_domains: list[str] = Field(default_factory=list, description="Domains held out of meta-training")
+    extra_data: list[str] = Field(
+        default_factory=list,
+        description="More meta-training domains: JSONL/CSV files or folders of them with text,label[,domain] "
+        "(e.g. ../shared/data/reviews); training split only, never validated or tested on",
+    )
     val_domains: list[str] = Field(
         default_factory=list, description="Domains validated on (their --val-split), also held out of meta-training"
     )
@@ -241,13 +246,10 @@ class TrainingArguments(TrainConfig):
     meta_sgd: bool | None = Field(
         default=None, description="Meta-learn the inner learning rates, Meta-SGD (default: the algorithm's)"
     )
-    extra_data: list[str] = Field(
-        default_factory=list,
-        description="More meta-training domains: JSONL/CSV files or folders of them with text,label[,domain] "
-        "(e.g. ../shared/data/reviews); training split only, never validated or tested on",
-    )
     resume: Path | None = Field(
-        default=None, description="Resume from a 'last' checkpoint directory (its own settings apply)"
+        default=None,
+        description="Resume from a 'last' checkpoint directory, or go on from a compact model such as "
+        "metasent/models/default (its own settings apply, but for outer_steps, max_minutes, eval_every, save_every)",
     )
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1 ...")
     threads: int | None = Field(default=None, description="torch CPU threads")

@@ -323,6 +323,10 @@ def _training_arguments(
         raise typer.BadParameter(_messages(error), param_hint=hint) from error
 
 
+_RESUME_OPTIONS = ("outer_steps", "max_minutes", "eval_every", "save_every")
+"""The options that still apply with ``--resume`` (the checkpoint's other settings do)."""
+
+
 def train(args: TrainingArguments) -> None:
     """Meta-train: sample N-way K-shot episodes from the training domains, adapt on each support
     set (inner loop), update the meta-parameters (outer loop, AdamW). Validates every --eval-every
@@ -338,23 +342,30 @@ def train(args: TrainingArguments) -> None:
 
     inner = _inner_loop(args.base_inner_loop(), args.inner_steps, args.inner_lr, args.adapted_layers)
     torch_device = resolve_device(args.device)
-    held_out, val = args.exclude_domains, args.val_domains
-    train_tasks = _read_tasks(args.data, exclude=held_out + val).select(require_split="train")
-    if args.extra_data:
-        from metasent.data.registry import TaskRegistry
-
-        try:
-            train_tasks = TaskRegistry([*train_tasks, *_read_extra(args.extra_data, exclude=held_out + val)])
-        except ValueError as error:  # a domain of the extra data repeats one of --data
-            raise typer.BadParameter(str(error), param_hint="--extra-data") from error
-    val_tasks = _read_tasks(args.data, include=val).select(require_split=args.val_split) if val else []
-    if args.resume is not None:
+    if args.resume is not None:  # a 'last' checkpoint, or a compact model (fresh optimiser state)
         model, config = load_checkpoint(args.resume, torch_device)
         state = load_training_state(args.resume)
+        if config.training is not None:  # how long to go on and how often to validate may change
+            longer = {k: getattr(args, k) for k in _RESUME_OPTIONS if k in args.model_fields_set}
+            config.training = config.training.model_copy(update=longer)
     else:
         config = args.checkpoint_config(inner)
         model = MetaLearner.from_pretrained(config.encoder).prepare(config.inner_loop).to(torch_device)
         state = None
+    # the run's own held-out and validation domains (a resumed run keeps those it started with)
+    held_out = config.training.exclude_domains if config.training else args.exclude_domains
+    val = config.training.val_domains if config.training else args.val_domains
+    train_tasks = _read_tasks(args.data, exclude=held_out + val).select(require_split="train")
+    val_split = config.training.val_split if config.training else args.val_split
+    val_tasks = _read_tasks(args.data, include=val).select(require_split=val_split) if val else []
+    extra = args.extra_data or (config.training.extra_data if config.training else [])
+    if extra:
+        from metasent.data.registry import TaskRegistry
+
+        try:
+            train_tasks = TaskRegistry([*train_tasks, *_read_extra(extra, exclude=held_out + val)])
+        except ValueError as error:  # a domain of the extra data repeats one of --data
+            raise typer.BadParameter(str(error), param_hint="--extra-data") from error
     if not get(config.algorithm).meta_trained:  # transfer learning: nothing to meta-train
         config.training = None
         for name in ("best", "last"):

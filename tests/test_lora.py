@@ -214,3 +214,52 @@ def test_the_shipped_default_model_is_a_compact_fomaml_over_lora_model() -> None
     assert (inner.adapter, inner.meta_sgd, inner.label_anchors, inner.steps) == ("lora", True, True, 5)
     assert config.name and config.training is not None and config.step > 0
     assert all(".lora_" in n or not n.startswith("encoder.") for n in load_file(str(directory / WEIGHTS_FILE)))
+
+
+def test_a_lora_domain_survives_a_restart_of_the_service(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from metasent.app.main import create_app
+    from metasent.app.settings import Settings
+    from tests.conftest import TEXTS, assert_same_scores, support
+
+    model = _trained(lora_model(tmp_path))
+    config = CheckpointConfig(algorithm="fomaml", encoder=model.encoder_config, inner_loop=LORA)
+    compact = export_model(save_checkpoint(tmp_path / "run" / "best", model, config), tmp_path / "model", name="m")
+    settings = Settings(checkpoint=compact, device="cpu", data_dir=tmp_path / "store")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/healthz").json()["model"] == "m"
+        created = client.post("/v1/domains", json={"name": "food", "examples": support()})
+        assert created.status_code == 201, created.text
+        domain_id = created.json()["domain_id"]
+        before = client.post(f"/v1/domains/{domain_id}/classify", json={"texts": TEXTS}).json()["predictions"]
+    with TestClient(create_app(settings)) as client:  # the adapters come back from the store
+        after = client.post(f"/v1/domains/{domain_id}/classify", json={"texts": TEXTS}).json()["predictions"]
+    assert_same_scores([p["scores"] for p in before], [p["scores"] for p in after])
+    state = Predictor(model, LORA).adapt([e["text"] for e in support()], [e["label"] for e in support()])
+    assert len(state.encoder) == 12 and state.labels == tuple(created.json()["labels"])
+
+
+def test_training_goes_on_from_a_compact_model(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from metasent.cli import cli
+    from metasent.meta.config import TrainConfig
+    from tests.conftest import write_arsc_like
+
+    data = write_arsc_like(tmp_path / "arsc")
+    model = _trained(lora_model(tmp_path))
+    training = TrainConfig(
+        data=str(data), exclude_domains=["snacks"], val_domains=["drinks"], k_shot=2, q_query=2, meta_batch_size=1,
+        outer_steps=2, val_q_query=2, eval_every=1, outer_lr=1e-2,
+    )  # fmt: skip
+    config = CheckpointConfig(algorithm="fomaml", encoder=model.encoder_config, inner_loop=LORA, training=training)
+    config.step = 2
+    compact = export_model(save_checkpoint(tmp_path / "run" / "best", model, config), tmp_path / "model")
+    args = ["train", "--data", str(data), "--output", str(tmp_path / "more"), "--resume", str(compact)]
+    result = CliRunner().invoke(cli, [*args, "--outer-steps", "4", "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    trained, went_on = load_checkpoint(tmp_path / "more" / "last")
+    assert (went_on.step, went_on.weights, went_on.training.outer_steps) == (4, "full", 4)  # type: ignore[union-attr]
+    lora = [n for n in trained.state_dict() if ".lora_B." in n]
+    assert any(not torch.equal(trained.state_dict()[n], model.state_dict()[n]) for n in lora)  # it trained on
