@@ -469,7 +469,9 @@ def inner_loop(
                 with torch.no_grad():
                     initial_head = init_head(model, embed({}), targets, len(names), config)
             start_head = initial_head
-            adapted = model.adapted_parameter_names(config.adapted_layers, config.adapter)
+            # with no step the adapted tensors would equal the model's: none is kept, so the state
+            # shares the base encoder pass with every other domain
+            adapted = model.adapted_parameter_names(config.adapted_layers, config.adapter) if config.steps else []
             encoder = {n: base[n].clone().requires_grad_(True) for n in adapted}
             head = {name: t.detach().clone().requires_grad_(True) for name, t in start_head.tensors().items()}
             lrs = model.inner_lrs([*encoder, *(HEAD_PREFIX + name for name in head)])

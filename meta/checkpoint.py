@@ -144,6 +144,7 @@ def export_model(
     output: str | Path,
     name: str | None = None,
     limit_bytes: int = COMPACT_LIMIT_BYTES,
+    inner_steps: int | None = None,
 ) -> Path:
     """Write the compact form of a training run's checkpoint: ``metasent.json`` (``weights:
     "meta"``, the model's ``name``, the base encoder's hash) and a ``model.safetensors`` of the
@@ -155,6 +156,8 @@ def export_model(
         output (`str | Path`): the compact model's directory (replaced atomically).
         name (`str`, *optional*): the model's name (default: the output directory's name).
         limit_bytes (`int`, defaults to 8 MiB): the most the two files may take.
+        inner_steps (`int`, *optional*): the inner-loop steps the model is served with, when they
+            are to differ from training's (chosen on dev tasks); ``None`` keeps them.
 
     Returns:
         `Path`: ``output``.
@@ -170,11 +173,15 @@ def export_model(
     if size > limit_bytes:
         raise ValueError(f"{checkpoint}: the meta-learned tensors take {size} bytes, more than {limit_bytes}")
     output = Path(output)
+    from .config import override_inner_loop
+
     compact = config.model_copy(
         update={
             "name": name or output.name,
             "weights": "meta",
             "base_sha256": _base_weights_sha256(config.encoder.name_or_path),
+            "inner_loop": override_inner_loop(config.inner_loop, steps=inner_steps),
+            "metrics": {**config.metrics, "trained_inner_loop": config.inner_loop.model_dump()},
         }
     )
 

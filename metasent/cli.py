@@ -502,6 +502,9 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="A training run's checkpoint directory, e.g. runs/fomaml/best")],
     output: Annotated[Path, typer.Option(help="The compact model's directory")] = Path("metasent/models/default"),
     name: Annotated[str | None, typer.Option(help="The model's name, shown by /healthz")] = None,
+    inner_steps: Annotated[
+        int | None, typer.Option(help="Inner-loop steps the model is served with (default: as trained)")
+    ] = None,
 ) -> None:
     """Write a training run's checkpoint as a compact model: its config and a safetensors file of
     the meta-learned tensors only (LoRA adapters, temperature, anchor weight, inner learning
@@ -511,7 +514,9 @@ def export(
     from metasent.meta.checkpoint import export_model, model_fingerprint
 
     try:
-        directory = export_model(checkpoint, output, name=name or "metasent-" + checkpoint.resolve().parent.name)
+        directory = export_model(
+            checkpoint, output, name=name or "metasent-" + checkpoint.resolve().parent.name, inner_steps=inner_steps
+        )
     except (FileNotFoundError, ValueError) as error:
         raise typer.BadParameter(str(error), param_hint="CHECKPOINT") from error
     from metasent.meta.checkpoint import CONFIG_FILE

@@ -210,8 +210,9 @@ def test_the_shipped_default_model_is_a_compact_fomaml_over_lora_model() -> None
     assert sum((directory / name).stat().st_size for name in files) <= COMPACT_LIMIT_BYTES
     config = CheckpointConfig.model_validate_json((directory / CONFIG_FILE).read_text())
     assert (config.weights, config.algorithm, config.encoder.name_or_path) == ("meta", "fomaml", DEFAULT_ENCODER)
-    inner = config.inner_loop
-    assert (inner.adapter, inner.meta_sgd, inner.label_anchors, inner.steps) == ("lora", True, True, 5)
+    inner = config.inner_loop  # served with no inner step (chosen on dev), meta-trained with 5
+    assert (inner.adapter, inner.meta_sgd, inner.label_anchors, inner.steps) == ("lora", True, True, 0)
+    assert config.metrics["trained_inner_loop"]["steps"] == 5
     assert config.name and config.training is not None and config.step > 0
     assert all(".lora_" in n or not n.startswith("encoder.") for n in load_file(str(directory / WEIGHTS_FILE)))
 
@@ -263,3 +264,15 @@ def test_training_goes_on_from_a_compact_model(tmp_path: Path) -> None:
     assert (went_on.step, went_on.weights, went_on.training.outer_steps) == (4, "full", 4)  # type: ignore[union-attr]
     lora = [n for n in trained.state_dict() if ".lora_B." in n]
     assert any(not torch.equal(trained.state_dict()[n], model.state_dict()[n]) for n in lora)  # it trained on
+
+
+def test_export_can_serve_another_step_count_and_no_step_keeps_no_tensor(tmp_path: Path) -> None:
+    model = _trained(lora_model(tmp_path))
+    config = CheckpointConfig(algorithm="fomaml", encoder=model.encoder_config, inner_loop=LORA)
+    full = save_checkpoint(tmp_path / "run" / "best", model, config)
+    loaded, served = load_checkpoint(export_model(full, tmp_path / "m", inner_steps=0))
+    assert served.inner_loop.steps == 0 and served.metrics["trained_inner_loop"]["steps"] == 3
+    state = Predictor(loaded, served.inner_loop).adapt(TEXTS, LABELS)
+    assert state.encoder == {} and state.shares_encoder  # the meta-trained adapters serve every domain
+    with pytest.raises(ValueError):
+        export_model(full, tmp_path / "bad", inner_steps=-1)
