@@ -17,7 +17,7 @@ parameters the inner loop does not adapt and the head's initialisation from the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +103,9 @@ def fomaml_query_loss(
                 return model.embed_frozen(encoder, feature_cache.features(query_texts))
             return model.embed(encoder, model.tokenize(query_texts))
 
-        return _episode_loss(model, episode, inner_config, support_z, support_features, embed_query, cache_frozen)
+        return _episode_loss(
+            model, meta_params, episode, inner_config, support_z, support_features, embed_query, cache_frozen
+        )
 
 
 def fomaml_meta_batch_loss(
@@ -152,7 +154,9 @@ def fomaml_meta_batch_loss(
             def embed_query(encoder: Params, query: FrozenFeatures = query) -> Tensor:  # (N*Q, hidden)
                 return model.embed_frozen(encoder, query)
 
-            loss, accuracy = _episode_loss(model, episode, inner_config, support_z, support.detach(), embed_query)
+            loss, accuracy = _episode_loss(
+                model, meta_params, episode, inner_config, support_z, support.detach(), embed_query
+            )
             losses.append(loss)
             accuracies.append(accuracy)
     return torch.stack(losses).mean(), torch.stack(accuracies).mean()
@@ -166,6 +170,7 @@ def _support_texts(episode: Episode, inner_config: InnerLoopConfig) -> list[str]
 
 def _episode_loss(
     model: MetaLearner,
+    meta_params: Mapping[str, Tensor],
     episode: Episode,
     inner_config: InnerLoopConfig,
     support_z: Tensor,
@@ -175,7 +180,8 @@ def _episode_loss(
 ) -> tuple[Tensor, Tensor]:
     """The FOMAML query loss and accuracy of one episode from its support embeddings
     ``support_z`` (N*K [+ N], hidden; with their graph into the meta-parameters), the support
-    features the inner loop starts from, and ``embed_query(encoder) -> (N*Q, hidden)``."""
+    features the inner loop starts from, and ``embed_query(encoder) -> (N*Q, hidden)``;
+    ``meta_params`` are the model's parameters by name."""
     support_labels = [ex.label for ex in episode.support]
     support_y = encode_labels(support_labels, episode.labels, model.device)  # (N*K,)
     head = init_head(model, support_z, support_y, len(episode.labels), inner_config)  # graph into theta
@@ -197,7 +203,6 @@ def _episode_loss(
     query_head = head.with_tensors(
         {name: straight_through(t, adapted[name], lrs[HEAD_PREFIX + name]) for name, t in head.tensors().items()}
     )
-    meta_params = dict(model.named_parameters())
     encoder = {name: straight_through(meta_params[name], phi, lrs[name]) for name, phi in state.encoder.items()}
     query_y = encode_labels([ex.label for ex in episode.query], episode.labels, model.device)  # (N*Q,)
     logits = query_head.logits(embed_query(encoder), model.logit_scale)  # (N*Q, N)
@@ -235,11 +240,12 @@ def fomaml_step(
         loss.backward()
         losses.append(loss.detach().float())
         accuracies.append(accuracy)
-    for episode in episodes if not losses else []:
-        loss, accuracy = fomaml_query_loss(model, episode, inner_config, cache_frozen, feature_cache)
-        (loss / len(episodes)).backward()
-        losses.append(loss.detach().float())
-        accuracies.append(accuracy)
+    else:
+        for episode in episodes:
+            loss, accuracy = fomaml_query_loss(model, episode, inner_config, cache_frozen, feature_cache)
+            (loss / len(episodes)).backward()
+            losses.append(loss.detach().float())
+            accuracies.append(accuracy)
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     optimizer.step()

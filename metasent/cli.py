@@ -511,7 +511,8 @@ def export(
     rates; at most 8 MiB), loaded over the base encoder from its package. With no --output it
     rebuilds the shipped default model, metasent/models/default, in a checkout."""
     _setup(None)
-    from metasent.meta.checkpoint import export_model, model_fingerprint
+    from metasent.meta.checkpoint import CONFIG_FILE, export_model, model_fingerprint
+    from metasent.meta.config import CheckpointConfig
 
     try:
         directory = export_model(
@@ -519,9 +520,6 @@ def export(
         )
     except (FileNotFoundError, ValueError) as error:
         raise typer.BadParameter(str(error), param_hint="CHECKPOINT") from error
-    from metasent.meta.checkpoint import CONFIG_FILE
-    from metasent.meta.config import CheckpointConfig
-
     config = CheckpointConfig.model_validate_json((directory / CONFIG_FILE).read_text())
     size = sum(f.stat().st_size for f in directory.iterdir())
     summary = {"model": config.name, "output": str(directory), "bytes": size}
