@@ -53,6 +53,10 @@ class Head(ABC):
     """
 
     shares_encoder: ClassVar[bool] = True
+    derived: ClassVar[bool] = False
+    """Whether the head's tensors are the support set's embeddings themselves (matching): the
+    inner loop then steps on the encoder only and rebuilds the head from the adapted encoder
+    (:func:`init_head`) instead of stepping on the head's tensors."""
     """Whether the head reads only the pooled embeddings of the encoder, so that states with this
     head and no adapted encoder tensor can share one base-encoder pass across domains
     (:attr:`AdaptedState.shares_encoder`); a head that adapts or reads inside the encoder sets
@@ -85,6 +89,12 @@ class Head(ABC):
     def logits(self, embeddings: Tensor, logit_scale: Tensor) -> Tensor:
         """Class logits of (B, hidden) unit-norm embeddings under log-temperature ``logit_scale``
         (a scalar, the model's meta-parameter); returns (B, N)."""
+
+    def support_logits(self, support: Tensor, logit_scale: Tensor) -> Tensor:
+        """The logits the inner loop minimises the cross-entropy of, for the (N*K, hidden) support
+        embeddings the head was built from; returns (N*K, N). The head's own :meth:`logits` by
+        default (Proto-MAML)."""
+        return self.logits(support, logit_scale)
 
     @property
     @abstractmethod
@@ -183,6 +193,8 @@ class MatchingHead(Head):
             examples, ``log w`` for label-name anchors.
     """
 
+    derived: ClassVar[bool] = True
+
     support: Tensor
     support_labels: Tensor
     support_bias: Tensor | None = None
@@ -211,12 +223,23 @@ class MatchingHead(Head):
         )
 
     def logits(self, embeddings: Tensor, logit_scale: Tensor) -> Tensor:
+        return self._attend(self._scores(embeddings, logit_scale))
+
+    def support_logits(self, support: Tensor, logit_scale: Tensor) -> Tensor:
+        """Leave-one-out: support example ``i`` attends to every other support row (and the
+        anchors), never to itself, so the loss measures how well the support set classifies its
+        own examples (a self-match would make it zero). Returns (N*K, N)."""
+        scores = self._scores(support, logit_scale)  # (N*K, M)
+        rows = torch.arange(support.shape[0], device=scores.device)
+        return self._attend(scores.index_put((rows, rows), scores.new_tensor(float("-inf"))))
+
+    def _scores(self, embeddings: Tensor, logit_scale: Tensor) -> Tensor:  # (B, M) attention logits
         support = self.support.to(embeddings.dtype)  # (M, hidden)
         scores = (logit_scale.exp() * (embeddings @ support.T)).float()  # (B, M)
-        if self.support_bias is not None:
-            scores = scores + self.support_bias.float()
-        attention = scores.softmax(-1)  # (B, M)
-        return (attention @ self.support_labels.float()).clamp_min(1e-8).log()  # (B, N)
+        return scores if self.support_bias is None else scores + self.support_bias.float()
+
+    def _attend(self, scores: Tensor) -> Tensor:  # (B, M) -> (B, N) log label distribution
+        return (scores.softmax(-1) @ self.support_labels.float()).clamp_min(1e-8).log()
 
     @property
     def num_classes(self) -> int:
@@ -425,7 +448,10 @@ def inner_loop(
     The head starts from the support set (:func:`init_head`; with ``config.label_anchors`` each
     label name joins its class as a weighted example), then ``config.steps`` SGD steps
     (:func:`sgd_step`) at learning rate ``config.lr`` minimise the support cross-entropy over the
-    head and the adapted encoder tensors together. Dropout is off (the model is used in eval
+    head and the adapted encoder tensors together. A head made of the support set itself
+    (matching, :attr:`Head.derived`) takes no step of its own: the steps adapt the encoder tensors
+    on its leave-one-out loss (:meth:`MatchingHead.support_logits`) and the head is then rebuilt
+    from the support set embedded by the adapted encoder. Dropout is off (the model is used in eval
     mode), so the same support set always gives the same adapted state.
 
     Args:
@@ -473,18 +499,33 @@ def inner_loop(
             # shares the base encoder pass with every other domain
             adapted = model.adapted_parameter_names(config.adapted_layers, config.adapter) if config.steps else []
             encoder = {n: base[n].clone().requires_grad_(True) for n in adapted}
-            head = {name: t.detach().clone().requires_grad_(True) for name, t in start_head.tensors().items()}
+            derived = type(start_head).derived  # matching: the head is the support set, re-embedded
+            head = (
+                {} if derived else {n: t.detach().clone().requires_grad_(True) for n, t in start_head.tensors().items()}
+            )
             lrs = model.inner_lrs([*encoder, *(HEAD_PREFIX + name for name in head)])
             step_lr: float | list[Tensor] = config.lr if lrs is None else [lr.detach() for lr in lrs]
+            n_support = len(support_texts)
 
-            def support_logits(encoder: Params, head: Params) -> Tensor:  # (N*K, N); anchors are no examples
-                return start_head.with_tensors(head).logits(embed(encoder)[: len(support_texts)], base["logit_scale"])
+            def fit_logits(encoder: Params, head: Params) -> Tensor:  # (N*K, N); anchors are no examples
+                z = embed(encoder)  # (N*K [+ N], hidden)
+                current = init_head(model, z, targets, len(names), config) if derived else start_head.with_tensors(head)
+                return current.support_logits(z[:n_support], base["logit_scale"])
 
             losses = []  # scalar tensors, read once at the end: no host sync per step
             for _ in range(config.steps):
-                loss = F.cross_entropy(support_logits(encoder, head), targets)
+                loss = F.cross_entropy(fit_logits(encoder, head), targets)
                 encoder, head = _step(loss, encoder, head, step_lr, config.grad_clip)
                 losses.append(loss.detach())
+            if derived:
+                if encoder:
+                    with torch.no_grad():  # the head of the adapted encoder: the support set re-embedded
+                        start_head = init_head(model, embed(encoder), targets, len(names), config)
+                head = start_head.tensors()
+
+            def support_logits(encoder: Params, head: Params) -> Tensor:  # (N*K, N), as served
+                return start_head.with_tensors(head).logits(embed(encoder)[:n_support], base["logit_scale"])
+
             losses_list, accuracy = [], math.nan
             if score_support:
                 with torch.no_grad():

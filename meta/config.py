@@ -52,7 +52,9 @@ class InnerLoopConfig(BaseModel):
             clipped to; ``None`` disables clipping.
         classifier (`str`, defaults to ``"prototype"``): ``"prototype"``, a linear head
             initialised from class prototypes (Proto-MAML), or ``"matching"``, attention over
-            every support example (Vinyals et al. 2016; no gradient steps, ``steps`` must be 0).
+            every support example (Vinyals et al. 2016). The matching head has no tensors of its
+            own: with ``steps`` the inner loop adapts the top ``adapted_layers`` (at least 1) on
+            the leave-one-out matching loss of the support set and re-embeds the support set.
         label_anchors (`bool`, defaults to False): add each label's name, embedded by the
             encoder, to its class prototype as one more support example with a meta-learned
             weight (label semantics as a prior; it matters most at 1-5 shots and when a support
@@ -95,9 +97,12 @@ class InnerLoopConfig(BaseModel):
     meta_sgd: bool = Field(default=False, description="Meta-learn one inner learning rate per adapted tensor")
 
     @model_validator(mode="after")
-    def _matching_has_no_steps(self) -> InnerLoopConfig:
-        if self.classifier == "matching" and self.steps != 0:
-            raise ValueError("the matching classifier takes no gradient steps: set steps=0")
+    def _matching_steps_adapt_the_encoder(self) -> InnerLoopConfig:
+        if self.classifier == "matching" and self.steps != 0 and self.adapted_layers == 0:
+            raise ValueError(
+                "the matching classifier has no tensors of its own to step on: with steps, set adapted_layers "
+                "to 1 or more (the inner loop adapts those encoder layers), or steps=0"
+            )
         return self
 
     @model_validator(mode="after")
@@ -239,6 +244,16 @@ class TrainingArguments(TrainConfig):
         default=None, description="Top encoder layers adapted (0: head only, -1: all; default: the algorithm's)"
     )
     label_anchors: bool = _like(InnerLoopConfig, "label_anchors")
+    classifier: Literal["prototype", "matching"] | None = Field(
+        default=None,
+        description="The head built from the support set: 'prototype' (Proto-MAML) or 'matching' (attention over "
+        "the support set; inner steps then adapt encoder layers on its leave-one-out loss) (default: the algorithm's)",
+    )
+    adapter: Literal["full", "lora"] | None = Field(
+        default=None,
+        description="What the inner loop adapts and meta-training learns in the encoder: 'full' tensors or "
+        "'lora' adapters, base frozen (default: the algorithm's)",
+    )
     lora_rank: int | None = Field(default=None, ge=1, le=256, description="LoRA rank r (default: the algorithm's)")
     lora_layers: int | None = Field(
         default=None, ge=-1, description="Top layers carrying LoRA adapters (-1: all; default: the algorithm's)"
@@ -274,12 +289,14 @@ class TrainingArguments(TrainConfig):
         return getattr(self, name)
 
     def base_inner_loop(self) -> InnerLoopConfig:
-        """The algorithm's default inner loop with ``label_anchors``, ``lora_rank``,
+        """The algorithm's default inner loop with ``label_anchors``, ``classifier``, ``adapter``, ``lora_rank``,
         ``lora_layers`` and ``meta_sgd`` applied (not the step overrides of :meth:`inner_loop`)."""
         base = default_inner_loop(self.algorithm)
         return override_inner_loop(
             base,
             label_anchors=self.resolved("label_anchors"),
+            classifier=self.classifier,
+            adapter=self.adapter,
             lora_rank=self.lora_rank,
             lora_layers=self.lora_layers,
             meta_sgd=self.meta_sgd,

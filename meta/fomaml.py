@@ -77,18 +77,26 @@ def fomaml_query_loss(
         lower: FrozenFeatures | None = None
         if feature_cache is not None:
             lower = feature_cache.features(texts)  # layer input, (N*K [+ N], tokens, hidden)
-            support_z = model.embed_frozen(meta_params, lower)  # (N*K [+ N], hidden)
-            mask = lower.attention_mask
         elif 0 < inner_config.adapted_layers < model.num_layers and cache_frozen:
             # the layers below the adapted ones run once, with their graph; the inner loop starts
             # from their (detached) output instead of running them again
             lower = model.layer_input(model.tokenize(texts), model.num_layers - inner_config.adapted_layers, grad=True)
+        if lower is not None:
             support_z = model.embed_frozen(meta_params, lower)  # (N*K [+ N], hidden)
             mask = lower.attention_mask
+            frozen = lower
+
+            def embed_support(encoder: Params) -> Tensor:  # (N*K [+ N], hidden), graph into theta
+                return model.embed_frozen(encoder, frozen)
+
         else:
             batch = model.tokenize(texts)
             support_z = model(**batch)  # (N*K [+ N], hidden)
             mask = batch["attention_mask"]
+
+            def embed_support(encoder: Params) -> Tensor:  # (N*K [+ N], hidden), graph into theta
+                return model.embed(encoder, batch)
+
         # A head-only inner loop reuses these embeddings instead of running the encoder again.
         support_features = (
             FrozenFeatures(mask, model.num_layers, embeddings=support_z.detach())
@@ -104,7 +112,14 @@ def fomaml_query_loss(
             return model.embed(encoder, model.tokenize(query_texts))
 
         return _episode_loss(
-            model, meta_params, episode, inner_config, support_z, support_features, embed_query, cache_frozen
+            model,
+            meta_params,
+            episode,
+            inner_config,
+            support_z,
+            support_features,
+            (embed_support, embed_query),
+            cache_frozen,
         )
 
 
@@ -151,11 +166,14 @@ def fomaml_meta_batch_loss(
             support_z = model.embed_frozen(meta_params, support)  # (N*K [+ N], hidden), graph into theta
             query = lower.rows(query_rows, max(map(len, token_ids[query_rows])))
 
+            def embed_support(encoder: Params, support: FrozenFeatures = support) -> Tensor:  # (N*K [+ N], hidden)
+                return model.embed_frozen(encoder, support)
+
             def embed_query(encoder: Params, query: FrozenFeatures = query) -> Tensor:  # (N*Q, hidden)
                 return model.embed_frozen(encoder, query)
 
             loss, accuracy = _episode_loss(
-                model, meta_params, episode, inner_config, support_z, support.detach(), embed_query
+                model, meta_params, episode, inner_config, support_z, support.detach(), (embed_support, embed_query)
             )
             losses.append(loss)
             accuracies.append(accuracy)
@@ -175,13 +193,17 @@ def _episode_loss(
     inner_config: InnerLoopConfig,
     support_z: Tensor,
     support_features: FrozenFeatures | None,
-    embed_query: Callable[[Params], Tensor],
+    embedders: tuple[Callable[[Params], Tensor], Callable[[Params], Tensor]],
     cache_frozen: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The FOMAML query loss and accuracy of one episode from its support embeddings
     ``support_z`` (N*K [+ N], hidden; with their graph into the meta-parameters), the support
-    features the inner loop starts from, and ``embed_query(encoder) -> (N*Q, hidden)``;
-    ``meta_params`` are the model's parameters by name."""
+    features the inner loop starts from, and ``embedders``: ``embed_support(encoder) -> (N*K [+
+    N], hidden)`` and ``embed_query(encoder) -> (N*Q, hidden)`` at the given encoder tensors (with
+    their graph); ``meta_params`` are the model's parameters by name. A head made of the support
+    set (matching, :attr:`meta.adaptation.Head.derived`) is rebuilt from the support set embedded
+    at the adapted encoder, so the query loss reaches the encoder through both sets."""
+    embed_support, embed_query = embedders
     support_labels = [ex.label for ex in episode.support]
     support_y = encode_labels(support_labels, episode.labels, model.device)  # (N*K,)
     head = init_head(model, support_z, support_y, len(episode.labels), inner_config)  # graph into theta
@@ -196,14 +218,19 @@ def _episode_loss(
         support_features=support_features,
         score_support=False,  # no support figures: no extra forward, no host sync
     )
-    adapted = state.head.tensors()
+    adapted = {} if type(head).derived else state.head.tensors()  # a derived head takes no step
     names = [*state.encoder, *(HEAD_PREFIX + name for name in adapted)]
     rates = model.inner_lrs(names)  # Meta-SGD, or None
     lrs: dict[str, Tensor | None] = dict(zip(names, rates, strict=True)) if rates else dict.fromkeys(names)
-    query_head = head.with_tensors(
-        {name: straight_through(t, adapted[name], lrs[HEAD_PREFIX + name]) for name, t in head.tensors().items()}
-    )
     encoder = {name: straight_through(meta_params[name], phi, lrs[name]) for name, phi in state.encoder.items()}
+    if type(head).derived:  # the support set at the adapted encoder (no step changed it when none is adapted)
+        query_head = (
+            init_head(model, embed_support(encoder), support_y, len(episode.labels), inner_config) if encoder else head
+        )
+    else:
+        query_head = head.with_tensors(
+            {name: straight_through(t, adapted[name], lrs[HEAD_PREFIX + name]) for name, t in head.tensors().items()}
+        )
     query_y = encode_labels([ex.label for ex in episode.query], episode.labels, model.device)  # (N*Q,)
     logits = query_head.logits(embed_query(encoder), model.logit_scale)  # (N*Q, N)
     loss = F.cross_entropy(logits, query_y)

@@ -165,8 +165,8 @@ def test_train_defaults_to_the_dev_chosen_method(tmp_path: Path) -> None:
     bad = runner.invoke(cli, [*args, "--algorithm", "maml2"])
     assert bad.exit_code == 2 and "'maml2' is not one of 'fomaml', 'reptile'" in flat(bad.output)
     args += ["--algorithm", "matching"]
-    steps = runner.invoke(cli, [*args, "--inner-steps", "5"])  # matching takes no inner step
-    assert steps.exit_code != 0 and "--inner-steps: the matching classifier takes no gradient steps" in flat(
+    steps = runner.invoke(cli, [*args, "--inner-steps", "5"])  # matching steps on encoder layers only
+    assert steps.exit_code != 0 and "--inner-steps: the matching classifier has no tensors of its own" in flat(
         steps.output
     )
     protonet = runner.invoke(cli, [*args, "--algorithm", "protonet", "--output", str(tmp_path / "protonet")])

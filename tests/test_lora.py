@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from metasent.data.episodes import EpisodeSampler
-from metasent.meta.adaptation import Predictor, inner_loop, straight_through
+from metasent.meta.adaptation import MatchingHead, Predictor, anchor_texts, inner_loop, straight_through
 from metasent.meta.checkpoint import (
     COMPACT_LIMIT_BYTES,
     CONFIG_FILE,
@@ -29,6 +29,7 @@ from metasent.meta.model import HEAD_LR_KEY, MetaLearner, lr_key
 from tests.conftest import NEGATIVE, POSITIVE, make_task, save_tiny_encoder
 
 LORA = InnerLoopConfig(steps=3, lr=0.1, adapted_layers=1, adapter="lora", lora_rank=2, meta_sgd=True)
+MATCHING = LORA.model_copy(update={"classifier": "matching", "label_anchors": True})
 TEXTS = POSITIVE[:3] + NEGATIVE[:3]
 LABELS = ["positive"] * 3 + ["negative"] * 3
 
@@ -185,22 +186,55 @@ def test_checkpoint_names_resolve_to_the_shipped_model_or_the_bare_encoder(tmp_p
     assert config.algorithm == "none" and model.lora is None and not len(model.inner_log_lr)
 
 
-def test_the_meta_batch_pass_gives_the_per_episode_gradients(tmp_path: Path) -> None:
-    model = _trained(lora_model(tmp_path))
+@pytest.mark.parametrize("config", [LORA, MATCHING], ids=["prototype", "matching"])
+def test_the_meta_batch_pass_gives_the_per_episode_gradients(tmp_path: Path, config: InnerLoopConfig) -> None:
+    model = _trained(lora_model(tmp_path, config))
     sampler = EpisodeSampler([make_task()], k_shot=2, q_query=3, seed=0)
     episodes = [sampler.sample() for _ in range(3)]
     grads, figures = [], []
     for batched in (False, True):
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-        figures.append(fomaml_step(model, episodes, LORA, optimizer, grad_clip=None, batched=batched))
+        figures.append(fomaml_step(model, episodes, config, optimizer, grad_clip=None, batched=batched))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     per_episode, meta_batch = grads
     assert per_episode.keys() == meta_batch.keys() and len(per_episode) > 24  # adapters, rates, temperature
+    assert all(float(g.abs().sum()) > 0 for n, g in per_episode.items() if ".layer.1." in n and ".lora_" in n)
     for name, grad in per_episode.items():
         torch.testing.assert_close(meta_batch[name], grad, atol=1e-5, rtol=1e-4, msg=name)
     assert figures[0] == pytest.approx(figures[1], abs=1e-5)  # same loss and accuracy
     with pytest.raises(ValueError, match="adapted_layers"):
         fomaml_meta_batch_loss(model, episodes, LORA.model_copy(update={"adapted_layers": 0}))
+
+
+def test_the_matching_support_loss_leaves_each_example_out() -> None:
+    # rows 0 and 1 are "positive", rows 2 and 3 "negative"; row 2 is nearly row 0's twin
+    rows = torch.tensor([[1.0, 0.0], [0.8, 0.6], [1.0, -0.1], [-1.0, 0.0]])
+    support = torch.nn.functional.normalize(rows, dim=-1)
+    head = MatchingHead.from_support(support, torch.tensor([0, 0, 1, 1]), 2)
+    scale = torch.tensor(math.log(50.0))
+    assert head.logits(support, scale).argmax(-1).tolist() == [0, 0, 1, 1]  # each row finds itself
+    # left out, rows 0 and 2 find each other, and row 3's nearest is row 1 (cos -0.8 beats -1)
+    assert head.support_logits(support, scale).argmax(-1).tolist() == [1, 0, 0, 0]
+
+
+def test_matching_with_inner_steps_adapts_the_encoder_and_re_embeds_the_support_set(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no tensors of its own"):
+        InnerLoopConfig(classifier="matching", steps=2)  # head only: nothing to step on
+    model = _trained(lora_model(tmp_path, MATCHING))
+    base = dict(model.named_parameters())
+    still = inner_loop(model, TEXTS, LABELS, MATCHING.model_copy(update={"steps": 0}))
+    state = inner_loop(model, TEXTS, LABELS, MATCHING)
+    assert isinstance(state.head, MatchingHead) and set(state.encoder) == set(model.adapted_parameter_names(1, "lora"))
+    assert state.support_losses[-2] < state.support_losses[0]  # the leave-one-out loss went down
+    with torch.no_grad():  # the head is the support set (and anchors) embedded by the adapted encoder
+        embedded = model.embed({**base, **state.encoder}, model.tokenize([*TEXTS, *anchor_texts(state.labels)]))
+    torch.testing.assert_close(state.head.support, embedded.float(), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(state.head.support, still.head.support)
+    predictor = Predictor(model, MATCHING)
+    torch.testing.assert_close(
+        predictor.predict_proba(state, TEXTS),
+        predictor.predict_proba(inner_loop(model, TEXTS, LABELS, MATCHING), TEXTS),
+    )
 
 
 def test_the_shipped_default_model_is_a_compact_fomaml_over_lora_model() -> None:

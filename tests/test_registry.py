@@ -204,5 +204,12 @@ def test_training_arguments_take_the_algorithms_defaults_unless_given() -> None:
     assert TrainingArguments(data="d", output=Path("o"), algorithm="finetune").checkpoint_config().training is None
     with pytest.raises(ValidationError, match="unknown algorithm 'maml2'"):
         TrainingArguments(data="d", output=Path("o"), algorithm="maml2")
-    with pytest.raises(ValidationError, match="no gradient steps"):
+    with pytest.raises(ValidationError, match="no tensors of its own"):
         TrainingArguments(data="d", output=Path("o"), algorithm="matching", inner_steps=3).checkpoint_config()
+    # matching over LoRA adapters, stepping on the top layer's: the adapter and steps apply
+    lora = TrainingArguments(
+        data="d", output=Path("o"), algorithm="matching", adapter="lora", inner_steps=2, adapted_layers=1
+    ).inner_loop()
+    assert (lora.classifier, lora.adapter, lora.steps, lora.adapted_layers) == ("matching", "lora", 2, 1)
+    fomaml = TrainingArguments(data="d", output=Path("o"), algorithm="fomaml", classifier="matching").inner_loop()
+    assert (fomaml.classifier, fomaml.adapter, fomaml.steps, fomaml.meta_sgd) == ("matching", "lora", 5, True)
