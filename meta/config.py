@@ -266,6 +266,12 @@ class TrainingArguments(TrainConfig):
         description="Resume from a 'last' checkpoint directory, or go on from a compact model such as "
         "metasent/models/default (its own settings apply, but for outer_steps, max_minutes, eval_every, save_every)",
     )
+    init_from: str | None = Field(
+        default=None,
+        description="Start this run's meta-parameters from a checkpoint or compact model ('default': the shipped "
+        "one), with this run's own settings (e.g. another inner loop); tensors it lacks, such as new Meta-SGD "
+        "rates, start fresh",
+    )
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1 ...")
     threads: int | None = Field(default=None, description="torch CPU threads")
     progress: bool = Field(default=True, description="Show a progress bar")

@@ -22,10 +22,12 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 if TYPE_CHECKING:
+    import torch
     from pydantic import ValidationError
     from pydantic.fields import FieldInfo
 
     from metasent.meta.config import InnerLoopConfig, TrainingArguments
+    from metasent.meta.model import MetaLearner
 
 logger = logging.getLogger("metasent")
 
@@ -323,6 +325,36 @@ def _training_arguments(
         raise typer.BadParameter(_messages(error), param_hint=hint) from error
 
 
+def _init_from(model: MetaLearner, source: str, device: torch.device) -> None:
+    """Load ``source``'s meta-learned tensors into ``model`` (prepared for this run's inner loop).
+
+    Inner learning rates the source has for tensors this run does not adapt are dropped; tensors
+    the source lacks (new adapters or Meta-SGD rates) keep their fresh values.
+
+    Raises:
+        typer.BadParameter: when the source has other tensors than the model (another encoder or
+            LoRA layout), or shapes differ.
+    """
+    from metasent.meta.checkpoint import load_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(source)
+    if path is None:
+        raise typer.BadParameter("give a checkpoint directory or 'default'", param_hint="--init-from")
+    loaded, _ = load_checkpoint(path, device)
+    own = model.state_dict()
+    tensors = {n: t for n, t in loaded.state_dict().items() if n in own or "inner_log_lr" not in n}
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as error:  # a shape differs: another LoRA rank or encoder
+        raise typer.BadParameter(f"{path} does not fit this run's model: {error}", param_hint="--init-from") from error
+    if unexpected:
+        raise typer.BadParameter(
+            f"{path} has tensors this run's model lacks (another encoder or LoRA layout?): {unexpected[:3]}",
+            param_hint="--init-from",
+        )
+    logger.info("meta-parameters from %s; fresh: %s", path, ", ".join(missing) or "none")
+
+
 _RESUME_OPTIONS = ("outer_steps", "max_minutes", "eval_every", "save_every")
 """The options that still apply with ``--resume`` (the checkpoint's other settings do)."""
 
@@ -330,9 +362,9 @@ _RESUME_OPTIONS = ("outer_steps", "max_minutes", "eval_every", "save_every")
 def train(args: TrainingArguments) -> None:
     """Meta-train: sample N-way K-shot episodes from the training domains, adapt on each support
     set (inner loop), update the meta-parameters (outer loop, AdamW). Validates every --eval-every
-    steps and keeps the best. --algorithm picks the method; the defaults (matching networks with
-    label anchors and natural-proportion query sets) scored best on the dev tasks of the CPU
-    `metasent benchmark`; on the GPU budget, where that variant was not run, plain matching did.
+    steps and keeps the best. --algorithm picks the method (default: FOMAML with Meta-SGD rates over
+    LoRA adapters, label anchors and natural-proportion query sets). --resume goes on with a run's
+    own settings; --init-from starts a new run, with these settings, from a model's meta-parameters.
     Every option can also come from a --config file or --set KEY=VALUE."""
     _setup(args.threads)
     from metasent.meta.algorithms import get
@@ -352,6 +384,8 @@ def train(args: TrainingArguments) -> None:
         config = args.checkpoint_config(inner)
         model = MetaLearner.from_pretrained(config.encoder).prepare(config.inner_loop).to(torch_device)
         state = None
+        if args.init_from is not None:
+            _init_from(model, args.init_from, torch_device)
     # the run's own held-out and validation domains (a resumed run keeps those it started with)
     held_out = config.training.exclude_domains if config.training else args.exclude_domains
     val = config.training.val_domains if config.training else args.val_domains

@@ -310,3 +310,37 @@ def test_export_can_serve_another_step_count_and_no_step_keeps_no_tensor(tmp_pat
     assert state.encoder == {} and state.shares_encoder  # the meta-trained adapters serve every domain
     with pytest.raises(ValueError):
         export_model(full, tmp_path / "bad", inner_steps=-1)
+
+
+def test_a_new_run_starts_from_a_models_meta_parameters_with_its_own_inner_loop(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from metasent.cli import cli
+    from tests.conftest import write_arsc_like
+
+    data = write_arsc_like(tmp_path / "arsc")
+    source = _trained(lora_model(tmp_path))  # prototype head, Meta-SGD, top layer adapted
+    config = CheckpointConfig(algorithm="fomaml", encoder=source.encoder_config, inner_loop=LORA)
+    compact = export_model(save_checkpoint(tmp_path / "run" / "best", source, config), tmp_path / "model")
+    args = [
+        "train", "--data", str(data), "--exclude-domains", "snacks", "--val-domains", "drinks",
+        "--encoder", source.encoder_config.name_or_path, "--max-length", "32", "--k-shot", "2", "--q-query", "2",
+        "--val-q-query", "2", "--meta-batch-size", "1", "--outer-steps", "1", "--outer-lr", "1e-12",
+        "--classifier", "matching", "--adapted-layers", "2", "--inner-steps", "2", "--inner-lr", "0.2",
+        "--lora-rank", "2", "--init-from", str(compact), "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    result = CliRunner().invoke(cli, [*args, "--output", str(tmp_path / "new")])
+    assert result.exit_code == 0, result.output
+    model, run = load_checkpoint(tmp_path / "new" / "last")
+    assert (run.inner_loop.classifier, run.inner_loop.adapted_layers, run.inner_loop.steps) == ("matching", 2, 2)
+    for name, tensor in source.state_dict().items():
+        if ".lora_" in name:  # the source's adapters (and the base) carried over; 1e-12 outer steps barely move them
+            torch.testing.assert_close(model.state_dict()[name], tensor, atol=1e-6, rtol=0, msg=name)
+    rates = {key: float(p.detach().exp()) for key, p in model.inner_log_lr.items()}
+    bottom = [key for key in rates if "layer__0__" in key]  # not adapted by the source: fresh at --inner-lr
+    assert bottom and all(abs(rates[key] - 0.2) < 1e-4 for key in bottom)
+    top = [key for key in rates if "layer__1__" in key]  # the source's learned rate, 0.03
+    assert top and all(abs(rates[key] - 0.03) < 1e-4 for key in top)
+    other = CliRunner().invoke(cli, [*args, "--lora-rank", "4", "--output", str(tmp_path / "other")])
+    assert other.exit_code == 2, other.output
+    assert "does not fit this run" in " ".join(other.output.replace("│", " ").split()), other.output
