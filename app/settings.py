@@ -73,6 +73,27 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="bytes of a request body; larger bodies answer 413"
     )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds to receive a whole request body once its headers arrived; a slower (or stalled) "
+        "body answers 408 and the connection is closed",
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        description="bytes of a request's line and headers: metasent serve's HTTP parser (h11) refuses more "
+        "with 400 and closes the connection; the app answers 431 behind any other server",
+    )
+    max_connections: int | None = Field(
+        default=256,
+        ge=1,
+        description="concurrent connections (and requests) metasent serve accepts; more answer 503 at once "
+        "(uvicorn's limit_concurrency); none: unlimited",
+    )
+    keep_alive_s: int = Field(
+        default=5, ge=1, description="seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive)"
+    )
 
     def database(self) -> str:
         """The database URL: ``database_url``, or a SQLite file in ``data_dir``."""

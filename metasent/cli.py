@@ -481,20 +481,20 @@ def serve(
 
     from metasent.app.main import create_app
     from metasent.app.observability import configure_logging
+    from metasent.app.server import uvicorn_config
     from metasent.app.settings import Settings
 
     overrides = {"host": host, "port": port, "checkpoint": checkpoint, "device": device, "threads": threads}
     settings = Settings.model_validate({k: v for k, v in overrides.items() if v is not None})
     configure_logging(settings.log_level, settings.log_format)  # one place, before uvicorn starts
     _setup(settings.threads, settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        log_config=None,  # keep the logging configured above
-        access_log=False,  # the request-id middleware logs every request
-    )
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started:  # the port was taken or the app failed to start: exit non-zero as uvicorn.run does
+        raise typer.Exit(3)
 
 
 @cli.command()
