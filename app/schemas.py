@@ -23,7 +23,10 @@ class LabelledText(BaseModel):
     """One support example."""
 
     model_config = ConfigDict(extra="forbid")
-    text: NonBlank = Field(description="the review text (truncated to the encoder's token limit)")
+    text: NonBlank = Field(
+        description="the review text (truncated to the encoder's token limit); at most METASENT_MAX_TEXT_CHARS "
+        "characters (20000 by default), longer answers 422"
+    )
     label: Label = Field(description="its label name, e.g. 'positive'")
 
 

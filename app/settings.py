@@ -35,8 +35,9 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(
         default=20_000,
         ge=1,
-        description="characters of a text passed to the tokenizer; the rest is dropped "
-        "(the encoder truncates to its token limit anyway)",
+        description="characters of a text: a longer support text (stored with its domain) answers 422; "
+        "a longer text to classify is cut to it before the tokenizer (the encoder truncates to its token "
+        "limit anyway) and its prediction says truncated",
     )
     batch_size: int = Field(default=32, ge=1, description="texts per encoder forward pass")
     batch_window_ms: float = Field(
