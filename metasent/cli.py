@@ -637,6 +637,14 @@ ServerOption = Annotated[str, typer.Option(envvar="METASENT_SERVER", help="Serve
 ApiKeyOption = Annotated[
     str | None, typer.Option(envvar="METASENT_API_KEY", help="API key, sent as a Bearer token (METASENT_API_KEY)")
 ]
+AttemptsOption = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        envvar="METASENT_ATTEMPTS",
+        help="Requests in all when the server answers 429 or 503; waits as its Retry-After says (METASENT_ATTEMPTS)",
+    ),
+]
 
 
 def _call(fn, *args):
@@ -657,6 +665,7 @@ def adapt(
     server: ServerOption = "http://127.0.0.1:8000",
     api_key: ApiKeyOption = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the adaptation")] = 300.0,
+    attempts: AttemptsOption = 4,
 ) -> None:
     """Adapt a new domain on a running server from a labelled support set; prints the domain as
     JSON (its domain_id is what `metasent classify --domain` takes)."""
@@ -666,7 +675,7 @@ def adapt(
         support = read_examples(examples)
     except (OSError, ValueError) as error:
         raise typer.BadParameter(str(error), param_hint="--examples") from error
-    with MetasentClient(server, api_key, timeout) as client:
+    with MetasentClient(server, api_key, timeout, max_attempts=attempts) as client:
         domain = _call(client.create_domain, name, support)
     typer.echo(json.dumps(domain, indent=2))
 
@@ -679,6 +688,7 @@ def classify(
     server: ServerOption = "http://127.0.0.1:8000",
     api_key: ApiKeyOption = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait")] = 120.0,
+    attempts: AttemptsOption = 4,
 ) -> None:
     """Classify texts with an adapted domain on a running server; prints the predictions as JSON."""
     from metasent.app.client import MetasentClient, read_texts
@@ -691,7 +701,7 @@ def classify(
             raise typer.BadParameter(str(error), param_hint="--file") from error
     if not all_texts:
         raise typer.BadParameter("give texts as arguments or --file", param_hint="TEXTS")
-    with MetasentClient(server, api_key, timeout) as client:
+    with MetasentClient(server, api_key, timeout, max_attempts=attempts) as client:
         result = _call(client.classify, domain, all_texts)
     typer.echo(json.dumps(result, indent=2))
 
