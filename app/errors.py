@@ -45,6 +45,7 @@ _FIXES = {
     "missing": "add this field",
     "string_type": "send a JSON string",
     "list_type": "send a JSON array",
+    "int_type": "send a JSON integer (not a string, boolean or float)",
     "model_attributes_type": "send a JSON object",
     "dict_type": "send a JSON object",
     "string_too_short": "send a non-empty string",

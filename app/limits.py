@@ -1,4 +1,5 @@
-"""Request limits as ASGI middleware: body bytes (413) and wall time per request (503).
+"""Request limits as ASGI middleware: header bytes (431), body bytes (413), the time to receive a
+body (408) and wall time per request (503).
 
 Both answer in the project's JSON error shape (:func:`app.errors.error_response`).
 """
@@ -18,20 +19,57 @@ from .errors import ApiError, error_response
 logger = logging.getLogger(__name__)
 
 
+class HeaderLimitMiddleware:
+    """Refuse requests whose headers total more than ``max_bytes`` with 431.
+
+    ``metasent serve`` caps them earlier, in its HTTP parser (h11's maximum incomplete event size,
+    :func:`app.server.uvicorn_config`), before they are held in memory; this check covers the app
+    behind any other server.
+
+    Args:
+        app (`ASGIApp`): the wrapped application.
+        max_bytes (`int`): the limit, bytes of every ``name: value`` line (``METASENT_MAX_HEADER_BYTES``).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # "name: value\r\n"
+            if size > self.max_bytes:
+                error = ApiError(
+                    431,
+                    "headers_too_large",
+                    f"the request headers are {size} bytes; this server accepts at most {self.max_bytes}",
+                    "headers",
+                    f"send at most {self.max_bytes} bytes of headers (server setting METASENT_MAX_HEADER_BYTES)",
+                    headers={"Connection": "close"},
+                )
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class BodyLimitMiddleware:
     """Refuse request bodies over ``max_bytes`` with 413: at once from ``Content-Length``, and while
-    reading a body sent without one (chunked) as soon as it passes the limit.
+    reading a body sent without one (chunked) as soon as it passes the limit. A body that does not
+    arrive whole within ``timeout_s`` of its headers (a stalled or trickled upload) answers 408 and
+    the connection is closed, so a client cannot hold a connection and its buffered bytes forever.
 
     The body (at most ``max_bytes``) is read before the app runs and replayed to it.
 
     Args:
         app (`ASGIApp`): the wrapped application.
         max_bytes (`int`): the limit (``METASENT_MAX_BODY_BYTES``).
+        timeout_s (`float`, defaults to 30): seconds to receive the whole body (``METASENT_BODY_TIMEOUT_S``).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     def _too_large(self, size: str) -> ApiError:
         return ApiError(
@@ -43,6 +81,17 @@ class BodyLimitMiddleware:
             "(server setting METASENT_MAX_BODY_BYTES)",
         )
 
+    def _too_slow(self, received: int) -> ApiError:
+        return ApiError(
+            408,
+            "body_timeout",
+            f"the request body did not arrive within {self.timeout_s:g} s ({received} bytes received)",
+            "body",
+            f"send the whole body (as many bytes as Content-Length says) within {self.timeout_s:g} s "
+            "(server setting METASENT_BODY_TIMEOUT_S)",
+            headers={"Connection": "close"},
+        )
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -51,24 +100,39 @@ class BodyLimitMiddleware:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             await error_response(self._too_large(length.decode()))(scope, receive, send)
             return
-        messages: list[Message] = []
-        received = 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                await error_response(self._too_large(f"more than {self.max_bytes}"))(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
+        messages = await self._read_body(receive)
+        if isinstance(messages, ApiError):
+            if messages.status == 408:
+                logger.warning(
+                    "request body timed out after %.1f s: %s %s", self.timeout_s, scope["method"], scope["path"]
+                )
+            await error_response(messages)(scope, receive, send)
+            return
 
         async def replay() -> Message:
             return messages.pop(0) if messages else await receive()
 
         await self.app(scope, replay, send)
+
+    async def _read_body(self, receive: Receive) -> list[Message] | ApiError:
+        """The body's messages, or the error to answer: 413 past ``max_bytes``, 408 past ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        messages: list[Message] = []
+        received = 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return self._too_slow(received)
+            messages.append(message)
+            if message["type"] != "http.request":
+                return messages
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                return self._too_large(f"more than {self.max_bytes}")
+            if not message.get("more_body", False):
+                return messages
 
 
 class TimeoutMiddleware:

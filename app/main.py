@@ -15,7 +15,7 @@ from .adaptation import readapt_all
 from .auth import KeyRing
 from .batching import MicroBatcher
 from .errors import install_error_handlers
-from .limits import BodyLimitMiddleware, TimeoutMiddleware
+from .limits import BodyLimitMiddleware, HeaderLimitMiddleware, TimeoutMiddleware
 from .metrics import Metrics, MetricsMiddleware
 from .observability import request_id_var
 from .queue import AdaptationQueue
@@ -130,9 +130,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     metrics.bind(app.state)
     install_error_handlers(app)
-    # innermost first: timeout, body limit, metrics, then the request id around everything
+    # innermost first: timeout, body limit and body time, header limit, metrics, then the request id
     app.add_middleware(TimeoutMiddleware, seconds=settings.request_timeout_s, retry_after=lambda: _retry_after(app))
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.max_header_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.middleware("http")(_request_id)
     app.include_router(health.router)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+
+def _invisible(char: str) -> bool:
+    """Whitespace, or a format character (Unicode category Cf: zero-width space U+200B, (non-)joiners
+    U+200C/U+200D, word joiner U+2060, BOM U+FEFF, bidi marks...), which print nothing."""
+    return char.isspace() or unicodedata.category(char) == "Cf"
 
 
 def _not_blank(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must contain a non-whitespace character")
+    if all(_invisible(char) for char in value):
+        raise ValueError(
+            "must contain a visible character, not only whitespace or zero-width characters "
+            "(e.g. U+200B); send the text itself"
+        )
     if "\x00" in value:  # no database text column (PostgreSQL) can store it
         raise ValueError("must not contain a NUL character")
     return value
@@ -23,7 +33,10 @@ class LabelledText(BaseModel):
     """One support example."""
 
     model_config = ConfigDict(extra="forbid")
-    text: NonBlank = Field(description="the review text (truncated to the encoder's token limit)")
+    text: NonBlank = Field(
+        description="the review text (truncated to the encoder's token limit); at most METASENT_MAX_TEXT_CHARS "
+        "characters (20000 by default), longer answers 422"
+    )
     label: Label = Field(description="its label name, e.g. 'positive'")
 
 
@@ -88,8 +101,10 @@ class UpdateExamples(BaseModel):
     mode: Literal["add", "replace"] = Field(
         default="add", description="'add' appends to the stored support set, 'replace' replaces it"
     )
-    expected_version: int | None = Field(
-        default=None, ge=1, description="the version you read; the update is refused (409) if it changed since"
+    expected_version: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        description="the version you read, a JSON integer; the update is refused (409) if it changed since",
     )
 
 

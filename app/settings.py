@@ -35,8 +35,9 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(
         default=20_000,
         ge=1,
-        description="characters of a text passed to the tokenizer; the rest is dropped "
-        "(the encoder truncates to its token limit anyway)",
+        description="characters of a text: a longer support text (stored with its domain) answers 422; "
+        "a longer text to classify is cut to it before the tokenizer (the encoder truncates to its token "
+        "limit anyway) and its prediction says truncated",
     )
     batch_size: int = Field(default=32, ge=1, description="texts per encoder forward pass")
     batch_window_ms: float = Field(
@@ -72,6 +73,27 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="bytes of a request body; larger bodies answer 413"
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds to receive a whole request body once its headers arrived; a slower (or stalled) "
+        "body answers 408 and the connection is closed",
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        description="bytes of a request's line and headers: metasent serve's HTTP parser (h11) refuses more "
+        "with 400 and closes the connection; the app answers 431 behind any other server",
+    )
+    max_connections: int | None = Field(
+        default=256,
+        ge=1,
+        description="concurrent connections (and requests) metasent serve accepts; more answer 503 at once "
+        "(uvicorn's limit_concurrency); none: unlimited",
+    )
+    keep_alive_s: int = Field(
+        default=5, ge=1, description="seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive)"
     )
 
     def database(self) -> str:

@@ -515,20 +515,20 @@ def serve(
 
     from metasent.app.main import create_app
     from metasent.app.observability import configure_logging
+    from metasent.app.server import uvicorn_config
     from metasent.app.settings import Settings
 
     overrides = {"host": host, "port": port, "checkpoint": checkpoint, "device": device, "threads": threads}
     settings = Settings.model_validate({k: v for k, v in overrides.items() if v is not None})
     configure_logging(settings.log_level, settings.log_format)  # one place, before uvicorn starts
     _setup(settings.threads, settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        log_config=None,  # keep the logging configured above
-        access_log=False,  # the request-id middleware logs every request
-    )
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started:  # the port was taken or the app failed to start: exit non-zero as uvicorn.run does
+        raise typer.Exit(3)
 
 
 @cli.command()
@@ -671,6 +671,14 @@ ServerOption = Annotated[str, typer.Option(envvar="METASENT_SERVER", help="Serve
 ApiKeyOption = Annotated[
     str | None, typer.Option(envvar="METASENT_API_KEY", help="API key, sent as a Bearer token (METASENT_API_KEY)")
 ]
+AttemptsOption = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        envvar="METASENT_ATTEMPTS",
+        help="Requests in all when the server answers 429 or 503; waits as its Retry-After says (METASENT_ATTEMPTS)",
+    ),
+]
 
 
 def _call(fn, *args):
@@ -691,6 +699,7 @@ def adapt(
     server: ServerOption = "http://127.0.0.1:8000",
     api_key: ApiKeyOption = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the adaptation")] = 300.0,
+    attempts: AttemptsOption = 4,
 ) -> None:
     """Adapt a new domain on a running server from a labelled support set; prints the domain as
     JSON (its domain_id is what `metasent classify --domain` takes)."""
@@ -700,7 +709,7 @@ def adapt(
         support = read_examples(examples)
     except (OSError, ValueError) as error:
         raise typer.BadParameter(str(error), param_hint="--examples") from error
-    with MetasentClient(server, api_key, timeout) as client:
+    with MetasentClient(server, api_key, timeout, max_attempts=attempts) as client:
         domain = _call(client.create_domain, name, support)
     typer.echo(json.dumps(domain, indent=2))
 
@@ -713,6 +722,7 @@ def classify(
     server: ServerOption = "http://127.0.0.1:8000",
     api_key: ApiKeyOption = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait")] = 120.0,
+    attempts: AttemptsOption = 4,
 ) -> None:
     """Classify texts with an adapted domain on a running server; prints the predictions as JSON."""
     from metasent.app.client import MetasentClient, read_texts
@@ -725,7 +735,7 @@ def classify(
             raise typer.BadParameter(str(error), param_hint="--file") from error
     if not all_texts:
         raise typer.BadParameter("give texts as arguments or --file", param_hint="TEXTS")
-    with MetasentClient(server, api_key, timeout) as client:
+    with MetasentClient(server, api_key, timeout, max_attempts=attempts) as client:
         result = _call(client.classify, domain, all_texts)
     typer.echo(json.dumps(result, indent=2))
 

@@ -211,15 +211,23 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_in_thread(app: FastAPI, timeout: float = 60) -> Iterator[str]:
+def serve_in_thread(app: FastAPI, timeout: float = 60, settings: Any = None) -> Iterator[str]:
     """``app`` under uvicorn in a thread, on a socket bound to a free port before the server starts
-    (no port to race for); yields its URL once it accepts connections."""
+    (no port to race for); yields its URL once it accepts connections. With ``settings`` (a
+    :class:`metasent.app.settings.Settings`), uvicorn is configured as ``metasent serve`` does
+    (:func:`metasent.app.server.uvicorn_config`: h11, header cap, connection limit)."""
     import uvicorn
+
+    from metasent.app.server import uvicorn_config
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    if settings is not None:
+        config = uvicorn_config(app, settings)
+    else:
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

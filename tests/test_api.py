@@ -170,6 +170,10 @@ def _example(text: Any = "great coffee", label: Any = "positive") -> dict[str, A
         ({"name": 5, "examples": support()}, "name"),
         ({"name": "food\x00", "examples": support()}, "name"),
         ({"name": "x", "examples": [_example("great\x00coffee"), *support()]}, "examples[0].text"),
+        ({"name": "x", "examples": [_example("\u200b\u200c\u200d"), *support()]}, "examples[0].text"),
+        ({"name": "x", "examples": [_example("\ufeff \u2060\t"), *support()]}, "examples[0].text"),
+        ({"name": "x", "examples": [_example(label="\u200b"), *support()]}, "examples[0].label"),
+        ({"name": "\u2060\u200b", "examples": support()}, "name"),
         ({**valid_domain(), "extra": True}, "extra"),
         ([valid_domain()], "body"),
         ("food", "body"),
@@ -185,6 +189,7 @@ def test_create_domain_422(client: TestClient, body: Any, field: str) -> None:
     [
         ({"texts": ["great", ""]}, "texts[1]"),
         ({"texts": ["great", "   "]}, "texts[1]"),
+        ({"texts": ["great", "\u200b\ufeff"]}, "texts[1]"),
         ({"texts": ["great", 123]}, "texts[1]"),
         ({"texts": ["great", None]}, "texts[1]"),
         ({"texts": []}, "texts"),
@@ -203,6 +208,22 @@ def test_classify_422_keeps_domain(client: TestClient, body: Any, field: str) ->
     # the failed request lost nothing: the domain is still there and classifies identically
     assert client.get(f"/v1/domains/{domain['domain_id']}").json() == domain
     assert classify(client, domain["domain_id"], texts) == before
+
+
+def test_zero_width_characters_inside_a_text_are_kept(client: TestClient) -> None:
+    examples = [_example("great\u200bcoffee"), *support()]
+    assert create(client, {"name": "caf\u00e9\u200d", "examples": examples})["num_examples"] == 11
+
+
+@pytest.mark.parametrize("version", [True, "2", "1", 1.0, [1]])
+def test_put_expected_version_is_a_strict_integer(client: TestClient, version: Any) -> None:
+    domain = create(client)
+    path = f"/v1/domains/{domain['domain_id']}/examples"
+    response = client.put(path, json={"examples": [_example()], "expected_version": version})
+    error = assert_error(response, 422, "expected_version", "invalid_request")
+    assert "integer" in error["details"][0]["fix"]
+    assert client.get(path).json()["version"] == 1
+    assert client.put(path, json={"examples": [_example()], "expected_version": 1}).status_code == 200
 
 
 @pytest.mark.parametrize("path", ["/v1/domains", "/v1/domains/{id}/classify"])
@@ -240,12 +261,35 @@ def test_too_many_domains(client: TestClient) -> None:
     create(client)
 
 
-def test_over_long_text_is_truncated(client: TestClient) -> None:
-    long_text = " ".join(WORDS[i % len(WORDS)] for i in range(10_000))[:50_000]
-    assert len(long_text) == 50_000
-    domain = create(client, {"name": "long", "examples": [_example(long_text), *support()]})
-    assert domain["num_examples"] == 11
-    (prediction,) = classify(client, domain["domain_id"], [long_text])
+def _long_text(chars: int) -> str:
+    text = " ".join(WORDS[i % len(WORDS)] for i in range(chars))[:chars]
+    assert len(text) == chars
+    return text
+
+
+def test_over_long_support_text_is_refused(client: TestClient) -> None:
+    """Support texts are stored: one over METASENT_MAX_TEXT_CHARS (20000) answers 422 naming it,
+    on create, on PUT .../examples and on the stateless classify; nothing is stored."""
+    limit = client.app.state.settings.max_text_chars  # type: ignore[attr-defined]
+    assert limit == 20_000
+    too_long = [*support(), _example(_long_text(limit + 1))]
+    response = client.post("/v1/domains", json={"name": "long", "examples": too_long})
+    error = assert_error(response, 422, "examples[10].text", "text_too_long")
+    assert "METASENT_MAX_TEXT_CHARS" in error["details"][0]["fix"] and str(limit) in error["details"][0]["fix"]
+    assert client.get("/v1/domains").json()["domains"] == []
+    assert_error(client.post("/v1/classify", json={"examples": too_long, "texts": ["great"]}), 422, "examples[10].text")
+
+    domain = create(client, {"name": "at the limit", "examples": [_example(_long_text(limit)), *support()]})
+    path = f"/v1/domains/{domain['domain_id']}/examples"
+    response = client.put(path, json={"examples": [_example(), _example(_long_text(limit + 1))]})
+    assert_error(response, 422, "examples[1].text", "text_too_long")
+    assert client.get(path).json()["version"] == 1
+
+
+def test_over_long_text_to_classify_is_truncated(client: TestClient) -> None:
+    domain = create(client)
+    (prediction,) = classify(client, domain["domain_id"], [_long_text(50_000)])  # not stored: cut, not refused
+    assert prediction["truncated"] is True
     assert sum(prediction["scores"].values()) == pytest.approx(1, abs=1e-4)
 
 

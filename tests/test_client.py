@@ -7,11 +7,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -259,3 +263,118 @@ def test_load_script_against_a_live_server(live_server: str) -> None:
 def test_percentile() -> None:
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 0.5) == 50 and percentile(values, 0.99) == 99 and percentile([3.0], 0.99) == 3
+
+
+# -- retries of 429 and 503, with Retry-After and an idempotency key --------------------------------
+
+
+class FlakyServer:
+    """An httpx transport that answers ``failures`` (status, Retry-After or None) in turn, then
+    ``final`` (status, JSON body), recording every request."""
+
+    def __init__(self, failures: list[tuple[int, str | None]], final: tuple[int, dict] = (201, {"domain_id": "d"})):
+        self.failures = list(failures)
+        self.final = final
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.failures:
+            status, retry_after = self.failures.pop(0)
+            headers = {"Retry-After": retry_after} if retry_after is not None else {}
+            error = {
+                "code": "busy",
+                "message": "try later",
+                "details": [{"field": "server", "message": "m", "fix": "f"}],
+            }
+            return httpx.Response(status, json={"error": error}, headers=headers)
+        status, body = self.final
+        return httpx.Response(status, json=body)
+
+    def client(self, waits: list[float], **kwargs: Any) -> MetasentClient:
+        http = httpx.Client(base_url="http://metasent", transport=httpx.MockTransport(self))
+        return MetasentClient(http_client=http, sleep=waits.append, **kwargs)
+
+    def keys(self) -> list[str | None]:
+        return [r.headers.get("Idempotency-Key") for r in self.requests]
+
+
+def test_client_retries_503_and_429_as_retry_after_says_with_one_idempotency_key() -> None:
+    server, waits = FlakyServer([(503, "7"), (429, "2.5")]), []
+    with server.client(waits) as client:
+        assert client.create_domain("food", support()) == {"domain_id": "d"}
+    assert waits == [7.0, 2.5]  # the server's Retry-After, never slept for real
+    (key,) = set(server.keys())  # one key for the call, the same on each of its 3 requests
+    assert len(server.requests) == 3 and uuid.UUID(key).version == 4
+    assert {r.content for r in server.requests} == {server.requests[0].content}  # the same body each time
+
+    again = FlakyServer([(503, "0")], final=(200, {"version": 2}))
+    with again.client(waits := []) as client:
+        assert client.update_examples("d", support(), expected_version=1) == {"version": 2}
+        client.create_domain("food", support())
+    assert [r.method for r in again.requests] == ["PUT", "PUT", "POST"] and waits == [0.0]
+    put_key, retried_key, next_key = again.keys()
+    assert put_key == retried_key and next_key not in (None, put_key)  # a fresh key per logical call
+
+
+def test_client_gives_up_after_max_attempts() -> None:
+    server, waits = FlakyServer([(503, "1")] * 10), []
+    with server.client(waits, max_attempts=3) as client, pytest.raises(MetasentError) as raised:
+        client.create_domain("food", support(), idempotency_key="my-key")
+    error = raised.value
+    assert (error.status, error.code, error.attempts, error.retry_after) == (503, "busy", 3, 1.0)
+    assert "gave up after 3 attempts" in str(error)
+    assert len(server.requests) == 3 and waits == [1.0, 1.0] and set(server.keys()) == {"my-key"}
+
+
+def test_client_backs_off_without_retry_after_and_caps_long_ones() -> None:
+    server, waits = FlakyServer([(503, None), (503, None), (429, "3600")], final=(200, {"domains": []})), []
+    with server.client(waits, max_wait_s=30) as client:
+        assert client.list_domains() == []
+    first, second, capped = waits
+    assert 0.5 <= first <= 1.0 and 1.0 <= second <= 1.5 and capped == 30  # exponential + jitter; cut to max_wait_s
+    assert server.keys() == [None] * 4  # reads carry no idempotency key
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 409, 413, 422, 500, 502])
+def test_client_does_not_retry_other_errors(status: int) -> None:
+    server, waits = FlakyServer([(status, "1")]), []
+    with server.client(waits) as client, pytest.raises(MetasentError) as raised:
+        client.create_domain("food", support())
+    assert raised.value.status == status and raised.value.attempts == 1
+    assert len(server.requests) == 1 and waits == []
+
+
+def test_client_retries_can_be_turned_off() -> None:
+    server, waits = FlakyServer([(503, "1")]), []
+    with server.client(waits, max_attempts=1) as client, pytest.raises(MetasentError) as raised:
+        client.list_domains()
+    assert raised.value.status == 503 and len(server.requests) == 1 and waits == []
+    with pytest.raises(ValueError, match="max_attempts"):
+        MetasentClient(max_attempts=0)
+
+
+def test_cli_adapt_retries_a_503(tmp_path: Path) -> None:
+    """``metasent adapt`` against a live server that answers 503 (Retry-After: 0) once: the command
+    retries with the same Idempotency-Key and succeeds; with --attempts 1 it reports the 503."""
+    keys: list[str | None] = []
+    flaky = FastAPI()
+
+    @flaky.post("/v1/domains", status_code=201)
+    async def create(request: Request) -> Any:
+        keys.append(request.headers.get("Idempotency-Key"))
+        if len(keys) % 2 == 1:
+            busy = {"code": "request_timeout", "message": "busy", "details": []}
+            return JSONResponse({"error": busy}, status_code=503, headers={"Retry-After": "0"})
+        return {"domain_id": "d" * 32, "name": "food"}
+
+    examples = tmp_path / "support.jsonl"
+    examples.write_text("\n".join(json.dumps(e) for e in support()) + "\n")
+    with serve_in_thread(flaky) as url:
+        adapted = runner.invoke(cli, ["adapt", "--server", url, "--name", "food", "--examples", str(examples)])
+        assert adapted.exit_code == 0, adapted.output
+        assert json.loads(adapted.output)["domain_id"] == "d" * 32
+        assert len(keys) == 2 and keys[0] == keys[1] and keys[0]
+        once = ["adapt", "--server", url, "--name", "food", "--examples", str(examples), "--attempts", "1"]
+        failed = runner.invoke(cli, once)
+    assert failed.exit_code == 1 and "503 request_timeout" in failed.output

@@ -11,7 +11,7 @@ from ..adaptation import adapt_queued, predictions
 from ..auth import require_tenant
 from ..dependencies import AdaptQueueDep, ServiceDep, SettingsDep
 from ..schemas import AdaptAndClassify, AdaptAndClassifyResponse
-from .common import QUEUE_FULL, REQUEST_ERRORS, V1_ERRORS, check_limit, pairs
+from .common import QUEUE_FULL, REQUEST_ERRORS, V1_ERRORS, check_limit, check_text_lengths, pairs
 
 router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_tenant)], responses=V1_ERRORS)
 
@@ -25,6 +25,7 @@ async def adapt_and_classify(
     is created. Each prediction says whether its text was ``truncated``."""
     check_limit(len(body.examples), settings.max_examples, "examples", "MAX_EXAMPLES")
     check_limit(len(body.texts), settings.max_texts, "texts", "MAX_TEXTS")
+    check_text_lengths(body.examples, settings.max_text_chars)
     state = await adapt_queued(adapt_queue, service, pairs(body.examples))
     probs, truncated = await asyncio.gather(  # (texts, classes); per text
         run_in_threadpool(service.classify, state, body.texts),

@@ -14,7 +14,7 @@ V1_ERRORS: dict[int | str, dict[str, object]] = {  # every /v1 route: API key, r
 REQUEST_ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "Malformed JSON"},
     413: {"model": ErrorResponse, "description": "More examples or texts, or a larger body, than the server's limits"},
-    422: {"model": ErrorResponse, "description": "Invalid field (the error names it and the fix)"},
+    422: {"model": ErrorResponse, "description": "Invalid field, e.g. a support text too long (names it and the fix)"},
 }
 QUEUE_FULL: dict[int | str, dict[str, object]] = {
     429: {"model": ErrorResponse, "description": "The adaptation queue is full (Retry-After)"}
@@ -31,6 +31,21 @@ def check_limit(count: int, limit: int, field: str, setting: str) -> None:
             field,
             f"send at most {limit} {field} per request (server setting METASENT_{setting})",
         )
+
+
+def check_text_lengths(examples: list[LabelledText], limit: int) -> None:
+    """Raises a 422 :class:`ApiError` naming ``examples[i].text`` for the first support text longer
+    than ``limit`` characters (support texts are stored; the encoder reads only their start)."""
+    for i, example in enumerate(examples):
+        if len(example.text) > limit:
+            raise ApiError(
+                422,
+                "text_too_long",
+                f"support text {i} has {len(example.text)} characters; this server stores at most {limit}",
+                f"examples[{i}].text",
+                f"send at most {limit} characters per support text (the encoder reads only the first few "
+                "hundred tokens; server setting METASENT_MAX_TEXT_CHARS)",
+            )
 
 
 def pairs(examples: list[LabelledText]) -> Examples:

@@ -28,7 +28,7 @@ from ..schemas import (
 from ..service import AdaptedState, ModelService
 from ..settings import Settings
 from ..store import DomainLimitError, DomainStore, StoredDomain, VersionConflictError
-from .common import QUEUE_FULL, REQUEST_ERRORS, V1_ERRORS, check_limit, pairs
+from .common import QUEUE_FULL, REQUEST_ERRORS, V1_ERRORS, check_limit, check_text_lengths, pairs
 
 router = APIRouter(prefix="/v1/domains", tags=["domains"], dependencies=[Depends(require_tenant)], responses=V1_ERRORS)
 
@@ -125,6 +125,7 @@ async def create_domain(
     """Adapt a new domain: run the checkpoint's inner loop (prototype-initialised head, then k SGD
     steps on the support loss) on the examples, and store the domain with its support set."""
     check_limit(len(body.examples), settings.max_examples, "examples", "MAX_EXAMPLES")
+    check_text_lengths(body.examples, settings.max_text_chars)
     limit = settings.max_domains_per_tenant
     if await run_in_threadpool(store.count, tenant) >= limit:
         raise _too_many_domains(limit)
@@ -172,6 +173,7 @@ async def get_examples(domain_id: str, store: StoreDep, tenant: TenantDep) -> Do
 
 def _merged(domain: StoredDomain, body: UpdateExamples, settings: Settings) -> Examples:
     """The support set after ``body``; raises 413/422 naming ``examples`` when it is not usable."""
+    check_text_lengths(body.examples, settings.max_text_chars)
     examples = (list(domain.examples or []) if body.mode == "add" else []) + pairs(body.examples)
     check_limit(len(examples), settings.max_examples, "examples", "MAX_EXAMPLES")
     if len({label for _, label in examples}) < 2:
