@@ -25,9 +25,24 @@ from typing import Any
 
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-from sqlalchemy import JSON, Engine, Integer, LargeBinary, String, create_engine, event, func, select, text, update
+from sqlalchemy import (
+    JSON,
+    Connection,
+    Engine,
+    Integer,
+    LargeBinary,
+    String,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, deferred, mapped_column, sessionmaker
 from torch import Tensor
+
+from . import migrations
 
 logger = logging.getLogger(__name__)
 Examples = list[tuple[str, str]]  # a support set, (text, label) pairs
@@ -125,7 +140,8 @@ def _domain(row: DomainRow, with_examples: bool = False) -> StoredDomain:
     )
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+def _sqlite_connect(dbapi_connection: Any, _: Any) -> None:
+    dbapi_connection.isolation_level = None  # the driver begins nothing itself: see _sqlite_begin
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
     cursor.execute("PRAGMA synchronous=FULL")  # a commit is on disk before it is acknowledged
@@ -133,11 +149,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     cursor.close()
 
 
+def _sqlite_begin(connection: Connection) -> None:
+    """``BEGIN IMMEDIATE`` (the write lock first) for a connection with the ``sqlite_immediate``
+    execution option (every write transaction), a plain ``BEGIN`` otherwise: a write transaction
+    that reads first (the quota count) can then never fail to upgrade its lock."""
+    immediate = connection.get_execution_options().get("sqlite_immediate", False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL and ``synchronous=FULL`` on every connection."""
+    """An engine for ``url``; SQLite gets WAL, ``synchronous=FULL`` and SQLAlchemy-controlled
+    transactions (``BEGIN IMMEDIATE`` for writes) on every connection."""
     engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
@@ -182,9 +208,15 @@ class DomainStore:
             ``postgresql+psycopg://user:pass@host/metasent``.
         device (`str`, defaults to ``"cpu"``): where loaded tensors are placed.
         cache_size (`int`, defaults to 256): domains whose tensors stay in memory.
+        migrate (`bool`, defaults to `True`): bring the schema to the newest revision first
+            (:func:`metasent.app.migrations.upgrade`); with `False` the database must be there
+            already (``metasent db upgrade``).
+
+    Raises:
+        RuntimeError: with ``migrate=False``, when the database is not at the newest revision.
     """
 
-    def __init__(self, url: str, device: str = "cpu", cache_size: int = 256) -> None:
+    def __init__(self, url: str, device: str = "cpu", cache_size: int = 256, migrate: bool = True) -> None:
         self.engine = make_engine(url)
         database = self.engine.url.database
         if self.engine.dialect.name == "sqlite" and database and database != ":memory:":
@@ -192,7 +224,19 @@ class DomainStore:
         self.device = device
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._cache = _ParamsCache(cache_size)
-        Base.metadata.create_all(self.engine)
+        if migrate:
+            migrations.upgrade(self.engine)
+        else:
+            self._check_revision()
+
+    def _check_revision(self) -> None:
+        with self.engine.connect() as connection:
+            revision = migrations.current(connection)
+        if revision != migrations.head():
+            raise RuntimeError(
+                f"the database is at schema revision {revision}, not {migrations.head()}: run `metasent db upgrade` "
+                "(or start the server with METASENT_MIGRATE_ON_START=true)"
+            )
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -211,6 +255,7 @@ class DomainStore:
     def _write(self) -> Iterator[Session]:
         """A write transaction, committed as one (SQLAlchemy ``Session.begin``)."""
         with self._sessions() as session, session.begin():
+            session.connection(execution_options={"sqlite_immediate": True})
             yield session
 
     def __len__(self) -> int:
@@ -303,7 +348,7 @@ class DomainStore:
     def delete(self, tenant: str, domain_id: str) -> bool:
         """Forget ``tenant``'s domain; ``False`` when there is none."""
         self._cache.drop(domain_id)
-        with self._sessions() as session, session.begin():
+        with self._write() as session:
             row = session.get(DomainRow, domain_id)
             if row is None or row.tenant != tenant:
                 return False
