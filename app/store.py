@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from dataclasses import replace as replace_fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from sqlalchemy import (
     JSON,
     Connection,
     Engine,
+    Float,
     Integer,
     LargeBinary,
     String,
@@ -39,6 +42,8 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy import delete as delete_rows
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, deferred, mapped_column, sessionmaker
 from torch import Tensor
 
@@ -102,6 +107,49 @@ class StoredDomain:
             "updated_at": self.updated_at,
             "adaptation": self.adaptation,
         }
+
+
+class IdempotencyRow(Base):
+    """The answer to a write sent with an ``Idempotency-Key``, kept until ``expires_at``."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))  # sha256 of method, path and canonical body
+    status: Mapped[int] = mapped_column(Integer)
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)  # unix seconds
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """A write's ``Idempotency-Key``: its answer is stored with the write, in one transaction.
+
+    Args:
+        key (`str`): the client's key (unique per tenant).
+        request_hash (`str`): sha256 hex of the request (method, path, canonical body).
+        status (`int`): the HTTP status the write answers.
+        ttl_s (`float`): seconds the answer is kept.
+    """
+
+    key: str
+    request_hash: str
+    status: int
+    ttl_s: float
+
+
+class IdempotencyMismatchError(Exception):
+    """The key was used before with another request (another hash)."""
+
+
+class IdempotentReplayError(Exception):
+    """The key's write is stored already: answer ``status`` and ``body`` again, write nothing."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(f"stored answer {status}")
+        self.status, self.body = status, body
 
 
 class DomainLimitError(Exception):
@@ -283,8 +331,10 @@ class DomainStore:
         examples: Examples,
         checkpoint_hash: str,
         limit: int | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> StoredDomain:
-        """Store a new domain (version 1) in one transaction.
+        """Store a new domain (version 1) in one transaction, under the tenant's write lock (so
+        concurrent creates, on any replica, never pass ``limit``).
 
         Args:
             tenant (`str`): owner.
@@ -296,12 +346,16 @@ class DomainStore:
             examples (`list[tuple[str, str]]`): the support set, ``(text, label)``.
             checkpoint_hash (`str`): hash of the model it was adapted with.
             limit (`int`, *optional*): most domains ``tenant`` may keep.
+            idempotency (`IdempotencyKey`, *optional*): the request's key; its answer (the
+                domain's :meth:`StoredDomain.public`) is stored in the same transaction.
 
         Returns:
             `StoredDomain`: the stored domain.
 
         Raises:
             DomainLimitError: when ``tenant`` already keeps ``limit`` domains.
+            IdempotentReplayError: when the key's write is stored already (nothing written).
+            IdempotencyMismatchError: when the key was used with another request.
         """
         now = _now()
         row = DomainRow(
@@ -318,12 +372,89 @@ class DomainStore:
             created_at=now,
             updated_at=now,
         )
-        with self._write() as session:
+        stored = _domain(row, with_examples=True)
+        with self._idempotent_write(tenant, idempotency, stored.public(checkpoint_hash)) as session:
             if limit is not None and self._count(session, tenant) >= limit:
                 raise DomainLimitError(f"{tenant} keeps {limit} domains")
             session.add(row)
         self._cache.put(row.domain_id, (1, checkpoint_hash), tensors)
-        return _domain(row, with_examples=True)
+        return stored
+
+    @contextmanager
+    def _idempotent_write(
+        self, tenant: str, idempotency: IdempotencyKey | None, body: dict[str, Any]
+    ) -> Iterator[Session]:
+        """A write transaction under ``tenant``'s lock that also stores ``idempotency``'s answer
+        ``body`` (first, so a key stored meanwhile by a concurrent request or another replica
+        makes this write a replay, never a second write)."""
+        try:
+            with self._write() as session:
+                self._lock_tenant(session, tenant)
+                if idempotency is not None:
+                    self._claim(session, tenant, idempotency, body)
+                yield session
+        except IntegrityError:  # the same key inserted concurrently (a store without the lock)
+            if idempotency is None:
+                raise
+            answer = self.answer(tenant, idempotency)
+            if answer is None:
+                raise
+            raise IdempotentReplayError(*answer) from None
+
+    @staticmethod
+    def _lock_tenant(session: Session, tenant: str) -> None:
+        """Serialise the tenant's writes until the transaction ends: a PostgreSQL advisory lock
+        (every replica); SQLite's ``BEGIN IMMEDIATE`` holds the database's write lock already."""
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(1, hashtext(:tenant))"), {"tenant": tenant})
+
+    def _claim(self, session: Session, tenant: str, idempotency: IdempotencyKey, body: dict[str, Any]) -> None:
+        """Insert the key's row (expired keys of ``tenant`` are dropped first).
+
+        Raises:
+            IdempotentReplayError: when the key's answer is stored already.
+            IdempotencyMismatchError: when the key was used with another request.
+        """
+        now = time.time()
+        expired = IdempotencyRow.expires_at <= now
+        session.execute(delete_rows(IdempotencyRow).where(IdempotencyRow.tenant == tenant, expired))
+        existing = session.get(IdempotencyRow, (tenant, idempotency.key))
+        if existing is not None:
+            raise self._replay(existing, idempotency)
+        session.add(
+            IdempotencyRow(
+                tenant=tenant,
+                key=idempotency.key,
+                request_hash=idempotency.request_hash,
+                status=idempotency.status,
+                body=body,
+                created_at=now,
+                expires_at=now + idempotency.ttl_s,
+            )
+        )
+        session.flush()
+
+    @staticmethod
+    def _replay(row: IdempotencyRow, idempotency: IdempotencyKey) -> Exception:
+        if row.request_hash != idempotency.request_hash:
+            return IdempotencyMismatchError(idempotency.key)
+        return IdempotentReplayError(row.status, dict(row.body))
+
+    def answer(self, tenant: str, idempotency: IdempotencyKey) -> tuple[int, dict[str, Any]] | None:
+        """The stored answer ``(status, body)`` of ``tenant``'s key, or ``None`` (never used, or
+        expired).
+
+        Raises:
+            IdempotencyMismatchError: when the key was used with another request.
+        """
+        with self._sessions() as session:
+            row = session.get(IdempotencyRow, (tenant, idempotency.key))
+            if row is None or row.expires_at <= time.time():
+                return None
+            replay = self._replay(row, idempotency)
+        if isinstance(replay, IdempotentReplayError):
+            return replay.status, replay.body
+        raise replay
 
     def get(self, tenant: str, domain_id: str, with_examples: bool = False) -> StoredDomain | None:
         """``tenant``'s domain ``domain_id``, or ``None`` (also when another tenant owns it)."""
@@ -364,6 +495,7 @@ class DomainStore:
         examples: Examples,
         checkpoint_hash: str,
         bump_version: bool = True,
+        idempotency: IdempotencyKey | None = None,
     ) -> StoredDomain:
         """Write a new adaptation of ``domain`` if it is still at ``domain.version``.
 
@@ -377,6 +509,8 @@ class DomainStore:
             checkpoint_hash (`str`): hash of the model it was adapted with.
             bump_version (`bool`, defaults to `True`): add 1 to the version (a new support set);
                 `False` for a re-adaptation of the same support set with a new checkpoint.
+            idempotency (`IdempotencyKey`, *optional*): the request's key; its answer is stored
+                in the same transaction (only when the write succeeds).
 
         Returns:
             `StoredDomain`: the domain as now stored.
@@ -384,6 +518,8 @@ class DomainStore:
         Raises:
             VersionConflictError: when another write changed the domain in the meantime.
             KeyError: when the domain was deleted in the meantime.
+            IdempotentReplayError: when the key's write is stored already (nothing written).
+            IdempotencyMismatchError: when the key was used with another request.
         """
         version = domain.version + (1 if bump_version else 0)
         values = {
@@ -404,16 +540,23 @@ class DomainStore:
         )
         if not bump_version:  # a re-adaptation only replaces the adaptation it was based on
             query = query.where(DomainRow.checkpoint_hash == domain.checkpoint_hash)
-        with self._write() as session:
+        stored = replace_fields(
+            domain,
+            labels=tuple(labels),
+            num_examples=len(examples),
+            version=version,
+            checkpoint_hash=checkpoint_hash,
+            adaptation=dict(info),
+            updated_at=str(values["updated_at"]),
+            examples=list(examples),
+        )
+        with self._idempotent_write(domain.tenant, idempotency, stored.public(checkpoint_hash)) as session:
             if session.execute(query).rowcount != 1:  # type: ignore[attr-defined]
                 current = session.get(DomainRow, domain.domain_id)
-                if current is None:
+                if current is None or current.tenant != domain.tenant:
                     raise KeyError(domain.domain_id)
                 raise VersionConflictError(current.version)
         self._cache.put(domain.domain_id, (version, checkpoint_hash), tensors)
-        stored = self.get(domain.tenant, domain.domain_id, with_examples=True)
-        if stored is None:
-            raise KeyError(domain.domain_id)
         return stored
 
     def params(self, domain: StoredDomain) -> dict[str, Tensor]:
@@ -444,6 +587,10 @@ __all__ = [
     "DomainLimitError",
     "DomainRow",
     "DomainStore",
+    "IdempotencyKey",
+    "IdempotencyMismatchError",
+    "IdempotencyRow",
+    "IdempotentReplayError",
     "StoredDomain",
     "VersionConflictError",
     "make_engine",

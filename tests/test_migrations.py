@@ -76,7 +76,7 @@ def test_store_upgrades_a_database_written_before_migrations(database_url: str) 
     with pytest.raises(RuntimeError, match="metasent db upgrade"):  # the server refuses an old schema
         DomainStore(database_url, migrate=False)
     store = DomainStore(database_url)  # stamps 0001, upgrades to head
-    assert _revision(store) == migrations.head()
+    assert _revision(store) == migrations.head() != migrations.LEGACY_REVISION
     _assert_intact(store, rows)
     added = store.add("t1", "new", ("a", "b"), {"head.bias": torch.zeros(2)}, {}, [("x", "a"), ("y", "b")], "h")
     assert store.count("t1") == 3 and added.version == 1
@@ -132,5 +132,5 @@ def test_replicas_starting_together_migrate_once(database_url: str) -> None:
         thread.join(timeout=60)
     assert not errors, errors
     store = DomainStore(database_url, migrate=False)
-    assert _revision(store) == migrations.head()
+    assert _revision(store) == migrations.head() != migrations.LEGACY_REVISION
     store.close()
