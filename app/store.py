@@ -37,12 +37,14 @@ from sqlalchemy import (
     String,
     create_engine,
     event,
+    false,
     func,
     select,
     text,
     update,
 )
 from sqlalchemy import delete as delete_rows
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, deferred, mapped_column, sessionmaker
 from torch import Tensor
@@ -205,13 +207,34 @@ def _sqlite_begin(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+# SQLite errors after which a pooled connection cannot write again (it was opened read-only, or its
+# file went away): the pool is discarded, so connections opened after the fault is repaired write.
+_SQLITE_BROKEN = ("readonly", "read-only", "unable to open database", "disk i/o error")
+
+
+_PG_READ_ONLY = "25006"  # read_only_sql_transaction: a standby, or default_transaction_read_only
+
+
+def _broken_connection(context: ExceptionContext) -> None:
+    error = context.original_exception
+    message = str(error).lower()
+    sqlite = context.dialect is not None and context.dialect.name == "sqlite"
+    if (sqlite and any(broken in message for broken in _SQLITE_BROKEN)) or getattr(
+        error, "sqlstate", None
+    ) == _PG_READ_ONLY:
+        context.is_disconnect = True  # SQLAlchemy invalidates this connection and the whole pool
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, ``synchronous=FULL`` and SQLAlchemy-controlled
-    transactions (``BEGIN IMMEDIATE`` for writes) on every connection."""
-    engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+    transactions (``BEGIN IMMEDIATE`` for writes) on every connection, and a pool that is discarded
+    after a read-only or missing-file error. SQL parameters (users' texts) never appear in error
+    messages or logs (``hide_parameters``)."""
+    engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"), hide_parameters=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
+    event.listen(engine, "handle_error", _broken_connection)
     return engine
 
 
@@ -291,13 +314,17 @@ class DomainStore:
         self.engine.dispose()
 
     def ping(self) -> None:
-        """Run ``SELECT 1``.
+        """Check that the database takes writes: a write transaction (``BEGIN IMMEDIATE`` on
+        SQLite) with a write that matches no row, rolled back. A read-only database (file
+        permissions, a PostgreSQL standby) fails it, not only an unreachable one.
 
         Raises:
-            sqlalchemy.exc.SQLAlchemyError: when the database is unreachable.
+            sqlalchemy.exc.SQLAlchemyError: when the database is unreachable or read-only.
         """
-        with self.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        with self._sessions() as session:
+            session.connection(execution_options={"sqlite_immediate": True})
+            session.execute(delete_rows(IdempotencyRow).where(false()))
+            session.rollback()
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
