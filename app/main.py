@@ -54,7 +54,7 @@ def _load_service(settings: Settings) -> ModelService:
 
 
 def _open_store(settings: Settings, service: ModelService) -> DomainStore:
-    store = DomainStore(settings.database(), service.device, settings.cache_domains)
+    store = DomainStore(settings.database(), service.device, settings.cache_domains, settings.migrate_on_start)
     logger.info("domain store: %s (%d domains)", store.engine.url.render_as_string(hide_password=True), len(store))
     if settings.readapt_on_load:
         logger.info("re-adapted %d stale domains", readapt_all(service, store))

@@ -55,6 +55,17 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL of the domain store, e.g. postgresql+psycopg://user:pass@host/metasent "
         "(default: sqlite:///<data_dir>/metasent.db)",
     )
+    migrate_on_start: bool = Field(
+        default=True,
+        description="bring the database schema to the newest revision at start-up (Alembic; replicas take turns); "
+        "false: the database must be upgraded already (metasent db upgrade), else the server does not start",
+    )
+    idempotency_ttl_s: float = Field(
+        default=24 * 3600,
+        gt=0,
+        description="seconds the answer of a write sent with an Idempotency-Key is kept (a retry within it gets "
+        "the same answer; later the key can be used again)",
+    )
     api_keys: SecretStr | None = Field(
         default=None,
         description="comma-separated bearer tokens, each its own tenant; none: one open tenant 'default'",

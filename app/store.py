@@ -14,20 +14,42 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from dataclasses import replace as replace_fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-from sqlalchemy import JSON, Engine, Integer, LargeBinary, String, create_engine, event, func, select, text, update
+from sqlalchemy import (
+    JSON,
+    Connection,
+    Engine,
+    Float,
+    Integer,
+    LargeBinary,
+    String,
+    create_engine,
+    event,
+    false,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy import delete as delete_rows
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, deferred, mapped_column, sessionmaker
 from torch import Tensor
+
+from . import migrations
 
 logger = logging.getLogger(__name__)
 Examples = list[tuple[str, str]]  # a support set, (text, label) pairs
@@ -89,6 +111,49 @@ class StoredDomain:
         }
 
 
+class IdempotencyRow(Base):
+    """The answer to a write sent with an ``Idempotency-Key``, kept until ``expires_at``."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))  # sha256 of method, path and canonical body
+    status: Mapped[int] = mapped_column(Integer)
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)  # unix seconds
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """A write's ``Idempotency-Key``: its answer is stored with the write, in one transaction.
+
+    Args:
+        key (`str`): the client's key (unique per tenant).
+        request_hash (`str`): sha256 hex of the request (method, path, canonical body).
+        status (`int`): the HTTP status the write answers.
+        ttl_s (`float`): seconds the answer is kept.
+    """
+
+    key: str
+    request_hash: str
+    status: int
+    ttl_s: float
+
+
+class IdempotencyMismatchError(Exception):
+    """The key was used before with another request (another hash)."""
+
+
+class IdempotentReplayError(Exception):
+    """The key's write is stored already: answer ``status`` and ``body`` again, write nothing."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(f"stored answer {status}")
+        self.status, self.body = status, body
+
+
 class DomainLimitError(Exception):
     """The tenant already keeps its maximum number of domains."""
 
@@ -125,7 +190,8 @@ def _domain(row: DomainRow, with_examples: bool = False) -> StoredDomain:
     )
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+def _sqlite_connect(dbapi_connection: Any, _: Any) -> None:
+    dbapi_connection.isolation_level = None  # the driver begins nothing itself: see _sqlite_begin
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
     cursor.execute("PRAGMA synchronous=FULL")  # a commit is on disk before it is acknowledged
@@ -133,11 +199,42 @@ def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     cursor.close()
 
 
+def _sqlite_begin(connection: Connection) -> None:
+    """``BEGIN IMMEDIATE`` (the write lock first) for a connection with the ``sqlite_immediate``
+    execution option (every write transaction), a plain ``BEGIN`` otherwise: a write transaction
+    that reads first (the quota count) can then never fail to upgrade its lock."""
+    immediate = connection.get_execution_options().get("sqlite_immediate", False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+# SQLite errors after which a pooled connection cannot write again (it was opened read-only, or its
+# file went away): the pool is discarded, so connections opened after the fault is repaired write.
+_SQLITE_BROKEN = ("readonly", "read-only", "unable to open database", "disk i/o error")
+
+
+_PG_READ_ONLY = "25006"  # read_only_sql_transaction: a standby, or default_transaction_read_only
+
+
+def _broken_connection(context: ExceptionContext) -> None:
+    error = context.original_exception
+    message = str(error).lower()
+    sqlite = context.dialect is not None and context.dialect.name == "sqlite"
+    if (sqlite and any(broken in message for broken in _SQLITE_BROKEN)) or getattr(
+        error, "sqlstate", None
+    ) == _PG_READ_ONLY:
+        context.is_disconnect = True  # SQLAlchemy invalidates this connection and the whole pool
+
+
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL and ``synchronous=FULL`` on every connection."""
-    engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+    """An engine for ``url``; SQLite gets WAL, ``synchronous=FULL`` and SQLAlchemy-controlled
+    transactions (``BEGIN IMMEDIATE`` for writes) on every connection, and a pool that is discarded
+    after a read-only or missing-file error. SQL parameters (users' texts) never appear in error
+    messages or logs (``hide_parameters``)."""
+    engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"), hide_parameters=True)
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+    event.listen(engine, "handle_error", _broken_connection)
     return engine
 
 
@@ -182,9 +279,15 @@ class DomainStore:
             ``postgresql+psycopg://user:pass@host/metasent``.
         device (`str`, defaults to ``"cpu"``): where loaded tensors are placed.
         cache_size (`int`, defaults to 256): domains whose tensors stay in memory.
+        migrate (`bool`, defaults to `True`): bring the schema to the newest revision first
+            (:func:`metasent.app.migrations.upgrade`); with `False` the database must be there
+            already (``metasent db upgrade``).
+
+    Raises:
+        RuntimeError: with ``migrate=False``, when the database is not at the newest revision.
     """
 
-    def __init__(self, url: str, device: str = "cpu", cache_size: int = 256) -> None:
+    def __init__(self, url: str, device: str = "cpu", cache_size: int = 256, migrate: bool = True) -> None:
         self.engine = make_engine(url)
         database = self.engine.url.database
         if self.engine.dialect.name == "sqlite" and database and database != ":memory:":
@@ -192,25 +295,42 @@ class DomainStore:
         self.device = device
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._cache = _ParamsCache(cache_size)
-        Base.metadata.create_all(self.engine)
+        if migrate:
+            migrations.upgrade(self.engine)
+        else:
+            self._check_revision()
+
+    def _check_revision(self) -> None:
+        with self.engine.connect() as connection:
+            revision = migrations.current(connection)
+        if revision != migrations.head():
+            raise RuntimeError(
+                f"the database is at schema revision {revision}, not {migrations.head()}: run `metasent db upgrade` "
+                "(or start the server with METASENT_MIGRATE_ON_START=true)"
+            )
 
     def close(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
 
     def ping(self) -> None:
-        """Run ``SELECT 1``.
+        """Check that the database takes writes: a write transaction (``BEGIN IMMEDIATE`` on
+        SQLite) with a write that matches no row, rolled back. A read-only database (file
+        permissions, a PostgreSQL standby) fails it, not only an unreachable one.
 
         Raises:
-            sqlalchemy.exc.SQLAlchemyError: when the database is unreachable.
+            sqlalchemy.exc.SQLAlchemyError: when the database is unreachable or read-only.
         """
-        with self.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        with self._sessions() as session:
+            session.connection(execution_options={"sqlite_immediate": True})
+            session.execute(delete_rows(IdempotencyRow).where(false()))
+            session.rollback()
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
         """A write transaction, committed as one (SQLAlchemy ``Session.begin``)."""
         with self._sessions() as session, session.begin():
+            session.connection(execution_options={"sqlite_immediate": True})
             yield session
 
     def __len__(self) -> int:
@@ -238,8 +358,10 @@ class DomainStore:
         examples: Examples,
         checkpoint_hash: str,
         limit: int | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> StoredDomain:
-        """Store a new domain (version 1) in one transaction.
+        """Store a new domain (version 1) in one transaction, under the tenant's write lock (so
+        concurrent creates, on any replica, never pass ``limit``).
 
         Args:
             tenant (`str`): owner.
@@ -251,12 +373,16 @@ class DomainStore:
             examples (`list[tuple[str, str]]`): the support set, ``(text, label)``.
             checkpoint_hash (`str`): hash of the model it was adapted with.
             limit (`int`, *optional*): most domains ``tenant`` may keep.
+            idempotency (`IdempotencyKey`, *optional*): the request's key; its answer (the
+                domain's :meth:`StoredDomain.public`) is stored in the same transaction.
 
         Returns:
             `StoredDomain`: the stored domain.
 
         Raises:
             DomainLimitError: when ``tenant`` already keeps ``limit`` domains.
+            IdempotentReplayError: when the key's write is stored already (nothing written).
+            IdempotencyMismatchError: when the key was used with another request.
         """
         now = _now()
         row = DomainRow(
@@ -273,12 +399,89 @@ class DomainStore:
             created_at=now,
             updated_at=now,
         )
-        with self._write() as session:
+        stored = _domain(row, with_examples=True)
+        with self._idempotent_write(tenant, idempotency, stored.public(checkpoint_hash)) as session:
             if limit is not None and self._count(session, tenant) >= limit:
                 raise DomainLimitError(f"{tenant} keeps {limit} domains")
             session.add(row)
         self._cache.put(row.domain_id, (1, checkpoint_hash), tensors)
-        return _domain(row, with_examples=True)
+        return stored
+
+    @contextmanager
+    def _idempotent_write(
+        self, tenant: str, idempotency: IdempotencyKey | None, body: dict[str, Any]
+    ) -> Iterator[Session]:
+        """A write transaction under ``tenant``'s lock that also stores ``idempotency``'s answer
+        ``body`` (first, so a key stored meanwhile by a concurrent request or another replica
+        makes this write a replay, never a second write)."""
+        try:
+            with self._write() as session:
+                self._lock_tenant(session, tenant)
+                if idempotency is not None:
+                    self._claim(session, tenant, idempotency, body)
+                yield session
+        except IntegrityError:  # the same key inserted concurrently (a store without the lock)
+            if idempotency is None:
+                raise
+            answer = self.answer(tenant, idempotency)
+            if answer is None:
+                raise
+            raise IdempotentReplayError(*answer) from None
+
+    @staticmethod
+    def _lock_tenant(session: Session, tenant: str) -> None:
+        """Serialise the tenant's writes until the transaction ends: a PostgreSQL advisory lock
+        (every replica); SQLite's ``BEGIN IMMEDIATE`` holds the database's write lock already."""
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(1, hashtext(:tenant))"), {"tenant": tenant})
+
+    def _claim(self, session: Session, tenant: str, idempotency: IdempotencyKey, body: dict[str, Any]) -> None:
+        """Insert the key's row (expired keys of ``tenant`` are dropped first).
+
+        Raises:
+            IdempotentReplayError: when the key's answer is stored already.
+            IdempotencyMismatchError: when the key was used with another request.
+        """
+        now = time.time()
+        expired = IdempotencyRow.expires_at <= now
+        session.execute(delete_rows(IdempotencyRow).where(IdempotencyRow.tenant == tenant, expired))
+        existing = session.get(IdempotencyRow, (tenant, idempotency.key))
+        if existing is not None:
+            raise self._replay(existing, idempotency)
+        session.add(
+            IdempotencyRow(
+                tenant=tenant,
+                key=idempotency.key,
+                request_hash=idempotency.request_hash,
+                status=idempotency.status,
+                body=body,
+                created_at=now,
+                expires_at=now + idempotency.ttl_s,
+            )
+        )
+        session.flush()
+
+    @staticmethod
+    def _replay(row: IdempotencyRow, idempotency: IdempotencyKey) -> Exception:
+        if row.request_hash != idempotency.request_hash:
+            return IdempotencyMismatchError(idempotency.key)
+        return IdempotentReplayError(row.status, dict(row.body))
+
+    def answer(self, tenant: str, idempotency: IdempotencyKey) -> tuple[int, dict[str, Any]] | None:
+        """The stored answer ``(status, body)`` of ``tenant``'s key, or ``None`` (never used, or
+        expired).
+
+        Raises:
+            IdempotencyMismatchError: when the key was used with another request.
+        """
+        with self._sessions() as session:
+            row = session.get(IdempotencyRow, (tenant, idempotency.key))
+            if row is None or row.expires_at <= time.time():
+                return None
+            replay = self._replay(row, idempotency)
+        if isinstance(replay, IdempotentReplayError):
+            return replay.status, replay.body
+        raise replay
 
     def get(self, tenant: str, domain_id: str, with_examples: bool = False) -> StoredDomain | None:
         """``tenant``'s domain ``domain_id``, or ``None`` (also when another tenant owns it)."""
@@ -303,7 +506,7 @@ class DomainStore:
     def delete(self, tenant: str, domain_id: str) -> bool:
         """Forget ``tenant``'s domain; ``False`` when there is none."""
         self._cache.drop(domain_id)
-        with self._sessions() as session, session.begin():
+        with self._write() as session:
             row = session.get(DomainRow, domain_id)
             if row is None or row.tenant != tenant:
                 return False
@@ -319,6 +522,7 @@ class DomainStore:
         examples: Examples,
         checkpoint_hash: str,
         bump_version: bool = True,
+        idempotency: IdempotencyKey | None = None,
     ) -> StoredDomain:
         """Write a new adaptation of ``domain`` if it is still at ``domain.version``.
 
@@ -332,6 +536,8 @@ class DomainStore:
             checkpoint_hash (`str`): hash of the model it was adapted with.
             bump_version (`bool`, defaults to `True`): add 1 to the version (a new support set);
                 `False` for a re-adaptation of the same support set with a new checkpoint.
+            idempotency (`IdempotencyKey`, *optional*): the request's key; its answer is stored
+                in the same transaction (only when the write succeeds).
 
         Returns:
             `StoredDomain`: the domain as now stored.
@@ -339,6 +545,8 @@ class DomainStore:
         Raises:
             VersionConflictError: when another write changed the domain in the meantime.
             KeyError: when the domain was deleted in the meantime.
+            IdempotentReplayError: when the key's write is stored already (nothing written).
+            IdempotencyMismatchError: when the key was used with another request.
         """
         version = domain.version + (1 if bump_version else 0)
         values = {
@@ -359,16 +567,23 @@ class DomainStore:
         )
         if not bump_version:  # a re-adaptation only replaces the adaptation it was based on
             query = query.where(DomainRow.checkpoint_hash == domain.checkpoint_hash)
-        with self._write() as session:
+        stored = replace_fields(
+            domain,
+            labels=tuple(labels),
+            num_examples=len(examples),
+            version=version,
+            checkpoint_hash=checkpoint_hash,
+            adaptation=dict(info),
+            updated_at=str(values["updated_at"]),
+            examples=list(examples),
+        )
+        with self._idempotent_write(domain.tenant, idempotency, stored.public(checkpoint_hash)) as session:
             if session.execute(query).rowcount != 1:  # type: ignore[attr-defined]
                 current = session.get(DomainRow, domain.domain_id)
-                if current is None:
+                if current is None or current.tenant != domain.tenant:
                     raise KeyError(domain.domain_id)
                 raise VersionConflictError(current.version)
         self._cache.put(domain.domain_id, (version, checkpoint_hash), tensors)
-        stored = self.get(domain.tenant, domain.domain_id, with_examples=True)
-        if stored is None:
-            raise KeyError(domain.domain_id)
         return stored
 
     def params(self, domain: StoredDomain) -> dict[str, Tensor]:
@@ -399,6 +614,10 @@ __all__ = [
     "DomainLimitError",
     "DomainRow",
     "DomainStore",
+    "IdempotencyKey",
+    "IdempotencyMismatchError",
+    "IdempotencyRow",
+    "IdempotentReplayError",
     "StoredDomain",
     "VersionConflictError",
     "make_engine",

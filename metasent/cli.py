@@ -1,5 +1,5 @@
 """The ``metasent`` command line: ``train``, ``evaluate``, ``serve``, ``speed``, ``benchmark``,
-``adapt`` and ``classify``.
+``adapt``, ``classify`` and ``db upgrade``.
 
 ``train``'s options are generated from :class:`metasent.meta.config.TrainingArguments` (names,
 defaults and help from its fields), so the command cannot drift from the configuration it builds;
@@ -738,6 +738,37 @@ def classify(
     with MetasentClient(server, api_key, timeout, max_attempts=attempts) as client:
         result = _call(client.classify, domain, all_texts)
     typer.echo(json.dumps(result, indent=2))
+
+
+db = typer.Typer(help="The domain store's database: schema migrations (Alembic).", no_args_is_help=True)
+cli.add_typer(db, name="db")
+
+
+@db.command("upgrade")
+def db_upgrade(
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="SQLAlchemy URL (default: METASENT_DATABASE_URL, else the SQLite file in METASENT_DATA_DIR)"),
+    ] = None,
+    revision: Annotated[str, typer.Option(help="Target revision")] = "head",
+) -> None:
+    """Bring the database to the newest schema revision (or --revision). A database created before
+    migrations existed is recognised as revision 0001 and upgraded; stored domains are kept. Safe
+    to run while replicas serve and from several hosts at once (one migrator at a time)."""
+    _setup(None)
+    from metasent.app import migrations
+    from metasent.app.settings import Settings
+    from metasent.app.store import make_engine
+
+    url = database_url or Settings().database()
+    engine = make_engine(url)
+    if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        before, after = migrations.upgrade(engine, revision)
+    finally:
+        engine.dispose()
+    typer.echo(f"{engine.url.render_as_string(hide_password=True)}: schema revision {before} -> {after}")
 
 
 def main() -> None:

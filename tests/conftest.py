@@ -12,6 +12,7 @@ import shutil
 import socket
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -150,6 +151,50 @@ def modified_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> Path:
     config.inner_loop.steps = 2
     (copy / "metasent.json").write_text(config.model_dump_json(indent=2))
     return copy
+
+
+# -- databases: every store test runs on SQLite and on PostgreSQL --------------------------------
+
+POSTGRES_URL = os.environ.get("METASENT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+DATABASES = ["sqlite", "postgresql"]
+
+
+@contextmanager
+def database(kind: str, directory: Path) -> Iterator[str]:
+    """A fresh, empty database of ``kind`` (``sqlite``: a file in ``directory``; ``postgresql``: a new
+    schema in :data:`POSTGRES_URL`'s database, first on the ``search_path`` of every connection,
+    dropped on exit). Fails (never skips) when no PostgreSQL server answers."""
+    if kind == "sqlite":
+        yield f"sqlite:///{directory / 'metasent.db'}"
+        return
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    admin = create_engine(POSTGRES_URL)
+    try:
+        with admin.begin() as connection:
+            connection.execute(text(f"CREATE SCHEMA {schema}"))
+    except OperationalError as error:
+        admin.dispose()
+        pytest.fail(
+            f"no PostgreSQL server answers at {POSTGRES_URL} ({type(error).__name__}): start one "
+            "(.ci/run installs Debian's postgresql) or set METASENT_TEST_POSTGRES_URL",
+            pytrace=False,
+        )
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture(params=DATABASES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of a fresh database, once on SQLite and once on PostgreSQL."""
+    with database(request.param, tmp_path) as url:
+        yield url
 
 
 # -- the REST API: support sets, the JSON error shape, /metrics ----------------------------------

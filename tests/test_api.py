@@ -12,23 +12,37 @@ from fastapi.testclient import TestClient
 
 from metasent.app.main import create_app
 from metasent.app.settings import Settings
-from tests.conftest import NEGATIVE, POSITIVE, WORDS, assert_error, metric, support, valid_domain
+from tests.conftest import (
+    DATABASES,
+    NEGATIVE,
+    POSITIVE,
+    WORDS,
+    assert_error,
+    database,
+    metric,
+    support,
+    valid_domain,
+)
 
 MAX_EXAMPLES, MAX_TEXTS, MAX_DOMAINS = 20, 10, 3
 
 
-@pytest.fixture(scope="module")
-def client(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    settings = Settings(
-        checkpoint=tiny_checkpoint,
-        device="cpu",
-        max_examples=MAX_EXAMPLES,
-        max_texts=MAX_TEXTS,
-        max_domains_per_tenant=MAX_DOMAINS,
-        data_dir=tmp_path_factory.mktemp("api-data"),
-    )
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
+@pytest.fixture(scope="module", params=DATABASES)
+def client(
+    request: pytest.FixtureRequest, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TestClient]:
+    """The API over a fresh store: every test runs on SQLite and on PostgreSQL."""
+    with database(request.param, tmp_path_factory.mktemp("api-data")) as url:
+        settings = Settings(
+            checkpoint=tiny_checkpoint,
+            device="cpu",
+            max_examples=MAX_EXAMPLES,
+            max_texts=MAX_TEXTS,
+            max_domains_per_tenant=MAX_DOMAINS,
+            database_url=url,
+        )
+        with TestClient(create_app(settings)) as test_client:
+            yield test_client
 
 
 @pytest.fixture(autouse=True)

@@ -23,8 +23,10 @@ from tests.conftest import TEXTS, assert_error, assert_same_scores, support
 
 
 @contextmanager
-def serve(checkpoint: Path, data_dir: Path, **settings: Any) -> Iterator[TestClient]:
-    app = create_app(Settings(checkpoint=checkpoint, device="cpu", data_dir=data_dir, max_examples=30, **settings))
+def serve(checkpoint: Path, database_url: str, **settings: Any) -> Iterator[TestClient]:
+    app = create_app(
+        Settings(checkpoint=checkpoint, device="cpu", database_url=database_url, max_examples=30, **settings)
+    )
     with TestClient(app) as client:
         yield client
 
@@ -45,14 +47,13 @@ def put(client: TestClient, domain_id: str, **body: Any):
     return client.put(f"/v1/domains/{domain_id}/examples", json=body)
 
 
-def test_domains_survive_a_restart(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    with serve(tiny_checkpoint, tmp_path) as client:
+def test_domains_survive_a_restart(tiny_checkpoint: Path, database_url: str) -> None:
+    with serve(tiny_checkpoint, database_url) as client:
         first, second = create(client), create(client, support("good", "bad"), "other")
         updated = put(client, second["domain_id"], examples=[{"text": "okay fine", "label": "meh"}]).json()
         before = {d["domain_id"]: scores(client, d["domain_id"]) for d in (first, second)}
         listed = client.get("/v1/domains").json()
-    assert (tmp_path / "metasent.db").is_file()
-    with serve(tiny_checkpoint, tmp_path) as client:  # a new process over the same data dir
+    with serve(tiny_checkpoint, database_url) as client:  # a new process over the same data dir
         assert client.get("/v1/domains").json() == listed
         assert client.get(f"/v1/domains/{first['domain_id']}").json() == first
         assert client.get(f"/v1/domains/{second['domain_id']}").json() == updated
@@ -62,13 +63,15 @@ def test_domains_survive_a_restart(tiny_checkpoint: Path, tmp_path: Path) -> Non
         assert client.get("/healthz").json()["domains"] == 2
 
 
-def test_stale_domain_is_readapted_on_first_use(tiny_checkpoint: Path, modified_checkpoint: Path, tmp_path) -> None:
-    with serve(tiny_checkpoint, tmp_path) as client:
+def test_stale_domain_is_readapted_on_first_use(
+    tiny_checkpoint: Path, modified_checkpoint: Path, database_url: str
+) -> None:
+    with serve(tiny_checkpoint, database_url) as client:
         domain = create(client)
         untouched = create(client, name="untouched")
         old_scores = scores(client, domain["domain_id"])
     assert domain["adaptation"]["steps"] == 3 and domain["stale"] is False
-    with serve(modified_checkpoint, tmp_path) as client:
+    with serve(modified_checkpoint, database_url) as client:
         listed = {d["domain_id"]: d for d in client.get("/v1/domains").json()["domains"]}
         assert listed[domain["domain_id"]]["stale"] is True  # listing does not re-adapt
         assert listed[domain["domain_id"]]["checkpoint_hash"] == domain["checkpoint_hash"]
@@ -81,23 +84,23 @@ def test_stale_domain_is_readapted_on_first_use(tiny_checkpoint: Path, modified_
         stale_by_classify = scores(client, untouched["domain_id"])
         assert client.get(f"/v1/domains/{untouched['domain_id']}").json()["adaptation"]["steps"] == 2
         assert_same_scores(stale_by_classify, new_scores)  # same support set, same model
-    with serve(modified_checkpoint, tmp_path) as client:  # the new hash was recorded
+    with serve(modified_checkpoint, database_url) as client:  # the new hash was recorded
         again = client.get(f"/v1/domains/{domain['domain_id']}").json()
         assert again == fresh
         assert_same_scores(scores(client, domain["domain_id"]), new_scores)
 
 
-def test_readapt_on_load(tiny_checkpoint: Path, modified_checkpoint: Path, tmp_path: Path) -> None:
-    with serve(tiny_checkpoint, tmp_path) as client:
+def test_readapt_on_load(tiny_checkpoint: Path, modified_checkpoint: Path, database_url: str) -> None:
+    with serve(tiny_checkpoint, database_url) as client:
         ids = [create(client)["domain_id"] for _ in range(2)]
-    with serve(modified_checkpoint, tmp_path, readapt_on_load=True) as client:
+    with serve(modified_checkpoint, database_url, readapt_on_load=True) as client:
         listed = client.get("/v1/domains").json()["domains"]
         assert sorted(d["domain_id"] for d in listed) == sorted(ids)
         assert all(d["stale"] is False and d["adaptation"]["steps"] == 2 for d in listed)
 
 
-def test_put_examples_add_replace_and_versions(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    with serve(tiny_checkpoint, tmp_path) as client:
+def test_put_examples_add_replace_and_versions(tiny_checkpoint: Path, database_url: str) -> None:
+    with serve(tiny_checkpoint, database_url) as client:
         domain = create(client)
         domain_id = domain["domain_id"]
         assert domain["version"] == 1 and domain["created_at"] == domain["updated_at"]
@@ -142,8 +145,8 @@ def test_put_examples_add_replace_and_versions(tiny_checkpoint: Path, tmp_path: 
         ([], 422, "body"),
     ],
 )
-def test_put_examples_bad_input(tiny_checkpoint: Path, tmp_path: Path, body: Any, status: int, field: str) -> None:
-    with serve(tiny_checkpoint, tmp_path) as client:
+def test_put_examples_bad_input(tiny_checkpoint: Path, database_url: str, body: Any, status: int, field: str) -> None:
+    with serve(tiny_checkpoint, database_url) as client:
         domain = create(client)
         response = client.put(f"/v1/domains/{domain['domain_id']}/examples", json=body)
         assert_error(response, status, field)
@@ -151,8 +154,8 @@ def test_put_examples_bad_input(tiny_checkpoint: Path, tmp_path: Path, body: Any
         assert_error(client.put("/v1/domains/unknown/examples", json={"examples": support()}), 404, "domain_id")
 
 
-def test_stateless_classify_stores_nothing(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    with serve(tiny_checkpoint, tmp_path) as client:
+def test_stateless_classify_stores_nothing(tiny_checkpoint: Path, database_url: str) -> None:
+    with serve(tiny_checkpoint, database_url) as client:
         response = client.post("/v1/classify", json={"examples": support(), "texts": TEXTS})
         assert response.status_code == 200, response.text
         body = response.json()
@@ -172,7 +175,7 @@ def test_stateless_classify_stores_nothing(tiny_checkpoint: Path, tmp_path: Path
             ({"examples": support() * 4, "texts": TEXTS}, 413, "examples"),
         ]:
             assert_error(client.post("/v1/classify", json=bad), status, field)
-    with serve(tiny_checkpoint, tmp_path, max_texts=4) as client:
+    with serve(tiny_checkpoint, database_url, max_texts=4) as client:
         assert_error(client.post("/v1/classify", json={"examples": support(), "texts": TEXTS}), 413, "texts")
         assert len(client.get("/v1/domains").json()["domains"]) == 1
 
@@ -183,8 +186,8 @@ def _adaptation(value: float) -> tuple[tuple[str, ...], dict[str, torch.Tensor],
     return ("a", "b"), tensors, {"steps": 1, "seconds": 0.1, "device": "cpu"}
 
 
-def test_store_cache_versions_and_ping(tmp_path: Path) -> None:
-    store = DomainStore(f"sqlite:///{tmp_path / 'db.sqlite'}", cache_size=1)
+def test_store_cache_versions_and_ping(database_url: str) -> None:
+    store = DomainStore(database_url, cache_size=1)
     examples = [("good", "a"), ("bad", "b")]
     domain = store.add("t1", "x", *_adaptation(1.0), examples, "hash1")
     other = store.add("t1", "y", *_adaptation(2.0), examples, "hash1")
@@ -203,8 +206,10 @@ def test_store_cache_versions_and_ping(tmp_path: Path) -> None:
     assert len(store) == 1
     store.ping()
     store.close()
-    reopened = DomainStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    reopened = DomainStore(database_url)
     assert float(reopened.params(updated)["head.weight"][0, 0]) == 3.0
+    if reopened.engine.dialect.name != "sqlite":
+        return
     with reopened.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
@@ -231,11 +236,11 @@ def test_model_fingerprint(tiny_checkpoint: Path, modified_checkpoint: Path, tmp
     assert json.loads((tiny_checkpoint / "metasent.json").read_text())  # the checkpoint was not modified
 
 
-def test_concurrent_writers_never_fail(tmp_path: Path) -> None:
-    """SQLite writers that read first (count, get) must not hit 'database is locked'."""
+def test_concurrent_writers_never_fail(database_url: str) -> None:
+    """Writers that read first (count, get) must not hit 'database is locked' (SQLite) or deadlock."""
     from concurrent.futures import ThreadPoolExecutor
 
-    store = DomainStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store = DomainStore(database_url)
     examples = [("good", "a"), ("bad", "b")]
 
     def work(i: int) -> None:

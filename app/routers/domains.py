@@ -4,9 +4,14 @@ classify. Every route needs the caller's API key and sees only its tenant's doma
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import re
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Response, status
+from fastapi import APIRouter, Depends, Header, Response, status
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from ..adaptation import Examples, adapt_queued, predictions, refresh_queued
@@ -27,7 +32,15 @@ from ..schemas import (
 )
 from ..service import AdaptedState, ModelService
 from ..settings import Settings
-from ..store import DomainLimitError, DomainStore, StoredDomain, VersionConflictError
+from ..store import (
+    DomainLimitError,
+    DomainStore,
+    IdempotencyKey,
+    IdempotencyMismatchError,
+    IdempotentReplayError,
+    StoredDomain,
+    VersionConflictError,
+)
 from .common import QUEUE_FULL, REQUEST_ERRORS, V1_ERRORS, check_limit, check_text_lengths, pairs
 
 router = APIRouter(prefix="/v1/domains", tags=["domains"], dependencies=[Depends(require_tenant)], responses=V1_ERRORS)
@@ -71,6 +84,66 @@ def _too_many_domains(limit: int) -> ApiError:
 
 
 _DOMAIN_ID = re.compile(r"[0-9a-f]{32}")  # every id is uuid4().hex
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as an HTTP token
+IdempotencyHeader = Annotated[
+    str | None,
+    Header(
+        alias=IDEMPOTENCY_HEADER,
+        description="Makes the write safe to retry: a retry with the same key and body gets the first answer "
+        "(same domain, same status) and writes nothing; the same key with another body answers 422. "
+        "1-255 visible ASCII characters, e.g. a UUID; kept METASENT_IDEMPOTENCY_TTL_S (24 h).",
+    ),
+]
+
+
+def _idempotency(
+    header: str | None, method: str, path: str, body: BaseModel, answer_status: int, settings: Settings
+) -> IdempotencyKey | None:
+    """The request's :class:`IdempotencyKey` (``None`` without the header); its hash covers the
+    method, the path and the canonical JSON of the parsed body."""
+    if header is None:
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(header):
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"the {IDEMPOTENCY_HEADER} header must be 1-255 visible ASCII characters",
+            IDEMPOTENCY_HEADER,
+            "send a fresh random key per write, e.g. a UUID, and the same key when you retry it",
+        )
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(f"{method} {path}\n{canonical}".encode()).hexdigest()
+    return IdempotencyKey(header, digest, answer_status, settings.idempotency_ttl_s)
+
+
+def _key_reused() -> ApiError:
+    return ApiError(
+        422,
+        "idempotency_key_reused",
+        f"this {IDEMPOTENCY_HEADER} was already used with another request (method, path or body)",
+        IDEMPOTENCY_HEADER,
+        f"send a new {IDEMPOTENCY_HEADER} for a new request; reuse a key only to retry the identical request",
+    )
+
+
+def _replayed(answer_status: int, body: dict[str, Any]) -> JSONResponse:
+    """The stored answer of an idempotent write, again."""
+    headers = {"Idempotent-Replayed": "true"}
+    if answer_status == status.HTTP_201_CREATED:
+        headers["Location"] = f"/v1/domains/{body['domain_id']}"
+    return JSONResponse(body, status_code=answer_status, headers=headers)
+
+
+async def _stored_answer(store: DomainStore, tenant: str, key: IdempotencyKey | None) -> JSONResponse | None:
+    """The stored answer of ``key``'s earlier write, or ``None`` (no key, or not used yet)."""
+    if key is None:
+        return None
+    try:
+        answer = await run_in_threadpool(store.answer, tenant, key)
+    except IdempotencyMismatchError:
+        raise _key_reused() from None
+    return _replayed(*answer) if answer is not None else None
 
 
 async def _require(store: DomainStore, tenant: str, domain_id: str, with_examples: bool = False) -> StoredDomain:
@@ -121,9 +194,14 @@ async def create_domain(
     settings: SettingsDep,
     tenant: TenantDep,
     adapt_queue: AdaptQueueDep,
-) -> Domain:
+    idempotency_key: IdempotencyHeader = None,
+) -> Domain | JSONResponse:
     """Adapt a new domain: run the checkpoint's inner loop (prototype-initialised head, then k SGD
-    steps on the support loss) on the examples, and store the domain with its support set."""
+    steps on the support loss) on the examples, and store the domain with its support set. With
+    an ``Idempotency-Key``, a retry gets the first answer and creates nothing."""
+    key = _idempotency(idempotency_key, "POST", "/v1/domains", body, status.HTTP_201_CREATED, settings)
+    if (replay := await _stored_answer(store, tenant, key)) is not None:
+        return replay
     check_limit(len(body.examples), settings.max_examples, "examples", "MAX_EXAMPLES")
     check_text_lengths(body.examples, settings.max_text_chars)
     limit = settings.max_domains_per_tenant
@@ -142,9 +220,14 @@ async def create_domain(
             examples,
             service.checkpoint_hash,
             limit,
+            key,
         )
     except DomainLimitError:
         raise _too_many_domains(limit) from None
+    except IdempotentReplayError as stored:  # a concurrent request with the same key won
+        return _replayed(stored.status, stored.body)
+    except IdempotencyMismatchError:
+        raise _key_reused() from None
     response.headers["Location"] = f"/v1/domains/{domain.domain_id}"
     return _public(domain, service)
 
@@ -200,10 +283,16 @@ async def update_examples(
     settings: SettingsDep,
     tenant: TenantDep,
     adapt_queue: AdaptQueueDep,
-) -> Domain:
+    idempotency_key: IdempotencyHeader = None,
+) -> Domain | JSONResponse:
     """Add examples to the domain's support set (``mode: add``) or replace it (``mode:
     replace``), re-adapt, and store the result as the next version. With ``expected_version``,
-    the update is refused (409) unless the domain is still at that version."""
+    the update is refused (409) unless the domain is still at that version. With an
+    ``Idempotency-Key``, a retry gets the first answer and changes nothing."""
+    path = f"/v1/domains/{domain_id}/examples"
+    key = _idempotency(idempotency_key, "PUT", path, body, status.HTTP_200_OK, settings)
+    if (replay := await _stored_answer(store, tenant, key)) is not None:
+        return replay
     domain = await _require(store, tenant, domain_id, with_examples=True)
     if body.expected_version is not None and body.expected_version != domain.version:
         raise _conflict(domain_id, domain.version, body.expected_version)
@@ -218,7 +307,13 @@ async def update_examples(
             service.info(state),
             examples,
             service.checkpoint_hash,
+            True,
+            key,
         )
+    except IdempotentReplayError as stored_answer:  # a concurrent request with the same key won
+        return _replayed(stored_answer.status, stored_answer.body)
+    except IdempotencyMismatchError:
+        raise _key_reused() from None
     except VersionConflictError as error:
         raise _conflict(domain_id, error.current, body.expected_version) from None
     except KeyError:
