@@ -109,8 +109,8 @@ def setup(device: str = "auto") -> tuple[DistributedEnvironment, torch.device]:
         torch.cuda.set_device(resolved)
     if not dist.is_initialized():
         backend = "nccl" if resolved.type == "cuda" else "gloo"
-        kwargs = {"device_id": resolved} if resolved.type == "cuda" else {}
-        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, **kwargs)
+        device_id = resolved if resolved.type == "cuda" else None  # NCCL binds to this rank's GPU
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, device_id=device_id)
         logger.info("rank %d of %d on %s (%s)", env.rank, env.world_size, resolved, backend)
     return env, resolved
 
@@ -122,9 +122,9 @@ def barrier() -> None:
 
 
 def teardown() -> None:
-    """Leave the process group, if one was initialised (after a last barrier)."""
+    """Leave the process group, if one was initialised (no barrier: a rank that failed must exit,
+    so that torchrun stops the others, instead of waiting for them)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -255,4 +255,3 @@ def test_torchrun_train_and_resume_equal_one_uninterrupted_process(tmp_path: Pat
     resumed = json.loads((tmp_path / "two" / "last" / "metasent.json").read_text())
     assert resumed["step"] == 5 and [row["step"] for row in resumed["metrics"]["curve"]] == [1, 2, 3, 4, 5]
     _assert_same_weights(tmp_path / "two" / "last", tmp_path / "one5" / "last")
-
