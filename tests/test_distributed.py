@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -149,10 +150,12 @@ def test_environment_reads_torchrun_variables(monkeypatch) -> None:
 
 
 def _rank_worker(rank: int, world: int, port: int, root: str) -> None:
-    """One rank: meta-train each of ALGORITHMS, save its parameters; rank 1 must never write."""
+    """One rank: meta-train each of ALGORITHMS, save its parameters, then a run that rank 0's time
+    limit stops; rank 1 must never write a checkpoint."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a rank that misses a collective fails the test in a minute instead of gloo's 30
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         if rank != 0:
             import metasent.meta.train as train_module
@@ -173,6 +176,12 @@ def _rank_worker(rank: int, world: int, port: int, root: str) -> None:
             final = meta_train(model, train, val, _config(model, algorithm), Path(root) / algorithm, progress=False)
             params = {n: p.detach().clone() for n, p in model.named_parameters()}
             torch.save({"params": params, "curve": final.metrics["curve"]}, directory / "result.pt")
+        # rank 0's time limit stops every rank at its step (rank 1, given none, would go on to 5)
+        model = _model(Path(root) / f"rank{rank}" / "fomaml", "fomaml")
+        limit = 1e-9 if rank == 0 else None
+        config = _config(model, "fomaml", outer_steps=5, max_minutes=limit)
+        final = meta_train(model, *_tasks(), config, Path(root) / "stopped", progress=False)
+        (Path(root) / f"rank{rank}" / "stopped_at").write_text(str(final.step))
     finally:
         dist.destroy_process_group()
 
@@ -180,6 +189,7 @@ def _rank_worker(rank: int, world: int, port: int, root: str) -> None:
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process_with_the_whole_meta_batch(tmp_path: Path) -> None:
     mp.spawn(_rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}" / "stopped_at").read_text() for r in (0, 1)] == ["1", "1"]
     for algorithm in ALGORITHMS:
         ranks = [torch.load(tmp_path / f"rank{r}" / algorithm / "result.pt") for r in (0, 1)]
         (tmp_path / "one" / algorithm).mkdir(parents=True)
