@@ -36,6 +36,18 @@ class Episode:
     query: list[Example]
 
 
+def episode_rng(seed: int, step: int, index: int) -> random.Random:
+    """The generator of episode ``index`` of outer step ``step``'s meta-batch in a run seeded with
+    ``seed``: a function of those three numbers only, so that a meta-batch split across processes
+    (each drawing its own indices) holds the episodes one process draws, and a resumed run draws
+    what an uninterrupted one would have.
+
+    Returns:
+        `random.Random`: a fresh generator (string seeds are hashed with SHA-512 by ``random``).
+    """
+    return random.Random(f"metasent-episode:{seed}:{step}:{index}")
+
+
 def _by_label(examples: Sequence[Example]) -> dict[str, list[int]]:
     indices: dict[str, list[int]] = defaultdict(list)
     for index, example in enumerate(examples):
@@ -103,13 +115,19 @@ class EpisodeSampler:
         self.query_split = query_split or support_split
         self.rng = random.Random(seed)
 
-    def sample(self, task: Task | None = None) -> Episode:
+    def sample(self, task: Task | None = None, rng: random.Random | None = None) -> Episode:
         """Draw one episode from ``task`` (default: a task drawn uniformly).
+
+        Args:
+            task (`Task`, *optional*): the task (default: drawn uniformly from the sampler's).
+            rng (`random.Random`, *optional*): the generator to draw with (default: the
+                sampler's own stream, :attr:`rng`), e.g. :func:`episode_rng`'s.
 
         Raises:
             NotEnoughExamplesError: when a class of the task has fewer than K (+ Q) examples.
         """
-        task = task if task is not None else self.rng.choice(self.tasks)
+        rng = self.rng if rng is None else rng
+        task = task if task is not None else rng.choice(self.tasks)
         pool = task.split(self.support_split)
         support_by_label = _by_label(pool)
         same_split = self.query_split == self.support_split
@@ -121,13 +139,13 @@ class EpisodeSampler:
                 f"task {task.name!r} has {len(candidates)} labels with examples in both splits, "
                 f"an episode needs n_way={self.n_way}"
             )
-        labels = tuple(sorted(self.rng.sample(candidates, self.n_way)))
+        labels = tuple(sorted(rng.sample(candidates, self.n_way)))
         support: list[Example] = []
         query: list[Example] = []
         natural = self.query_sampling == "natural"
         for label in labels:
             indices = list(support_by_label[label])
-            self.rng.shuffle(indices)
+            rng.shuffle(indices)
             # Support and query from one split must not overlap: K + Q (at least K + 1) needed.
             needed = self.k_shot + ((1 if natural else self.q_query or 1) if same_split else 0)
             if len(indices) < needed:
@@ -141,7 +159,7 @@ class EpisodeSampler:
                 rest = indices[self.k_shot :]
             else:
                 rest = list(query_by_label[label])
-                self.rng.shuffle(rest)
+                rng.shuffle(rest)
                 if self.q_query is not None and not natural and len(rest) < self.q_query:
                     raise NotEnoughExamplesError(
                         f"task {task.name!r}, label {label!r}: {len(rest)} examples in "
@@ -150,7 +168,7 @@ class EpisodeSampler:
             chosen = rest if self.q_query is None or natural else rest[: self.q_query]
             query.extend(query_pool[i] for i in chosen)
         if natural:  # a uniform draw from the classes' remaining examples keeps their proportions
-            self.rng.shuffle(query)
+            rng.shuffle(query)
             if self.q_query is not None:
                 query = query[: self.q_query * self.n_way]
         return Episode(task=task.name, labels=labels, support=support, query=query)

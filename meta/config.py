@@ -194,6 +194,12 @@ class TrainConfig(BaseModel):
     val_episodes: int = Field(default=2, description="Validation episodes per validation task")
     val_q_query: int = Field(default=16, description="Query examples per class in a validation episode")
     seed: int = Field(default=0, description="Seed of episode sampling and of torch")
+    episode_seeds: Literal["stream", "per_episode"] = Field(
+        default="stream",
+        description="'stream': episodes drawn from one generator seeded once; 'per_episode': each episode from "
+        "its own generator seeded by (seed, step, index in the meta-batch), so a run split across processes "
+        "(torchrun, which always uses it) or resumed draws what one uninterrupted process draws",
+    )
     max_minutes: float | None = Field(default=None, description="Stop after this many minutes of wall time")
     frozen_layers: int = Field(
         default=0,

@@ -27,6 +27,7 @@ from metasent.data.episodes import Episode
 
 from .adaptation import HEAD_PREFIX, anchor_texts, autocast, encode_labels, init_head, inner_loop, straight_through
 from .config import InnerLoopConfig
+from .distributed import average_gradients
 from .feature_cache import LowerLayerCache
 from .model import FrozenFeatures, MetaLearner, Params
 
@@ -258,7 +259,8 @@ def fomaml_step(
     the meta-batch's longest text, measured 15% slower than per-episode passes (``metasent
     speed``), while a GPU needs the larger batches to be busy. The figures stay on the device
     until the update is queued: the step reads them back once (no host sync per episode or inner
-    step)."""
+    step). In a distributed run (:mod:`meta.distributed`) the gradient is averaged over every
+    rank's episodes before clipping; the figures returned are this rank's."""
     optimizer.zero_grad(set_to_none=True)
     losses, accuracies = [], []
     batched = model.device.type == "cuda" if batched is None else batched
@@ -273,6 +275,7 @@ def fomaml_step(
             (loss / len(episodes)).backward()
             losses.append(loss.detach().float())
             accuracies.append(accuracy)
+    average_gradients(model.parameters(), len(episodes))  # over every rank's episodes (no-op in one process)
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     optimizer.step()

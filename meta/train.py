@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from metasent.data.episodes import Episode, EpisodeSampler, NotEnoughExamplesError
+from metasent.data.episodes import Episode, EpisodeSampler, NotEnoughExamplesError, episode_rng
 from metasent.data.registry import Task
 
-from .algorithms import make_outer_loop
+from . import distributed
+from .algorithms import get, make_outer_loop
 from .checkpoint import save_checkpoint
 from .config import CheckpointConfig, InnerLoopConfig, TrainConfig
 from .evaluate import evaluate_episode
@@ -85,6 +86,12 @@ class MetaTrainer:
     each record) and save ``<output_dir>/last`` every ``save_every`` steps and at the end, with
     the optimiser, scheduler and RNG state for resuming.
 
+    In a process group of several ranks (torchrun, :mod:`meta.distributed`) each rank draws
+    ``meta_batch_size / world_size`` episodes of the meta-batch (seeded per episode,
+    ``episode_seeds="per_episode"``), the outer step averages the update over the ranks, and
+    only rank 0 validates, shows progress and writes checkpoints; rank 0's time limit decides
+    for every rank, so all stop at the same step.
+
     Args:
         model (`MetaLearner`): the meta-learner, trained in place.
         train_tasks (`Sequence[Task]`): meta-training tasks (their ``train`` split).
@@ -97,7 +104,9 @@ class MetaTrainer:
 
     Raises:
         ValueError: when ``config.training`` is missing, no training task can supply an episode,
-            ``frozen_layers`` reaches the adapted layers, or the algorithm is not meta-trained.
+            ``frozen_layers`` reaches the adapted layers, or the algorithm is not meta-trained; in
+            a distributed run, when ``meta_batch_size`` does not divide by the world size or the
+            algorithm does not average its update over ranks.
     """
 
     def __init__(
@@ -113,7 +122,9 @@ class MetaTrainer:
         if config.training is None:
             raise ValueError("config.training must be set for meta-training")
         self.model, self.config, self.args = model, config, config.training
-        self.output_dir, self.progress = Path(output_dir), progress
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.per_rank = self._check_distributed()
+        self.output_dir, self.progress = Path(output_dir), progress and self.rank == 0
         torch.manual_seed(self.args.seed)
         self.sampler = self._episode_sampler(train_tasks)
         self.val_set = validation_episodes(val_tasks, self.args) if val_tasks else []
@@ -133,7 +144,39 @@ class MetaTrainer:
         self.metrics.setdefault("validation", [])
         if training_state is not None:
             self.load_state(training_state)
+        extra = list(self.outer.extra.parameters()) if self.outer.extra is not None else []
+        distributed.broadcast_parameters([*model.parameters(), *model.buffers(), *extra])  # rank 0's start
         self._started: float | None = None  # monotonic start of this run's outer loop
+
+    def _check_distributed(self) -> int:
+        """Episodes this rank draws per step; switches a distributed run to per-episode seeds.
+
+        Raises:
+            ValueError: see the class.
+        """
+        if self.world_size == 1:
+            return self.args.meta_batch_size
+        if not get(self.config.algorithm).distributed:
+            raise ValueError(
+                f"algorithm {self.config.algorithm!r} does not average its outer update over processes: "
+                "run it in one process (without torchrun)"
+            )
+        per_rank = distributed.check_meta_batch(self.args.meta_batch_size, self.world_size)
+        if self.args.episode_seeds != "per_episode":
+            logger.info("distributed run: episode_seeds=per_episode (one process with it draws the same episodes)")
+            self.args.episode_seeds = "per_episode"
+        return per_rank
+
+    def meta_batch(self) -> list[Episode]:
+        """This rank's episodes of the meta-batch of step ``config.step + 1``: all of them in one
+        process with ``episode_seeds="stream"``; else episodes ``rank * per_rank`` to
+        ``(rank + 1) * per_rank - 1``, each from :func:`~metasent.data.episodes.episode_rng`."""
+        args = self.args
+        if args.episode_seeds == "stream":
+            return [self.sampler.sample() for _ in range(args.meta_batch_size)]
+        first = self.rank * self.per_rank
+        indices = range(first, first + self.per_rank)
+        return [self.sampler.sample(rng=episode_rng(args.seed, self.config.step, i)) for i in indices]
 
     def _episode_sampler(self, train_tasks: Sequence[Task]) -> EpisodeSampler:
         args = self.args
@@ -185,8 +228,8 @@ class MetaTrainer:
         return self.metrics.get("train_seconds", 0.0) + running
 
     def validate(self) -> None:
-        """Score the validation episodes; a new record saves ``<output_dir>/best``."""
-        if not self.val_set:
+        """Score the validation episodes; a new record saves ``<output_dir>/best`` (rank 0 only)."""
+        if not self.val_set or self.rank != 0:
             return
         accuracy = round(validate(self.model, self.val_set, self.config.inner_loop), 2)
         step = self.config.step
@@ -215,10 +258,14 @@ class MetaTrainer:
         running_loss = running_acc = None
         bar = tqdm(total=args.outer_steps, initial=config.step, disable=not self.progress, desc="meta-train")
         while config.step < args.outer_steps:
-            episodes = [self.sampler.sample() for _ in range(args.meta_batch_size)]
+            episodes = self.meta_batch()
             loss, accuracy = self.outer.step(episodes)  # query loss (reptile, multitask: training loss)
             self.scheduler.step()
             config.step += 1
+            # the whole meta-batch's figures, and rank 0's time limit for every rank
+            (loss, accuracy), out_of_time = distributed.reduce_step_figures(
+                (loss, accuracy), len(episodes), self._out_of_time()
+            )
             running_loss = loss if running_loss is None else 0.9 * running_loss + 0.1 * loss
             running_acc = accuracy if running_acc is None else 0.9 * running_acc + 0.1 * accuracy
             self.metrics["curve"].append(
@@ -231,21 +278,26 @@ class MetaTrainer:
             )
             bar.update(1)
             bar.set_postfix(meta_loss=f"{running_loss:.3f}", query_acc=f"{running_acc:.3f}")
-            out_of_time = self._out_of_time()
             if config.step % args.eval_every == 0 or config.step == args.outer_steps or out_of_time:
                 self.validate()
             if config.step % args.save_every == 0:
-                save_checkpoint(self.output_dir / "last", self.model, config, self.state_dict())
+                self._save_last()
             if out_of_time:
                 logger.info("stopping at step %d: max_minutes=%s reached", config.step, args.max_minutes)
                 break
         bar.close()
         self.metrics["train_seconds"] = round(self._seconds(), 1)
         self._started = None
-        save_checkpoint(self.output_dir / "last", self.model, config, self.state_dict())
-        if not self.val_set:
+        self._save_last()
+        if not self.val_set and self.rank == 0:
             save_checkpoint(self.output_dir / "best", self.model, config)
+        distributed.barrier()  # every rank returns once the checkpoints are written (no-op in one process)
         return config
+
+    def _save_last(self) -> None:
+        """``<output_dir>/last`` with the training state (rank 0 only: the ranks' models are equal)."""
+        if self.rank == 0:
+            save_checkpoint(self.output_dir / "last", self.model, self.config, self.state_dict())
 
 
 def meta_train(

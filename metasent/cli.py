@@ -93,6 +93,10 @@ def _from_bench(module: str, *names: str) -> Any:
 
 
 def _setup(threads: int | None, log_level: str = "INFO") -> None:
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 logs, the others only warn
+        log_level = "WARNING"
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if threads:
         import torch
@@ -365,15 +369,36 @@ def train(args: TrainingArguments) -> None:
     steps and keeps the best. --algorithm picks the method (default: FOMAML with Meta-SGD rates over
     LoRA adapters, label anchors and natural-proportion query sets). --resume goes on with a run's
     own settings; --init-from starts a new run, with these settings, from a model's meta-parameters.
-    Every option can also come from a --config file or --set KEY=VALUE."""
+    Every option can also come from a --config file or --set KEY=VALUE. Under torchrun
+    (`torchrun --nproc-per-node N -m metasent.cli train ...`) the meta-batch is split over the N
+    processes (README, "Distributed meta-training")."""
     _setup(args.threads)
+    from metasent.meta import distributed
+
+    env = distributed.environment()
+    if env.world_size > 1:
+        try:
+            distributed.check_meta_batch(args.meta_batch_size, env.world_size)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--meta-batch-size") from error
+    _, torch_device = distributed.setup(args.device)
+    try:
+        _train(args, torch_device, env.is_main)
+    finally:
+        distributed.teardown()
+
+
+def _train(args: TrainingArguments, torch_device: Any, is_main: bool) -> None:
+    """:func:`train` in this process (one rank of a distributed run, or the only process)."""
+    import torch
+
     from metasent.meta.algorithms import get
     from metasent.meta.checkpoint import load_checkpoint, load_training_state, save_checkpoint
-    from metasent.meta.model import MetaLearner, resolve_device
+    from metasent.meta.model import MetaLearner
     from metasent.meta.train import meta_train
 
     inner = _inner_loop(args.base_inner_loop(), args.inner_steps, args.inner_lr, args.adapted_layers)
-    torch_device = resolve_device(args.device)
+    torch.manual_seed(args.seed)  # the initial LoRA tensors, the same in every run of a seed
     if args.resume is not None:  # a 'last' checkpoint, or a compact model (fresh optimiser state)
         model, config = load_checkpoint(args.resume, torch_device)
         state = load_training_state(args.resume)
@@ -402,13 +427,15 @@ def train(args: TrainingArguments) -> None:
             raise typer.BadParameter(str(error), param_hint="--extra-data") from error
     if not get(config.algorithm).meta_trained:  # transfer learning: nothing to meta-train
         config.training = None
-        for name in ("best", "last"):
-            save_checkpoint(args.output / name, model, config)
-        typer.echo(json.dumps({"algorithm": config.algorithm, "checkpoint": str(args.output / "best")}))
+        if is_main:
+            for name in ("best", "last"):
+                save_checkpoint(args.output / name, model, config)
+            typer.echo(json.dumps({"algorithm": config.algorithm, "checkpoint": str(args.output / "best")}))
         return
     logger.info("training tasks: %s", ", ".join(t.name for t in train_tasks))
     final = meta_train(model, list(train_tasks), list(val_tasks), config, args.output, state, args.progress)
-    typer.echo(json.dumps({k: v for k, v in final.metrics.items() if k not in ("curve",)}, indent=2))
+    if is_main:
+        typer.echo(json.dumps({k: v for k, v in final.metrics.items() if k not in ("curve",)}, indent=2))
 
 
 @cli.command()

@@ -52,6 +52,7 @@ SPEC = register(
         "parameters; 5 inner steps on the head and the top 2 layers' LoRA, base encoder frozen",
         default_inner_loop=lora_meta_sgd_inner_loop,
         make_outer_loop=query_loss_outer_loop,
+        distributed=True,
         # LoRA tensors start at B = 0 and need a larger outer step than a pretrained encoder
         training_defaults={"label_anchors": True, "query_sampling": "natural", "outer_lr": 1e-3},
     )

@@ -21,6 +21,7 @@ SPEC = register(
         "step; trained with label anchors and natural query sets unless told otherwise",
         default_inner_loop=lambda: InnerLoopConfig(steps=0, classifier="matching"),
         make_outer_loop=query_loss_outer_loop,
+        distributed=True,
         training_defaults={"label_anchors": True, "query_sampling": "natural"},
     )
 )

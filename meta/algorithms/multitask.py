@@ -15,6 +15,7 @@ from metasent.data.episodes import Episode
 
 from ..adaptation import autocast, encode_labels
 from ..config import InnerLoopConfig
+from ..distributed import average_gradients
 from ..fomaml import clamp_meta_parameters
 from ..model import MetaLearner
 from .registry import AlgorithmSpec, OuterLoop, OuterLoopContext, register
@@ -58,7 +59,8 @@ def multitask_step(
         grad_clip (`float`, *optional*): global L2 gradient norm.
 
     Returns:
-        `(float, float)`: the mean cross-entropy (nats) and accuracy before the update.
+        `(float, float)`: the mean cross-entropy (nats) and accuracy before the update (this
+        rank's; the gradient is averaged over every rank's examples in a distributed run).
     """
     optimizer.zero_grad(set_to_none=True)
     examples = [ex for episode in episodes for ex in (*episode.support, *episode.query)]
@@ -68,6 +70,8 @@ def multitask_step(
         logits = model.logit_scale.exp() * head(z.float())  # (batch, labels)
         loss = F.cross_entropy(logits, targets)
     loss.backward()
+    # the mean over every rank's examples (no-op in one process)
+    average_gradients([*model.parameters(), *head.parameters()], len(examples))
     if grad_clip is not None:
         parameters = [p for p in (*model.parameters(), *head.parameters()) if p.requires_grad]
         torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
@@ -92,5 +96,6 @@ SPEC = register(
         "source task, then the head-only inner loop as fine-tuning",
         default_inner_loop=InnerLoopConfig,
         make_outer_loop=make_outer_loop,
+        distributed=True,
     )
 )

@@ -17,5 +17,6 @@ SPEC = register(
         description="prototypical networks (Snell et al. 2017): a class-prototype head, no inner-loop step",
         default_inner_loop=lambda: InnerLoopConfig(steps=0),
         make_outer_loop=query_loss_outer_loop,
+        distributed=True,
     )
 )

@@ -118,6 +118,11 @@ class AlgorithmSpec:
         training_defaults (`Mapping[str, Any]`, *optional*): defaults of
             :class:`meta.config.TrainingArguments` fields for this method, applied when the user
             does not set the field (e.g. ``{"label_anchors": True, "query_sampling": "natural"}``).
+        distributed (`bool`, defaults to False): whether the outer step averages its update over
+            the ranks of a torchrun launch (by calling
+            :func:`metasent.meta.distributed.average_gradients` between ``backward`` and the
+            optimiser step, as the built-in methods do); a method without it is refused by a
+            distributed ``metasent train`` rather than letting the ranks drift apart.
     """
 
     name: str
@@ -125,6 +130,7 @@ class AlgorithmSpec:
     default_inner_loop: Callable[[], InnerLoopConfig] = InnerLoopConfig
     make_outer_loop: Callable[[OuterLoopContext], OuterLoop] | None = None
     training_defaults: Mapping[str, Any] = field(default_factory=dict)
+    distributed: bool = False
 
     @property
     def meta_trained(self) -> bool:

@@ -16,6 +16,7 @@ from metasent.data.episodes import Episode
 
 from ..adaptation import inner_loop
 from ..config import InnerLoopConfig
+from ..distributed import average_gradients
 from ..fomaml import clamp_meta_parameters
 from ..model import MetaLearner
 from .registry import AlgorithmSpec, OuterLoop, OuterLoopContext, register
@@ -33,7 +34,8 @@ def reptile_step(
     For each episode the inner loop (:func:`meta.adaptation.inner_loop`) runs on all of the
     episode's examples (support and query: Reptile has no query loss); the outer "gradient" of
     each adapted encoder tensor is ``theta - phi`` averaged over the meta-batch, applied by the
-    optimizer (the Adam form of the Reptile step used in the paper's experiments). Tensors the
+    optimizer (the Adam form of the Reptile step used in the paper's experiments; in a
+    distributed run averaged over every rank's episodes). Tensors the
     inner loop does not adapt, the head (rebuilt from prototypes on every task) and the logit
     scale are left unchanged, so Reptile needs ``inner_config.adapted_layers != 0``.
 
@@ -68,6 +70,8 @@ def reptile_step(
     for name, delta in deltas.items():
         parameter = model.get_parameter(name)
         parameter.grad = delta.to(parameter.dtype)
+    # theta - phi averaged over every rank's episodes (no-op in one process)
+    average_gradients([model.get_parameter(n) for n in deltas], len(episodes))
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_([model.get_parameter(n) for n in deltas], grad_clip)
     optimizer.step()
@@ -91,5 +95,6 @@ SPEC = register(
         "loop reached; the top 2 layers and the head adapted",
         default_inner_loop=lambda: InnerLoopConfig(adapted_layers=2),
         make_outer_loop=make_outer_loop,
+        distributed=True,
     )
 )
