@@ -1,8 +1,10 @@
 """Load test: concurrent clients mixing adaptations and classifications against a metasent server
 on the loopback interface for a fixed duration.
 
-    python -m bench.load --threads 1                    # starts `metasent serve` itself (MiniLM)
+    python -m bench.load --threads 1                    # starts `metasent serve` itself (default model)
     python -m bench.load --url http://127.0.0.1:8000    # or targets a running server
+    python -m bench.load --replicas 2 --threads 1 \
+        --database-url postgresql+psycopg://postgres@127.0.0.1:5432/test   # two replicas, one PostgreSQL
 
 Each client loops until ``--duration`` ends: with probability ``--adapt-share`` it adapts a new
 domain on 10 gourmet food reviews (5 per label, resampled each time) and deletes it again (so the
@@ -12,8 +14,12 @@ store stays bounded); otherwise it classifies ``--texts`` reviews with the share
 p50/p99 latency per operation; exits 1 on any other error (unexpected status, timeout, connection
 error). Reviews come from ARSC (``--arsc``) or, without it, from a small built-in set.
 
-The server this command starts keeps its domains in a fresh SQLite store (``--data-dir``, default
-a new temporary directory), so a run never sees an earlier run's domains. With ``--api-key`` (or
+The servers this command starts (``--replicas``, on ports ``--port``, ``--port`` + 1, ...) share one
+fresh store, so a run never sees an earlier run's domains: with ``--database-url`` (PostgreSQL) a new
+schema ``load_<hex>`` in that database, first on every connection's ``search_path`` and dropped after
+the run; else a SQLite file in ``--data-dir`` (default a new temporary directory). Clients are spread
+round-robin over the servers (client ``i`` talks to server ``i mod n``; repeat ``--url`` to target
+several running replicas), and the report counts requests per server. With ``--api-key`` (or
 ``METASENT_API_KEY``) every request sends that key, and a server this command starts accepts it.
 """
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -29,7 +36,10 @@ import random
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,8 +76,10 @@ class Stats:
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # 2xx answers
     statuses: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     errors: list[str] = field(default_factory=list)
+    servers: Counter[str] = field(default_factory=Counter)  # requests per base URL
 
-    def record(self, operation: str, seconds: float, status: int | str) -> None:
+    def record(self, operation: str, seconds: float, status: int | str, server: str = "") -> None:
+        self.servers[server] += 1
         if isinstance(status, int) and 200 <= status < 300:
             self.latencies[operation].append(seconds)
         self.statuses[operation][str(status)] += 1
@@ -101,12 +113,13 @@ def percentile(values: list[float], q: float) -> float:
 
 async def timed(client: httpx.AsyncClient, stats: Stats, operation: str, method: str, path: str, **kw: Any) -> Any:
     start = time.perf_counter()
+    server = str(client.base_url).rstrip("/")
     try:
         response = await client.request(method, path, **kw)
     except httpx.HTTPError as error:
-        stats.record(operation, time.perf_counter() - start, type(error).__name__)
+        stats.record(operation, time.perf_counter() - start, type(error).__name__, server)
         return None
-    stats.record(operation, time.perf_counter() - start, response.status_code)
+    stats.record(operation, time.perf_counter() - start, response.status_code, server)
     if response.status_code not in EXPECTED[operation] and len(stats.errors) <= 20:
         logger.error("%s %s -> %d %s", method, path, response.status_code, response.text[:300])
     return response
@@ -137,28 +150,50 @@ async def worker(
             await timed(client, stats, "classify", "POST", f"/v1/domains/{domain_id}/classify", json=body)
 
 
-async def run_load(url: str, pool: dict[str, list[str]], args: argparse.Namespace) -> dict[str, Any]:
+async def run_load(urls: str | Sequence[str], pool: dict[str, list[str]], args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``args.clients`` clients for ``args.duration`` seconds, spread round-robin over ``urls``
+    (one server, or replicas sharing one store), and summarise what they saw.
+
+    The shared domain the classify requests use is created on the first server; the others load it
+    from the store. Returns the summary :func:`summarize` builds.
+    """
+    urls = [urls] if isinstance(urls, str) else list(urls)
     stats = Stats()
     limits = httpx.Limits(max_connections=args.clients + 4)
     api_key = getattr(args, "api_key", None)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits, headers=headers) as client:
-        health = (await client.get("/healthz")).json()
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits, headers=headers)
+            )
+            for url in urls
+        ]
+        health = (await clients[0].get("/healthz")).json()
         body = {"name": "shared", "examples": support_set(pool, random.Random(0))}
-        shared = await client.post("/v1/domains", json=body)
+        shared = await clients[0].post("/v1/domains", json=body)
         shared.raise_for_status()
         domain_id = shared.json()["domain_id"]
         start = time.monotonic()
         deadline = start + args.duration
         await asyncio.gather(
             *[
-                worker(client, stats, pool, domain_id, deadline, args.adapt_share, args.texts, args.seed + i)
+                worker(
+                    clients[i % len(clients)],
+                    stats,
+                    pool,
+                    domain_id,
+                    deadline,
+                    args.adapt_share,
+                    args.texts,
+                    args.seed + i,
+                )
                 for i in range(args.clients)
             ]
         )
         elapsed = time.monotonic() - start
-        await client.delete(f"/v1/domains/{domain_id}")
-        metrics = (await client.get("/metrics")).text
+        await clients[0].delete(f"/v1/domains/{domain_id}")
+        metrics = [(await client.get("/metrics")).text for client in clients]
     return summarize(stats, elapsed, health, metrics, args)
 
 
@@ -169,7 +204,12 @@ def _metric(text: str, name: str) -> float | None:
     return None
 
 
-def summarize(stats: Stats, elapsed: float, health: dict, metrics: str, args: argparse.Namespace) -> dict[str, Any]:
+def summarize(
+    stats: Stats, elapsed: float, health: dict, metrics: str | list[str], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Counts, statuses and p50/p99/max latency (of the 2xx answers) per operation; requests per
+    server; the servers' mean adaptation time (``metrics``: each server's ``/metrics`` text)."""
+    metrics = [metrics] if isinstance(metrics, str) else metrics
     operations: dict[str, Any] = {}
     for operation, statuses in sorted(stats.statuses.items()):
         ok = stats.latencies.get(operation) or [float("nan")]
@@ -181,10 +221,12 @@ def summarize(stats: Stats, elapsed: float, health: dict, metrics: str, args: ar
             "max_ms": round(1000 * max(ok), 1),
         }
     total = sum(sum(s.values()) for s in stats.statuses.values())
-    adapt_count = _metric(metrics, "metasent_adaptation_seconds_count")
-    adapt_sum = _metric(metrics, "metasent_adaptation_seconds_sum")
+    adapt_count = sum(_metric(text, "metasent_adaptation_seconds_count") or 0.0 for text in metrics)
+    adapt_sum = sum(_metric(text, "metasent_adaptation_seconds_sum") or 0.0 for text in metrics)
     return {
         "server": {k: health.get(k) for k in ("algorithm", "encoder", "checkpoint", "device")},
+        "servers": len(metrics),
+        "requests_per_server": dict(sorted(stats.servers.items())),
         "clients": args.clients,
         "duration_s": round(elapsed, 1),
         "adapt_share": args.adapt_share,
@@ -198,14 +240,72 @@ def summarize(stats: Stats, elapsed: float, health: dict, metrics: str, args: ar
     }
 
 
+@contextmanager
+def fresh_schema(database_url: str) -> Iterator[str]:
+    """A new schema ``load_<hex>`` in the PostgreSQL database of ``database_url``, dropped with its
+    tables on exit.
+
+    Args:
+        database_url (`str`): SQLAlchemy URL of a PostgreSQL database the user may create schemas in.
+
+    Yields:
+        `str`: ``database_url`` whose connections put the new schema first on their ``search_path``
+        (libpq ``options=-csearch_path=...``), so the servers' migrations and tables land there.
+
+    Raises:
+        ValueError: when ``database_url`` is not a PostgreSQL URL.
+    """
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    if url.get_backend_name() != "postgresql":
+        raise ValueError(f"--database-url must be a PostgreSQL URL, not {url.get_backend_name()}")
+    schema = f"load_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url)
+    try:
+        with admin.begin() as connection:
+            connection.execute(text(f"CREATE SCHEMA {schema}"))
+        logger.info("fresh schema %s in %s", schema, url.render_as_string(hide_password=True))
+        yield url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        admin.dispose()
+
+
+def start_servers(stack: ExitStack, args: argparse.Namespace) -> list[str]:
+    """Start ``args.replicas`` servers on one fresh store (see the module docstring), one after
+    the other (each migrates the schema at start-up; the migrator's lock makes that safe), with
+    their logs in temporary files; they stop when ``stack`` closes. Returns their URLs."""
+    env = {"METASENT_API_KEYS": args.api_key} if args.api_key else {}
+    if args.database_url is not None:
+        env["METASENT_DATABASE_URL"] = stack.enter_context(fresh_schema(args.database_url))
+    else:
+        env["METASENT_DATA_DIR"] = str(args.data_dir or tempfile.mkdtemp(prefix="metasent-load-"))
+    urls = []
+    for replica in range(args.replicas):
+        log = Path(tempfile.mkstemp(prefix=f"metasent-load-{replica}-", suffix=".log")[1])
+        logger.info("server %d log: %s", replica, log)
+        url, _ = stack.enter_context(local_server(args.port + replica, args.checkpoint, args.threads, env, log))
+        urls.append(url)
+    return urls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", help="a running server; omit to start `metasent serve` on --port")
-    parser.add_argument("--port", type=int, default=8791)
-    parser.add_argument("--checkpoint", help="checkpoint for the server this command starts")
-    parser.add_argument("--threads", type=int, help="torch CPU threads of the server this command starts")
     parser.add_argument(
-        "--data-dir", type=Path, help="domain store of the server this command starts (default: a new temporary dir)"
+        "--url", action="append", help="a running server (repeat for replicas); omit to start `metasent serve`"
+    )
+    parser.add_argument("--port", type=int, default=8791, help="port of the first server this command starts")
+    parser.add_argument("--replicas", type=int, default=1, help="servers this command starts, on one store")
+    parser.add_argument(
+        "--database-url", help="PostgreSQL database of the servers this command starts (a fresh schema in it)"
+    )
+    parser.add_argument("--checkpoint", help="checkpoint for the server this command starts")
+    parser.add_argument("--threads", type=int, help="torch CPU threads of each server this command starts")
+    parser.add_argument(
+        "--data-dir", type=Path, help="SQLite store of the servers this command starts (default: a new temporary dir)"
     )
     parser.add_argument("--api-key", default=os.environ.get("METASENT_API_KEY"), help="API key sent with every request")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
@@ -217,19 +317,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path("results/load.json"))
     args = parser.parse_args()
+    if args.replicas < 1:
+        parser.error("--replicas must be at least 1")
+    if args.database_url is not None and args.data_dir is not None:
+        parser.error("--database-url and --data-dir choose the store: give one")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     pool = reviews(args.arsc, args.seed)
     if args.url is not None:
         result = asyncio.run(run_load(args.url, pool, args))
     else:
-        env = {"METASENT_API_KEYS": args.api_key} if args.api_key else {}
-        if args.data_dir is not None:
-            env["METASENT_DATA_DIR"] = str(args.data_dir)
-        log = Path(tempfile.mkstemp(prefix="metasent-load-", suffix=".log")[1])
-        logger.info("server log: %s", log)
-        with local_server(args.port, args.checkpoint, args.threads, env, log) as (url, _):
-            result = asyncio.run(run_load(url, pool, args))
+        with ExitStack() as stack:
+            result = asyncio.run(run_load(start_servers(stack, args), pool, args))
+        result["store"] = "postgresql" if args.database_url else "sqlite"
     result["command"] = "python -m bench.load " + " ".join(sys.argv[1:])
     text = json.dumps(result, indent=2)
     print(text)

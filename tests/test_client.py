@@ -19,12 +19,12 @@ from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from bench.load import FALLBACK, percentile, run_load
+from bench.load import FALLBACK, fresh_schema, percentile, run_load
 from metasent.app.client import MetasentClient, MetasentError, read_examples, read_texts
 from metasent.app.main import create_app
 from metasent.app.settings import Settings
 from metasent.cli import cli
-from tests.conftest import NEGATIVE, POSITIVE, free_port, metric, serve_in_thread, support
+from tests.conftest import NEGATIVE, POSITIVE, POSTGRES_URL, free_port, metric, serve_in_thread, support
 
 runner = CliRunner()
 
@@ -258,6 +258,35 @@ def test_load_script_against_a_live_server(live_server: str) -> None:
     assert result["server_adaptation_seconds_mean"] == round(adaptations, 3)
     with MetasentClient(live_server) as client:  # the script cleans up after itself
         assert all(d["name"] not in ("load", "shared") for d in client.list_domains())
+
+
+def test_load_script_across_two_replicas_on_one_postgresql(tiny_checkpoint: Path) -> None:
+    from sqlalchemy import create_engine, text
+
+    with fresh_schema(POSTGRES_URL) as url:
+        schema = url.rsplit("search_path%3D", 1)[1]
+        apps = [create_app(Settings(checkpoint=tiny_checkpoint, device="cpu", database_url=url)) for _ in range(2)]
+        with serve_in_thread(apps[0]) as one, serve_in_thread(apps[1]) as two:
+            args = argparse.Namespace(clients=4, duration=2.0, adapt_share=0.3, texts=4, timeout=60.0, seed=0)
+            result = asyncio.run(run_load([one, two], FALLBACK, args))
+            assert result["errors"] == 0, result["error_samples"]
+            assert result["servers"] == 2
+            spread = result["requests_per_server"]
+            assert set(spread) == {one, two} and min(spread.values()) > 0  # clients round-robin
+            # the replica that did not create the shared domain classified with it from the store
+            assert set(result["operations"]["classify"]["statuses"]) == {"200"}
+            with MetasentClient(two) as client:
+                assert client.list_domains() == []  # the script cleaned up on both
+    engine = create_engine(POSTGRES_URL)
+    with engine.connect() as connection:  # and the schema is gone
+        found = connection.execute(text("SELECT 1 FROM pg_namespace WHERE nspname = :s"), {"s": schema}).all()
+    engine.dispose()
+    assert found == []
+
+
+def test_fresh_schema_wants_postgresql() -> None:
+    with pytest.raises(ValueError, match="PostgreSQL"), fresh_schema("sqlite:///x.db"):
+        pass
 
 
 def test_percentile() -> None:
