@@ -51,52 +51,59 @@ def adapt(service: ModelService, examples: Examples) -> AdaptedState:
     return service.adapt([text for text, _ in examples], [label for _, label in examples])
 
 
-def refresh(service: ModelService, store: DomainStore, domain: StoredDomain) -> StoredDomain:
+def refresh(service: ModelService, store: DomainStore, domain: StoredDomain, attempts: int = 3) -> StoredDomain:
     """``domain``, re-adapted from its stored support set first if another checkpoint adapted it.
 
-    One re-adaptation per domain runs at a time; requests that waited for it get its result.
-    The version is kept (the support set did not change); the new checkpoint hash is recorded.
+    One re-adaptation per domain runs at a time in this process; requests that waited for it get
+    its result. The version is kept (the support set did not change); the new checkpoint hash is
+    recorded. When another write lands first (a ``PUT .../examples`` or another replica's
+    re-adaptation, possibly on another checkpoint), the domain is read again and re-adapted from
+    what is stored now: the result is always adapted with ``service``'s checkpoint, never the
+    tensors another checkpoint adapted.
 
     Args:
         service (`ModelService`): the loaded model and its ``checkpoint_hash``.
         store (`DomainStore`): where the domain lives.
         domain (`StoredDomain`): the domain as read.
+        attempts (`int`, defaults to 3): re-adaptations tried before giving up.
 
     Returns:
         `StoredDomain`: the domain adapted with the loaded checkpoint.
 
     Raises:
         KeyError: when the domain was deleted in the meantime.
+        VersionConflictError: when other writes won ``attempts`` times in a row.
     """
     if domain.checkpoint_hash == service.checkpoint_hash:
         return domain
+    latest = domain.version
     with _domain_lock(domain.domain_id):
-        current = store.get(domain.tenant, domain.domain_id, with_examples=True)
-        if current is None:
-            raise KeyError(domain.domain_id)
-        if current.checkpoint_hash == service.checkpoint_hash or not current.examples:
-            return current
-        state = adapt(service, current.examples)
-        try:
-            stored = store.replace(
-                current,
-                state.labels,
-                state.to_tensors(),
-                service.info(state),
-                current.examples,
-                service.checkpoint_hash,
-                bump_version=False,
-            )
-        except VersionConflictError:  # a concurrent PUT stored a newer support set: use it
-            newer = store.get(domain.tenant, domain.domain_id)
-            if newer is None:
-                raise KeyError(domain.domain_id) from None
-            return newer
-    logger.info(
-        "re-adapted stale domain %s (checkpoint %s -> %s)",
-        domain.domain_id, domain.checkpoint_hash[:12], service.checkpoint_hash[:12],
-    )  # fmt: skip
-    return stored
+        for _ in range(attempts):
+            current = store.get(domain.tenant, domain.domain_id, with_examples=True)
+            if current is None:
+                raise KeyError(domain.domain_id)
+            if current.checkpoint_hash == service.checkpoint_hash:
+                return current
+            state = adapt(service, current.examples or [])
+            try:
+                stored = store.replace(
+                    current,
+                    state.labels,
+                    state.to_tensors(),
+                    service.info(state),
+                    current.examples or [],
+                    service.checkpoint_hash,
+                    bump_version=False,
+                )
+            except VersionConflictError as error:  # another write won: adapt what is stored now
+                latest = error.current
+                continue
+            logger.info(
+                "re-adapted stale domain %s (checkpoint %s -> %s)",
+                domain.domain_id, current.checkpoint_hash[:12], service.checkpoint_hash[:12],
+            )  # fmt: skip
+            return stored
+    raise VersionConflictError(latest)
 
 
 async def adapt_queued(queue: AdaptationQueue, service: ModelService, examples: Examples) -> AdaptedState:
@@ -123,6 +130,7 @@ async def refresh_queued(
     Raises:
         ApiError: 429 ``adaptation_queue_full`` (with ``Retry-After``) when the queue is full.
         KeyError: when the domain was deleted in the meantime.
+        VersionConflictError: when other writes kept winning (see :func:`refresh`).
     """
     if domain.checkpoint_hash == service.checkpoint_hash:
         return domain

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -143,10 +146,10 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_checkpoint(directory / "checkpoint", model, config)
 
 
-@pytest.fixture
-def modified_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+@pytest.fixture(scope="session")
+def modified_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint with a 2-step inner loop: same weights, another hash."""
-    copy = Path(shutil.copytree(tiny_checkpoint, tmp_path / "modified"))
+    copy = Path(shutil.copytree(tiny_checkpoint, tmp_path_factory.mktemp("modified") / "checkpoint"))
     config = CheckpointConfig.model_validate_json((copy / "metasent.json").read_text())
     config.inner_loop.steps = 2
     (copy / "metasent.json").write_text(config.model_dump_json(indent=2))
@@ -233,7 +236,7 @@ def assert_same_scores(a: list[dict[str, float]], b: list[dict[str, float]]) -> 
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert list(x) == list(y)
-        assert x == pytest.approx(y, abs=1e-6)
+        assert x == pytest.approx(y, abs=1e-6 + 1e-12)  # scores have 6 decimals: 1e-6 apart, with float error
 
 
 def metric(text: str, line_start: str, default: float | None = None) -> float:
@@ -286,6 +289,131 @@ def serve_in_thread(app: FastAPI, timeout: float = 60, settings: Any = None) -> 
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+FAULT_SERVER = Path(__file__).with_name("fault_server.py")
+SERVER_KEY = "server-test-key"
+
+
+class Server:
+    """``metasent serve`` in a subprocess (through the test-only launcher tests/fault_server.py, so
+    ``FAULT_*`` settings in ``env`` inject delays) on a free port, logging to ``log``.
+
+    Args:
+        checkpoint (`Path`): the served checkpoint (the tiny one starts in seconds).
+        data_dir (`Path`): ``METASENT_DATA_DIR`` (the SQLite store, unless ``env`` sets
+            ``METASENT_DATABASE_URL``).
+        log (`Path`): file for the server's output.
+        wait (`bool`, defaults to `True`): wait until ``/readyz`` answers 200 (else call
+            :meth:`wait_ready`; several servers then start at once).
+        **env (`str`): more settings, overriding the defaults (one API key, CPU, one thread).
+    """
+
+    def __init__(self, checkpoint: Path, data_dir: Path, log: Path, wait: bool = True, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [
+            sys.executable,
+            str(FAULT_SERVER),
+            "serve",
+            "--port",
+            str(self.port),
+            "--checkpoint",
+            str(checkpoint),
+        ]
+        environment = {
+            **os.environ,
+            "METASENT_DATA_DIR": str(data_dir),
+            "METASENT_API_KEYS": SERVER_KEY,
+            "METASENT_DEVICE": "cpu",
+            "METASENT_THREADS": "1",
+            "METASENT_BATCH_WINDOW_MS": "0",
+            **env,
+        }
+        self._log_file = log.open("w")
+        self.process = subprocess.Popen(
+            command, env=environment, cwd=data_dir.parent, stdout=self._log_file, stderr=subprocess.STDOUT
+        )
+        self.client = self.session(SERVER_KEY)
+        self._background: list[threading.Thread] = []
+        self.answered: list[str] = []  # background requests answered although the kill should come first
+        if wait:
+            self.wait_ready()
+
+    def session(self, key: str) -> httpx.Client:
+        """A client of this server with API key ``key`` (one tenant)."""
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        """Poll ``/readyz`` until it answers 200; fail with the server's log when the process exits
+        or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"not ready after {timeout} s:\n{self.log.read_text()}"
+            time.sleep(0.1)
+
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while self.log.read_text().count(text) < count:
+            assert time.monotonic() < deadline, f"{text!r} not logged:\n{self.log.read_text()}"
+            time.sleep(0.05)
+
+    def wait_for_queue_depth(self, depth: int, timeout: float = 30) -> None:
+        """Until ``depth`` adaptations wait or run (the adaptation queue's gauge on /metrics)."""
+        deadline = time.monotonic() + timeout
+        line = f"metasent_adaptation_queue_depth {float(depth)}"
+        while line not in httpx.get(f"{self.url}/metrics", timeout=5).text:
+            assert time.monotonic() < deadline, f"queue depth never reached {depth}"
+            time.sleep(0.05)
+
+    def in_background(
+        self, method: str, path: str, body: dict[str, Any], client: httpx.Client | None = None
+    ) -> threading.Thread:
+        """Send a request that is expected never to be answered (the server gets killed)."""
+        sender = client or self.client
+
+        def send() -> None:
+            try:
+                response = sender.request(method, path, json=body)
+            except httpx.TransportError:  # the connection died with the server
+                return
+            self.answered.append(f"{method} {path} -> {response.status_code} {response.text}")
+
+        thread = threading.Thread(target=send, daemon=True)
+        thread.start()
+        self._background.append(thread)
+        return thread
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handler, no flush, no commit runs."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        for thread in self._background:
+            thread.join(timeout=30)
+            assert not thread.is_alive(), "a background request outlived the server"
+        self.client.close()
+        self._log_file.close()
+        assert self.process.returncode == -signal.SIGKILL
+        assert not self.answered, f"answered before the kill: {self.answered}"
+
+
+@contextmanager
+def server(checkpoint: Path, data_dir: Path, log: Path, **env: str) -> Iterator[Server]:
+    """A :class:`Server`, ready, killed on exit."""
+    started = Server(checkpoint, data_dir, log, **env)
+    try:
+        yield started
+    finally:
+        if started.process.poll() is None:
+            started.kill()
 
 
 @asynccontextmanager

@@ -1,22 +1,15 @@
 """Crash safety: ``metasent serve`` killed with SIGKILL during an adaptation (another one waiting
 in the adaptation queue) and in the middle of a write transaction (insert and update) loses no
-acknowledged domain and shows no half-written one. The servers run through the test-only
-launcher tests/fault_server.py: the mid-write kill is made deterministic by FAULT_WRITE_DELAY_S
-(sleeps inside the write transaction, after the row is written, before the commit) and the
-mid-adaptation one by FAULT_ADAPT_DELAY_S (sleeps after the inner loop, before the write).
+acknowledged domain and shows no half-written one. The servers (``Server`` in tests/conftest.py)
+run through the test-only launcher tests/fault_server.py: the mid-write kill is made
+deterministic by FAULT_WRITE_DELAY_S (sleeps inside the write transaction, after the row is
+written, before the commit) and the mid-adaptation one by FAULT_ADAPT_DELAY_S (sleeps after
+the inner loop, before the write).
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,105 +17,9 @@ import httpx
 import pytest
 from safetensors.torch import load as load_tensors
 
-from bench.server import wait_ready
-from tests.conftest import TEXTS, assert_same_scores, free_port, support
+from tests.conftest import TEXTS, assert_same_scores, server, support
 
 pytestmark = pytest.mark.slow
-FAULT_SERVER = Path(__file__).with_name("fault_server.py")
-KEY = "crash-test-key"
-HEADERS = {"Authorization": f"Bearer {KEY}"}
-
-
-class Server:
-    """A ``metasent serve`` subprocess on the tiny checkpoint, logging to a file."""
-
-    def __init__(self, checkpoint: Path, data_dir: Path, log: Path, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        command = [
-            sys.executable,
-            str(FAULT_SERVER),
-            "serve",
-            "--port",
-            str(self.port),
-            "--checkpoint",
-            str(checkpoint),
-        ]
-        environment = dict(
-            os.environ,
-            METASENT_DATA_DIR=str(data_dir),
-            METASENT_API_KEYS=KEY,
-            METASENT_DEVICE="cpu",
-            METASENT_THREADS="1",
-            METASENT_BATCH_WINDOW_MS="0",
-            **env,
-        )
-        self._log_file = log.open("w")
-        self.process = subprocess.Popen(
-            command, env=environment, cwd=data_dir.parent, stdout=self._log_file, stderr=subprocess.STDOUT
-        )
-        self.client = httpx.Client(base_url=self.url, headers=HEADERS, timeout=60)
-        self._background: list[threading.Thread] = []
-        self.answered: list[str] = []  # background requests answered although the kill should come first
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 60) -> None:
-        try:
-            wait_ready(self.url, self.process, timeout)
-        except (RuntimeError, TimeoutError) as error:  # exited, or not ready in time: show its log
-            raise AssertionError(f"{error}:\n{self.log.read_text()}") from error
-
-    def wait_for_log(self, text: str, count: int = 1, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while self.log.read_text().count(text) < count:
-            assert time.monotonic() < deadline, f"{text!r} not logged:\n{self.log.read_text()}"
-            time.sleep(0.05)
-
-    def wait_for_queue_depth(self, depth: int, timeout: float = 30) -> None:
-        """Until ``depth`` adaptations wait or run (the adaptation queue's gauge on /metrics)."""
-        deadline = time.monotonic() + timeout
-        line = f"metasent_adaptation_queue_depth {float(depth)}"
-        while line not in httpx.get(f"{self.url}/metrics", timeout=5).text:
-            assert time.monotonic() < deadline, f"queue depth never reached {depth}"
-            time.sleep(0.05)
-
-    def in_background(self, method: str, path: str, body: dict[str, Any]) -> threading.Thread:
-        """Send a request that is expected never to be answered (the server gets killed)."""
-
-        def send() -> None:
-            try:
-                response = self.client.request(method, path, json=body)
-            except httpx.TransportError:  # the connection died with the server
-                return
-            self.answered.append(f"{method} {path} -> {response.status_code} {response.text}")
-
-        thread = threading.Thread(target=send, daemon=True)
-        thread.start()
-        self._background.append(thread)
-        return thread
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown handler, no flush, no commit runs."""
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-        for thread in self._background:
-            thread.join(timeout=30)
-            assert not thread.is_alive(), "a background request outlived the server"
-        self.client.close()
-        self._log_file.close()
-        assert self.process.returncode == -signal.SIGKILL
-        assert not self.answered, f"answered before the kill: {self.answered}"
-
-
-@contextmanager
-def server(checkpoint: Path, data_dir: Path, log: Path, **env: str) -> Iterator[Server]:
-    started = Server(checkpoint, data_dir, log, **env)
-    try:
-        yield started
-    finally:
-        if started.process.poll() is None:
-            started.kill()
 
 
 def _scores(client: httpx.Client, domain_id: str) -> list[dict[str, float]]:

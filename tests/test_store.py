@@ -8,12 +8,14 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from metasent.app.adaptation import refresh
 from metasent.app.main import create_app
 from metasent.app.settings import Settings
 from metasent.app.store import DomainStore, VersionConflictError
@@ -252,3 +254,64 @@ def test_concurrent_writers_never_fail(database_url: str) -> None:
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(work, range(8)))
     assert len(store) == 0
+
+
+class _Checkpoint:
+    """A stand-in for :class:`metasent.app.service.ModelService` in :func:`refresh`: a checkpoint
+    ``checkpoint_hash`` whose adaptations fill the head with ``value``; ``during`` runs inside each
+    adaptation (a write of another replica landing while this one adapts) until it returns False."""
+
+    def __init__(self, checkpoint_hash: str, value: float, during: Any = None) -> None:
+        self.checkpoint_hash, self.value, self.during = checkpoint_hash, value, during
+        self.adaptations = 0
+
+    def adapt(self, texts: list[str], labels: list[str]) -> Any:
+        self.adaptations += 1
+        if self.during is not None and not self.during():
+            self.during = None
+        names, tensors, _ = _adaptation(self.value)
+        return SimpleNamespace(labels=names, to_tensors=lambda: tensors)
+
+    def info(self, state: Any) -> dict[str, Any]:
+        return {"steps": 1, "seconds": 0.1, "device": "cpu"}
+
+
+def test_readaptation_never_returns_another_checkpoints_tensors(database_url: str) -> None:
+    """Two replicas on different checkpoints share a store: a write of replica A (on checkpoint
+    hash-a) that lands while replica B re-adapts makes B read the domain again and re-adapt it
+    on its own checkpoint; B never returns a domain whose stored tensors A adapted."""
+    store = DomainStore(database_url)
+    examples = [("good", "a"), ("bad", "b")]
+    domain = store.add("t1", "x", *_adaptation(1.0), examples, "hash-a")
+
+    def put_on_a() -> bool:  # replica A stores a new support set (version 2) on its checkpoint
+        current = store.get("t1", domain.domain_id)
+        assert current is not None
+        store.replace(current, *_adaptation(5.0), [*examples, ("fine", "a")], "hash-a")
+        return False
+
+    replica_b = _Checkpoint("hash-b", 2.0, during=put_on_a)
+    fresh = refresh(replica_b, store, domain)  # type: ignore[arg-type]
+    assert (fresh.checkpoint_hash, fresh.version, fresh.num_examples) == ("hash-b", 2, 3)
+    assert replica_b.adaptations == 2  # the first adaptation lost, the stored support set re-adapted
+    assert float(store.params(fresh)["head.weight"][0, 0]) == 2.0  # B's tensors, also as stored
+    stored = store.get("t1", domain.domain_id, with_examples=True)
+    assert stored is not None and stored.checkpoint_hash == "hash-b" and stored.examples == fresh.examples
+
+    # replicas on two other checkpoints (hash-a, hash-c) re-adapt it while B re-adapts it, on every
+    # attempt: B gives up with a version conflict (the API's 409) instead of answering with theirs
+    def readapt_on_a() -> bool:
+        current = store.get("t1", domain.domain_id)
+        assert current is not None
+        other = "hash-a" if current.checkpoint_hash != "hash-a" else "hash-c"
+        store.replace(current, *_adaptation(1.0), [*examples, ("fine", "a")], other, bump_version=False)
+        return True
+
+    stale = store.get("t1", domain.domain_id)
+    assert stale is not None
+    store.replace(stale, *_adaptation(1.0), [*examples, ("fine", "a")], "hash-a", bump_version=False)
+    busy_b = _Checkpoint("hash-b", 2.0, during=readapt_on_a)
+    with pytest.raises(VersionConflictError):
+        refresh(busy_b, store, store.get("t1", domain.domain_id))  # type: ignore[arg-type]
+    assert busy_b.adaptations == 3
+    assert store.get("t1", domain.domain_id).checkpoint_hash != "hash-b"  # type: ignore[union-attr]

@@ -159,12 +159,15 @@ async def _fresh(
     service: ModelService, store: DomainStore, queue: AdaptationQueue, tenant: str, domain_id: str
 ) -> StoredDomain:
     """The tenant's domain, re-adapted first (through the adaptation queue: 429 when it is full)
-    when another checkpoint adapted it."""
+    when another checkpoint adapted it: never one adapted on another checkpoint (409 when other
+    writes kept winning the re-adaptation)."""
     domain = await _require(store, tenant, domain_id)
     try:
         return await refresh_queued(queue, service, store, domain)
     except KeyError:
         raise _not_found(domain_id) from None
+    except VersionConflictError as error:
+        raise _conflict(domain_id, error.current, None) from None
 
 
 async def _with_state(
