@@ -121,12 +121,12 @@ VARIANTS = {
     "fomaml_head": MethodSpec(
         "fomaml_head",
         "fomaml",
-        {"adapter": "full", "adapted_layers": 0, "meta_sgd": False},
+        {"adapter": "full", "adapted_layers": 0, "meta_sgd": False, "classifier": "prototype", "steps": 5},
         {"outer_lr": 2e-5},
         default_candidate=True,
     ),
 }
-"""Further variants: ``fomaml_head`` is FOMAML as it was before LoRA and Meta-SGD (head-only inner
+"""Further variants: ``fomaml_head`` is FOMAML as it was before LoRA, Meta-SGD and the matching head (head-only inner
 loop, every encoder weight meta-trained at the encoder's learning rate)."""
 RESULT_NAMES = {"none": "pretrained"}
 """Result names that differ from the algorithm's registered name."""

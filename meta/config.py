@@ -126,9 +126,10 @@ class InnerLoopConfig(BaseModel):
 
 def default_inner_loop(algorithm: str) -> InnerLoopConfig:
     """The inner loop ``algorithm`` is trained and served with (its registered spec's, see
-    :mod:`meta.algorithms`): head only with 5 SGD steps at 0.05 for ``fomaml``, ``multitask`` and
-    ``none``; the top 2 layers too for ``reptile``; no step for ``protonet`` and ``matching``;
-    every tensor, 10 steps at 0.02, for ``finetune``.
+    :mod:`meta.algorithms`): 3 Meta-SGD steps on the top 2 layers' LoRA adapters under a matching
+    head for ``fomaml``; head only with 5 SGD steps at 0.05 for ``multitask`` and ``none``; the top
+    2 layers too for ``reptile``; no step for ``protonet`` and ``matching``; every tensor, 10 steps
+    at 0.02, for ``finetune``.
 
     Raises:
         UnknownAlgorithmError: (a ``ValueError``) naming the registered algorithms.

@@ -160,7 +160,7 @@ def test_train_defaults_to_the_dev_chosen_method(tmp_path: Path) -> None:
     model, config = load_checkpoint(tmp_path / "run" / "best")
     assert config.algorithm == "fomaml"
     inner = config.inner_loop
-    assert (inner.classifier, inner.steps, inner.adapter, inner.meta_sgd) == ("prototype", 5, "lora", True)
+    assert (inner.classifier, inner.steps, inner.adapter, inner.meta_sgd) == ("matching", 3, "lora", True)
     assert inner.label_anchors and config.training is not None
     assert config.training.query_sampling == "natural" and config.training.outer_lr == 1e-3
     assert model.lora is not None and len(model.inner_log_lr) > 1  # LoRA adapters and Meta-SGD rates loaded

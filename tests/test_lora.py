@@ -244,9 +244,9 @@ def test_the_shipped_default_model_is_a_compact_fomaml_over_lora_model() -> None
     assert sum((directory / name).stat().st_size for name in files) <= COMPACT_LIMIT_BYTES
     config = CheckpointConfig.model_validate_json((directory / CONFIG_FILE).read_text())
     assert (config.weights, config.algorithm, config.encoder.name_or_path) == ("meta", "fomaml", DEFAULT_ENCODER)
-    inner = config.inner_loop  # served with no inner step (chosen on dev), meta-trained with 5
+    inner = config.inner_loop  # served with no inner step (chosen on dev), meta-trained with 3
     assert (inner.adapter, inner.meta_sgd, inner.label_anchors, inner.steps) == ("lora", True, True, 0)
-    assert config.metrics["trained_inner_loop"]["steps"] == 5
+    assert inner.classifier == "matching" and config.metrics["trained_inner_loop"]["steps"] == 3
     assert config.name and config.training is not None and config.step > 0
     assert all(".lora_" in n or not n.startswith("encoder.") for n in load_file(str(directory / WEIGHTS_FILE)))
 

@@ -28,7 +28,8 @@ BUILT_IN = ("fomaml", "reptile", "protonet", "matching", "multitask", "finetune"
 
 # the inner loops of the if-chain the registry replaced (meta/config.py before issue 9)
 OLD_INNER_LOOPS = {
-    "fomaml": InnerLoopConfig(adapted_layers=2, adapter="lora", meta_sgd=True),  # LoRA + Meta-SGD since issue 10
+    # LoRA + Meta-SGD since issue 10, the matching head with 3 steps since its second stop
+    "fomaml": InnerLoopConfig(steps=3, adapted_layers=2, classifier="matching", adapter="lora", meta_sgd=True),
     "reptile": InnerLoopConfig(adapted_layers=2),
     "protonet": InnerLoopConfig(steps=0),
     "matching": InnerLoopConfig(steps=0, classifier="matching"),
@@ -193,7 +194,7 @@ def test_training_arguments_take_the_algorithms_defaults_unless_given() -> None:
         data="d", output=Path("o"), algorithm="fomaml", inner_steps=2, adapted_layers=1, label_anchors=False
     )
     config = fomaml.checkpoint_config()
-    lora = {"adapter": "lora", "meta_sgd": True}
+    lora = {"adapter": "lora", "meta_sgd": True, "classifier": "matching"}
     assert config.inner_loop == InnerLoopConfig(steps=2, adapted_layers=1, **lora)
     assert config.training is not None and config.training.query_sampling == "natural"
     assert config.training.outer_lr == 1e-3  # the algorithm's, not TrainConfig's 2e-5
@@ -211,5 +212,5 @@ def test_training_arguments_take_the_algorithms_defaults_unless_given() -> None:
         data="d", output=Path("o"), algorithm="matching", adapter="lora", inner_steps=2, adapted_layers=1
     ).inner_loop()
     assert (lora.classifier, lora.adapter, lora.steps, lora.adapted_layers) == ("matching", "lora", 2, 1)
-    fomaml = TrainingArguments(data="d", output=Path("o"), algorithm="fomaml", classifier="matching").inner_loop()
-    assert (fomaml.classifier, fomaml.adapter, fomaml.steps, fomaml.meta_sgd) == ("matching", "lora", 5, True)
+    fomaml = TrainingArguments(data="d", output=Path("o"), algorithm="fomaml", classifier="prototype").inner_loop()
+    assert (fomaml.classifier, fomaml.adapter, fomaml.steps, fomaml.meta_sgd) == ("prototype", "lora", 3, True)

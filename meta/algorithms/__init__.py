@@ -2,10 +2,10 @@
 
 Built-in methods (in this order, which is also the order of ``metasent benchmark``):
 
-- ``fomaml``: first-order MAML (Finn et al. 2017) with a Proto-MAML head;
+- ``fomaml``: first-order MAML (Finn et al. 2017) over LoRA adapters with a matching-network head;
 - ``reptile``: Reptile (Nichol et al. 2018);
 - ``protonet``: prototypical networks (Snell et al. 2017);
-- ``matching``: matching networks (Vinyals et al. 2016), ``metasent train``'s default;
+- ``matching``: matching networks (Vinyals et al. 2016);
 - ``multitask``: multi-task pre-training (the baseline of Finn et al. 2017);
 - ``finetune`` and ``none``: not meta-trained (the pretrained encoder, fine-tuned or head only).
 
