@@ -53,14 +53,14 @@ class Head(ABC):
     """
 
     shares_encoder: ClassVar[bool] = True
-    derived: ClassVar[bool] = False
-    """Whether the head's tensors are the support set's embeddings themselves (matching): the
-    inner loop then steps on the encoder only and rebuilds the head from the adapted encoder
-    (:func:`init_head`) instead of stepping on the head's tensors."""
     """Whether the head reads only the pooled embeddings of the encoder, so that states with this
     head and no adapted encoder tensor can share one base-encoder pass across domains
     (:attr:`AdaptedState.shares_encoder`); a head that adapts or reads inside the encoder sets
     False."""
+    derived: ClassVar[bool] = False
+    """Whether the head's tensors are the support set's embeddings themselves (matching): the
+    inner loop then steps on the encoder only and rebuilds the head from the adapted encoder
+    (:func:`init_head`) instead of stepping on the head's tensors."""
 
     @classmethod
     @abstractmethod
@@ -491,9 +491,11 @@ def inner_loop(
             texts = list(support_texts) + (anchor_texts(names) if config.label_anchors else [])
             base = {name: p.detach() for name, p in model.named_parameters()}
             embed = _support_embedder(model, base, texts, config, cache_frozen, support_features)
+            start_z: Tensor | None = None  # (N*K [+ N], hidden) at the meta-parameters, when computed here
             if initial_head is None:
                 with torch.no_grad():
-                    initial_head = init_head(model, embed({}), targets, len(names), config)
+                    start_z = embed({})
+                    initial_head = init_head(model, start_z, targets, len(names), config)
             start_head = initial_head
             # with no step the adapted tensors would equal the model's: none is kept, so the state
             # shares the base encoder pass with every other domain
@@ -517,19 +519,19 @@ def inner_loop(
                 loss = F.cross_entropy(fit_logits(encoder, head), targets)
                 encoder, head = _step(loss, encoder, head, step_lr, config.grad_clip)
                 losses.append(loss.detach())
+            final_z = torch.empty(0)  # the support set at the adapted encoder: once, for the head and the score
+            if (derived and encoder) or score_support:
+                with torch.no_grad():  # (N*K [+ N], hidden); with no step, the start's embeddings
+                    final_z = start_z if start_z is not None and not encoder else embed(encoder)
             if derived:
-                if encoder:
-                    with torch.no_grad():  # the head of the adapted encoder: the support set re-embedded
-                        start_head = init_head(model, embed(encoder), targets, len(names), config)
+                if encoder:  # the head of the adapted encoder: the support set re-embedded
+                    start_head = init_head(model, final_z, targets, len(names), config)
                 head = start_head.tensors()
-
-            def support_logits(encoder: Params, head: Params) -> Tensor:  # (N*K, N), as served
-                return start_head.with_tensors(head).logits(embed(encoder)[:n_support], base["logit_scale"])
-
             losses_list, accuracy = [], math.nan
             if score_support:
                 with torch.no_grad():
-                    logits = support_logits(encoder, head)  # (N*K, N)
+                    served = start_head.with_tensors(head)
+                    logits = served.logits(final_z[:n_support], base["logit_scale"])  # (N*K, N), as served
                     losses.append(F.cross_entropy(logits, targets))
                     correct = (logits.argmax(-1) == targets).float().mean()
                     figures = torch.stack([*losses, correct]).float().tolist()  # the one host sync
