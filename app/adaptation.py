@@ -90,7 +90,7 @@ def refresh(service: ModelService, store: DomainStore, domain: StoredDomain, att
                     current,
                     state.labels,
                     state.to_tensors(),
-                    service.info(state),
+                    service.info(state, [label for _, label in current.examples or []]),
                     current.examples or [],
                     service.checkpoint_hash,
                     bump_version=False,

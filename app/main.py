@@ -50,7 +50,15 @@ def _load_service(settings: Settings) -> ModelService:
         config.inner_loop.model_dump(),
         checkpoint_hash[:12],
     )
-    return ModelService(model, config, settings.batch_size, settings.max_text_chars, checkpoint_hash, checkpoint)
+    return ModelService(
+        model,
+        config,
+        settings.batch_size,
+        settings.max_text_chars,
+        checkpoint_hash,
+        checkpoint,
+        estimate_folds=settings.estimate_folds if settings.estimate else None,
+    )
 
 
 def _open_store(settings: Settings, service: ModelService) -> DomainStore:

@@ -108,11 +108,40 @@ class UpdateExamples(BaseModel):
     )
 
 
+class EstimatedAccuracy(BaseModel):
+    """How well the domain is expected to classify new texts, from its support set alone."""
+
+    accuracy: float = Field(description="held-out accuracy over the support set, in [0, 1]")
+    low: float = Field(description="lower end of its 95% interval (Wilson), in [0, 1]")
+    high: float = Field(description="upper end of its 95% interval (Wilson), in [0, 1]")
+    n: int = Field(description="held-out predictions counted: support examples of labels with at least 2")
+    method: str = Field(
+        description="'leave-one-out' (no inner step: exact, at almost no cost) or '<F>-fold' (the inner loop is "
+        "re-run on each fold's other examples)"
+    )
+    seconds: float = Field(description="wall time of the estimate, seconds, beside the adaptation's own")
+
+
+class SupportWarning(BaseModel):
+    """Something about the support set to fix before relying on the domain."""
+
+    code: str = Field(description="few_examples, no_estimate or unbalanced_labels")
+    message: str
+
+
 class AdaptationInfo(BaseModel):
     steps: int = Field(description="inner-loop SGD steps")
     seconds: float = Field(description="wall time of the adaptation, seconds")
     device: str
-    support_accuracy: float = Field(description="accuracy of the adapted model on the support set")
+    support_accuracy: float = Field(
+        description="accuracy of the adapted model on its own support set (optimistic: it was built from "
+        "those examples; see estimated_accuracy)"
+    )
+    estimated_accuracy: EstimatedAccuracy | None = Field(
+        default=None,
+        description="held-out estimate of the accuracy on new texts (cross-validation over the support set "
+        "with the same inner loop); null when no label has 2 examples, or for domains adapted before it existed",
+    )
 
 
 class Domain(BaseModel):
@@ -126,6 +155,9 @@ class Domain(BaseModel):
     created_at: str
     updated_at: str
     adaptation: AdaptationInfo
+    warnings: list[SupportWarning] = Field(
+        default_factory=list, description="what to fix in the support set (few examples of a label, unbalanced labels)"
+    )
 
 
 class DomainExamples(BaseModel):
@@ -189,6 +221,46 @@ class AdaptAndClassifyResponse(BaseModel):
     labels: list[str] = Field(description="label names; the order of first appearance in the support set")
     predictions: list[Prediction] = Field(description="one per input text, in input order")
     adaptation: AdaptationInfo
+    warnings: list[SupportWarning] = Field(default_factory=list, description="what to fix in the support set")
+
+
+class SuggestRequest(BaseModel):
+    """Unlabelled texts to choose the next ones to label from."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "texts": [
+                        "the olive oil was fine i guess",
+                        "arrived quickly, tastes ok",
+                        "mouldy bread, never again",
+                    ],
+                    "k": 2,
+                }
+            ]
+        },
+    )
+    texts: list[NonBlank] = Field(min_length=1, description="unlabelled candidate texts (at most METASENT_MAX_TEXTS)")
+    k: StrictInt = Field(default=5, ge=1, le=100, description="how many texts to suggest")
+
+
+class SuggestedText(BaseModel):
+    index: int = Field(description="position of the text in the request's texts")
+    text: str
+    label: str = Field(description="the domain's current prediction for it")
+    scores: dict[str, float] = Field(description="probability per label, summing to 1")
+    uncertainty: float = Field(description="1 - the largest probability")
+
+
+class SuggestResponse(BaseModel):
+    domain_id: str
+    method: str = Field(description="how the texts were chosen")
+    suggestions: list[SuggestedText] = Field(
+        description="the texts to label next, in the order chosen; fewer than k when fewer distinct texts "
+        "not already in the support set were sent"
+    )
 
 
 class ErrorDetail(BaseModel):

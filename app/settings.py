@@ -40,6 +40,18 @@ class Settings(BaseSettings):
         "limit anyway) and its prediction says truncated",
     )
     batch_size: int = Field(default=32, ge=1, description="texts per encoder forward pass")
+    estimate: bool = Field(
+        default=True,
+        description="estimate each domain's accuracy on new texts at adaptation (adaptation.estimated_accuracy); "
+        "false leaves it null and saves its cost when the inner loop takes steps",
+    )
+    estimate_folds: int = Field(
+        default=5,
+        ge=2,
+        le=20,
+        description="folds of the held-out accuracy estimate at adaptation when the inner loop takes steps "
+        "(each costs about one adaptation); with no inner step it is exact leave-one-out, at almost no cost",
+    )
     batch_window_ms: float = Field(
         default=5.0, ge=0, description="how long a classify request waits for concurrent ones to share its batch"
     )

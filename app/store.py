@@ -96,7 +96,8 @@ class StoredDomain:
     examples: list[tuple[str, str]] | None = field(default=None, repr=False)
 
     def public(self, current_hash: str | None = None) -> dict[str, Any]:
-        """The fields the API shows; ``stale`` when ``current_hash`` differs from the domain's."""
+        """The fields the API shows; ``stale`` when ``current_hash`` differs from the domain's. The
+        support set's ``warnings`` are stored with the adaptation's figures and shown beside them."""
         return {
             "domain_id": self.domain_id,
             "name": self.name,
@@ -107,7 +108,8 @@ class StoredDomain:
             "stale": current_hash is not None and current_hash != self.checkpoint_hash,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
-            "adaptation": self.adaptation,
+            "adaptation": {k: v for k, v in self.adaptation.items() if k != "warnings"},
+            "warnings": list(self.adaptation.get("warnings", [])),  # kept with the adaptation's figures
         }
 
 

@@ -29,7 +29,7 @@ from metasent.data.registry import Task, TaskRegistry
 from metasent.meta import algorithms
 from metasent.meta.checkpoint import load_checkpoint, load_model
 from metasent.meta.config import CheckpointConfig, EncoderConfig, InnerLoopConfig, TrainConfig, default_inner_loop
-from metasent.meta.evaluate import EpisodeResult, evaluate_tasks, summarize
+from metasent.meta.evaluate import EpisodeResult, summarize
 from metasent.meta.model import MetaLearner, resolve_encoder_path
 from metasent.meta.train import meta_train
 
@@ -236,9 +236,15 @@ def _scores(results: Sequence[EpisodeResult]) -> dict[str, Any]:
     }
     mean = summary["mean"]
     block["mean"] = {k: mean[k] for k in ("accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci95", "episodes")}
-    block["mean"]["always_positive_accuracy"] = mean["always_positive_accuracy"]
-    block["mean"]["adapt_seconds"] = mean["adapt_seconds"]
+    for key in ("always_positive_accuracy", "adapt_seconds", "ece", *ESTIMATE_KEYS):
+        block["mean"][key] = mean[key]
     return block
+
+
+ESTIMATE_KEYS = ("estimate_mae", "estimate_coverage", "estimate_seconds", "estimate_cost_ratio")
+"""The figures of the accuracy estimate at adaptation (:func:`meta.evaluate.estimate_quality`)."""
+SUGGEST_K = 5
+"""Labels added in the what-to-label-next comparison: 5-shot + 5 suggested against + 5 random."""
 
 
 def _sampled(tasks: Sequence[Task], k_shot: int, seeds: int, support: str, query: str, max_query: int | None = None):
@@ -257,24 +263,57 @@ def _sampled(tasks: Sequence[Task], k_shot: int, seeds: int, support: str, query
     return pairs
 
 
-def _evaluate_model(model: MetaLearner, inner: InnerLoopConfig, tasks: TaskRegistry, budget: Budget) -> dict[str, Any]:
-    from metasent.meta.evaluate import evaluate_episode
-
-    def run(pairs):
-        return [evaluate_episode(model, episode, inner, seed, 64) for episode, seed in pairs]
-
+def _suites(tasks: TaskRegistry, budget: Budget) -> dict[str, list[tuple[Any, int | None]]]:
+    """The ``(episode, seed)`` pairs of the ARSC (fixed 5-shot), food and dev suites."""
     arsc = tasks.select(include=ARSC_TEST_DOMAINS)
     food = list(tasks.select(include=FOOD_DOMAINS))
     dev = list(tasks.select(include=ARSC_VALIDATION).select(require_split="dev"))
-    out: dict[str, Any] = {
-        "arsc": _scores(evaluate_tasks(model, list(arsc), inner, "fixed", batch_size=64)),
-        "food": _scores(run(_sampled(food, 5, budget.food_seeds, "train", "test"))),
-        "dev": _scores(run(_sampled(dev, 5, budget.dev_seeds, "dev", "dev", max_query=200))),
+    return {
+        "arsc": [(fixed_episode(task, "train", "test"), None) for task in arsc],
+        "food": _sampled(food, 5, budget.food_seeds, "train", "test"),
+        "dev": _sampled(dev, 5, budget.dev_seeds, "dev", "dev", max_query=200),
     }
+
+
+def _evaluate_model(
+    model: MetaLearner, inner: InnerLoopConfig, tasks: TaskRegistry, budget: Budget, suggest: bool = False
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, calibration and the accuracy estimate on every suite and the shots
+    curve; with ``suggest``, also 5-shot + 5 suggested labels against + 5 random ones."""
+    from metasent.meta.evaluate import evaluate_episode
+
+    def run(pairs):
+        return [evaluate_episode(model, episode, inner, seed, 64, estimate=True) for episode, seed in pairs]
+
+    suites = _suites(tasks, budget)
+    out: dict[str, Any] = {suite: _scores(run(pairs)) for suite, pairs in suites.items()}
+    food = list(tasks.select(include=FOOD_DOMAINS))
     out["shots"] = {}
     for k in budget.shots:
         pairs = _sampled(food, k, budget.kshot_seeds, "train", "test")
         out["shots"][str(k)] = _scores(run(pairs))["mean"] if pairs else None
+    if suggest:
+        out["suggest"] = _evaluate_suggestions(model, inner, suites, budget)
+    return out
+
+
+def _evaluate_suggestions(
+    model: MetaLearner, inner: InnerLoopConfig, suites: dict[str, list[tuple[Any, int | None]]], budget: Budget
+) -> dict[str, Any]:
+    """Per suite: accuracy after the K-shot support set plus :data:`SUGGEST_K` suggested labels
+    (BADGE) against plus as many random ones from the same pool, paired over tasks
+    (:func:`meta.evaluate.evaluate_active`); ``budget.dev_seeds`` pool splits per ARSC task."""
+    from metasent.meta.evaluate import evaluate_active, summarize_active
+
+    out: dict[str, Any] = {}
+    for suite, pairs in suites.items():
+        splits = budget.dev_seeds if suite == "arsc" else 1  # sampled suites already vary the episode by seed
+        results = [
+            evaluate_active(model, episode, inner, SUGGEST_K, seed=(seed or 0) * splits + split)
+            for episode, seed in pairs
+            for split in range(splits)
+        ]
+        out[suite] = summarize_active(results)
     return out
 
 
@@ -313,6 +352,7 @@ def run_benchmark(
     runs: Path = Path("runs/benchmark"),
     seed: int = 0,
     label: str | None = None,
+    suggest_methods: Sequence[str] | None = ("fomaml",),
 ) -> dict[str, Any]:
     """Train (or load) and evaluate each method on the same tasks and seeds; write
     ``<output>/benchmark[_<label>].{json,csv,md}`` and PNG plots after every method.
@@ -330,6 +370,8 @@ def run_benchmark(
         runs (`Path`): where the benchmark's own checkpoints go.
         seed (`int`, defaults to 0): training seed.
         label (`str`, *optional*): suffix of the result files (default: the budget's name).
+        suggest_methods (`Sequence[str]`, *optional*): methods also measured on what to label
+            next (5-shot + 5 suggested against + 5 random labels; three adaptations per episode).
 
     Returns:
         `dict`: the benchmark (also written as JSON).
@@ -377,7 +419,7 @@ def run_benchmark(
                 final = config
             else:
                 model, config, final = _train(spec, tasks, budget, encoder, runs, torch_device, seed)
-            entry = _evaluate_model(model, config.inner_loop, tasks, budget)
+            entry = _evaluate_model(model, config.inner_loop, tasks, budget, name in (suggest_methods or ()))
             entry["training"] = _training_summary(final)
             entry["inner_loop"] = config.inner_loop.model_dump()
             del model
@@ -499,8 +541,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"Budget `{budget['name']}`: {budget['note']}. Machine: {machine.get('gpu') or machine['cpu']} "
         f"({machine['device']}, {machine['cpu_count']} CPUs). Default (chosen on dev): **{result['default']}**.",
         "",
-        "| method | ARSC acc | ARSC macro-F1 | food acc | food macro-F1 | dev acc | adapt s | meta-train episodes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | ARSC acc | ARSC macro-F1 | ARSC ECE | food acc | food macro-F1 | food ECE | dev acc | adapt s "
+        "| meta-train episodes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in _completed(result).items():
         arsc, food = entry["arsc"]["mean"], entry["food"]["mean"]
@@ -508,21 +551,28 @@ def markdown_table(result: dict[str, Any]) -> str:
         training = entry.get("training") or {}
         marker = " (default)" if name == result["default"] else ""
         lines.append(
-            f"| {name}{marker} | {_cell(arsc)} | {_cell(arsc, 'macro_f1')} | {_cell(food)} | {_cell(food, 'macro_f1')} "
-            f"| {_cell(dev)} | {arsc['adapt_seconds']:.3f} | {training.get('episodes', '–')} |"
+            f"| {name}{marker} | {_cell(arsc)} | {_cell(arsc, 'macro_f1')} | {_cell(arsc, 'ece')} | {_cell(food)} "
+            f"| {_cell(food, 'macro_f1')} | {_cell(food, 'ece')} | {_cell(dev)} | {arsc['adapt_seconds']:.3f} "
+            f"| {training.get('episodes', '–')} |"
         )
     for name, entry in result["methods"].items():
         if "error" in entry:
-            lines.append(f"| {name} | failed: {entry['error'][:80]} | | | | | | |")
+            lines.append(f"| {name} | failed: {entry['error'][:80]} | | | | | | | | |")
     refs = result["references"]
     positive = refs.get("always_positive")
     if positive:
         lines.append(
-            f"| always `positive` | {_cell(positive['arsc']['mean'])} | – | {_cell(positive['food']['mean'])} "
-            "| – | – | – | – |"
+            f"| always `positive` | {_cell(positive['arsc']['mean'])} | – | – | {_cell(positive['food']['mean'])} "
+            "| – | – | – | – | – |"
         )
     for source, accuracy in refs["published_arsc_mean_accuracy"].items():
-        lines.append(f"| {source} (published) | {accuracy:.2f} | – | – | – | – | – | – |")
+        lines.append(f"| {source} (published) | {accuracy:.2f} | – | – | – | – | – | – | – | – |")
+    lines += [
+        "",
+        "ECE: expected calibration error of the top-label scores, points (10 bins; Guo et al. 2017); lower is "
+        "better calibrated.",
+    ]
+    lines += _estimate_table(result) + _suggest_table(result)
     differences = result.get("paired_differences") or {}
     if differences:
         lines += [
@@ -543,6 +593,58 @@ def markdown_table(result: dict[str, Any]) -> str:
             ]
             lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
+
+
+def _estimate_table(result: dict[str, Any]) -> list[str]:
+    """Markdown rows: how close each method's accuracy estimate at adaptation came to the query
+    accuracy, per suite."""
+    rows = []
+    for name, entry in _completed(result).items():
+        for suite in ("dev", "arsc", "food"):
+            mean = (entry.get(suite) or {}).get("mean") or {}
+            if mean.get("estimate_mae") is None:
+                continue
+            rows.append(
+                f"| {name} | {suite} | {mean['estimate_mae']:.2f} | {mean['estimate_coverage']:.1f} "
+                f"| {mean['estimate_seconds']:.4f} | {mean['estimate_cost_ratio']:.3f} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        "Accuracy estimate at adaptation (held-out over the support set, as the server makes it) against the "
+        "query accuracy: mean absolute error (points), share of episodes whose 95% interval holds the query "
+        "accuracy, median seconds, and median (adaptation + estimate) / adaptation:",
+        "",
+        "| method | suite | MAE | interval coverage % | estimate s | cost ratio |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def _suggest_table(result: dict[str, Any]) -> list[str]:
+    """Markdown rows: 5-shot + 5 suggested labels against + 5 random, per method and suite."""
+    rows = []
+    for name, entry in _completed(result).items():
+        for suite, row in (entry.get("suggest") or {}).items():
+            rows.append(
+                f"| {name} | {suite} | {row['tasks']} | {row['base_accuracy']:.2f} | {row['random_accuracy']:.2f} "
+                f"| {row['suggested_accuracy']:.2f} | {row['suggested_minus_random']:+.2f} ± "
+                f"{row['suggested_minus_random_ci95']:.2f} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        f"What to label next: query accuracy after the support set alone, plus {SUGGEST_K} random labels, and plus "
+        f"{SUGGEST_K} labels suggested by BADGE (Ash et al. 2020) from the same unlabelled pool (half of the query "
+        "set, at most 200; scored on the other half, at most 200). Suggested − random is paired task by task, "
+        "mean ± 95% CI over tasks:",
+        "",
+        "| method | suite | tasks | support only | + random | + suggested | suggested − random |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def plot(result: dict[str, Any], output: Path, stem: str) -> list[Path]:

@@ -10,6 +10,8 @@ import logging
 import time
 from collections.abc import Sequence
 
+import torch
+
 from metasent.data.episodes import Episode
 from metasent.meta.evaluate import EpisodeResult, score_episode
 
@@ -71,11 +73,12 @@ def setfit_episode(
     Trainer(model=model, args=args, train_dataset=train).train()
     seconds = time.perf_counter() - start
     support_pred = [labels[int(p)] for p in model.predict([ex.text for ex in episode.support])]
-    predicted = [labels[int(p)] for p in model.predict([ex.text for ex in episode.query])]
+    probs = torch.as_tensor(model.predict_proba([ex.text for ex in episode.query])).float()  # (query, N)
+    predicted = [labels[int(p)] for p in probs.argmax(-1)]
     support_accuracy = sum(p == ex.label for p, ex in zip(support_pred, episode.support, strict=True)) / len(
         episode.support
     )
-    return score_episode(episode, predicted, seed, seconds, support_accuracy)
+    return score_episode(episode, predicted, seed, seconds, support_accuracy, probs)
 
 
 def evaluate_setfit(encoder_path: str, episodes: Sequence[tuple[Episode, int | None]], **kwargs) -> list[EpisodeResult]:

@@ -278,6 +278,11 @@ class AdaptedState:
             unknown).
         steps (`int`): SGD steps taken.
         seconds (`float`): wall time of the adaptation.
+        support_embeddings (`Tensor`, *optional*): (N*K [+ N anchors], hidden) the support set
+            embedded by the adapted encoder, detached, when the inner loop computed it (never
+            stored: :meth:`to_tensors` leaves it out).
+        estimate (`AccuracyEstimate`, *optional*): the held-out accuracy estimate of
+            :func:`estimate_accuracy`, when asked for.
     """
 
     head: Head
@@ -287,6 +292,8 @@ class AdaptedState:
     support_accuracy: float = math.nan
     steps: int = 0
     seconds: float = 0.0
+    support_embeddings: Tensor | None = None
+    estimate: AccuracyEstimate | None = None
 
     @property
     def shares_encoder(self) -> bool:
@@ -546,6 +553,7 @@ def inner_loop(
         support_accuracy=accuracy,
         steps=config.steps,
         seconds=time.perf_counter() - start,
+        support_embeddings=final_z.detach() if final_z.numel() else None,
     )
 
 
@@ -602,6 +610,163 @@ def _step(
     return dict(zip(encoder, updated[:split], strict=True)), dict(zip(head, updated[split:], strict=True))
 
 
+# -- held-out accuracy estimate --------------------------------------------------------------------
+
+Z95 = 1.959963984540054
+"""The standard normal quantile of a two-sided 95% interval."""
+
+
+@dataclass(frozen=True)
+class AccuracyEstimate:
+    """How well an adapted domain is expected to classify new texts, from its support set alone.
+
+    Args:
+        accuracy (`float`): held-out accuracy in [0, 1].
+        low, high (`float`): its 95% Wilson score interval, in [0, 1].
+        n (`int`): held-out predictions it counts (support examples whose label has at least 2).
+        method (`str`): ``"leave-one-out"`` or ``"<F>-fold"``.
+        seconds (`float`): wall time of the estimate, seconds (beside the adaptation's own).
+    """
+
+    accuracy: float
+    low: float
+    high: float
+    n: int
+    method: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        """JSON-ready, rounded to 4 decimals."""
+        return {
+            "accuracy": round(self.accuracy, 4),
+            "low": round(self.low, 4),
+            "high": round(self.high, 4),
+            "n": self.n,
+            "method": self.method,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion ``correct / n`` (Wilson 1927, "Probable
+    Inference, the Law of Succession, and Statistical Inference"); unlike the normal interval it
+    stays inside [0, 1] and is not empty at 0 or n successes.
+
+    Raises:
+        ValueError: when ``n < 1`` or ``correct`` is not in ``[0, n]``.
+    """
+    if n < 1 or not 0 <= correct <= n:
+        raise ValueError(f"need 0 <= correct <= n and n >= 1, got correct={correct}, n={n}")
+    p = correct / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def held_out_folds(targets: Sequence[int], folds: int | None) -> list[list[int]]:
+    """Stratified folds of the support examples that can be held out: those whose class has at
+    least 2 examples, so that every class keeps one in each fold's training part.
+
+    Args:
+        targets (`Sequence[int]`): (N*K,) class ids.
+        folds (`int | None`): number of folds F (at least 2); ``None`` for leave-one-out (each
+            eligible example its own fold).
+
+    Returns:
+        `list[list[int]]`: per fold, the indices it holds out; empty folds are dropped. Within a
+        class, the example of rank r goes to fold ``r mod F``, so a class of ``c >= 2`` examples
+        loses at most ``ceil(c / F) <= c - 1`` of them per fold.
+
+    Raises:
+        ValueError: when ``folds`` is below 2.
+    """
+    if folds is not None and folds < 2:
+        raise ValueError(f"folds must be at least 2 (or None for leave-one-out), got {folds}")
+    members: dict[int, list[int]] = {}
+    for i, target in enumerate(targets):
+        members.setdefault(int(target), []).append(i)
+    eligible = [(rank, i) for rows in members.values() if len(rows) >= 2 for rank, i in enumerate(rows)]
+    if folds is None:
+        return [[i] for _, i in sorted(eligible, key=lambda pair: pair[1])]
+    out: list[list[int]] = [[] for _ in range(folds)]
+    for rank, i in eligible:
+        out[rank % folds].append(i)
+    return [sorted(fold) for fold in out if fold]
+
+
+def _leave_one_out_hits(
+    model: MetaLearner, state: AdaptedState, targets: Tensor, config: InnerLoopConfig, held_out: list[list[int]]
+) -> list[bool]:
+    """Leave-one-out without re-adapting (no inner step was taken): per held-out example, the head
+    built from the other support rows (anchors kept) classifies its embedding."""
+    z = state.support_embeddings
+    if z is None:
+        raise ValueError("the state holds no support embeddings (adapt with score_support=True)")
+    n_support = targets.shape[0]
+    hits = []
+    with torch.no_grad():
+        for fold in held_out:
+            keep = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+            keep[fold] = False
+            head = init_head(model, z[keep], targets[keep[:n_support]], state.num_classes, config)
+            predicted = head.logits(z[fold], model.logit_scale.detach()).argmax(-1)  # (fold,)
+            hits += (predicted == targets[fold]).tolist()
+    return hits
+
+
+def estimate_accuracy(
+    predictor: Predictor, state: AdaptedState, texts: Sequence[str], labels: Sequence[str], folds: int = 5
+) -> AccuracyEstimate | None:
+    """Estimate the accuracy of an adapted domain on new texts by cross-validation over its
+    support set with the same inner loop.
+
+    With no inner step (the head is a function of the support embeddings) this is exact
+    leave-one-out from the embeddings the adaptation already computed, at the cost of N*K head
+    builds. With inner steps, the inner loop runs again once per fold on the other folds'
+    examples (``folds`` stratified folds, :func:`held_out_folds`), so it costs about ``folds``
+    adaptations. Examples whose label has a single support example are never held out. The 95%
+    interval is Wilson's over the held-out predictions (:func:`wilson_interval`); they are not
+    independent, so it is an approximation, measured in ``metasent benchmark``.
+
+    Args:
+        predictor (`Predictor`): the model and inner loop that adapted ``state``.
+        state (`AdaptedState`): the adaptation on the whole support set (class order ``state.labels``).
+        texts (`Sequence[str]`), labels (`Sequence[str]`): the support set, N*K each.
+        folds (`int`, defaults to 5): folds when the inner loop takes steps (at least 2).
+
+    Returns:
+        `AccuracyEstimate | None`: ``None`` when no label has 2 examples (nothing can be held out).
+
+    Raises:
+        ValueError: when ``folds`` is below 2 or a label is not in ``state.labels``.
+    """
+    start = time.perf_counter()
+    config = predictor.inner_config
+    model = predictor.model
+    targets = encode_labels(labels, state.labels, model.device)  # (N*K,)
+    exact = config.steps == 0 and state.support_embeddings is not None
+    held_out = held_out_folds(targets.tolist(), None if exact else folds)
+    if not held_out:
+        return None
+    if exact:
+        hits = _leave_one_out_hits(model, state, targets, config, held_out)
+    else:
+        hits = []
+        for fold in held_out:
+            out = set(fold)
+            rest = [i for i in range(len(texts)) if i not in out]
+            fold_state = inner_loop(
+                model, [texts[i] for i in rest], [labels[i] for i in rest], config, state.labels, score_support=False
+            )
+            predicted = predictor.predict_proba(fold_state, [texts[i] for i in fold]).argmax(-1)  # (fold,)
+            hits += (predicted == targets[fold].cpu()).tolist()
+    correct, n = sum(hits), len(hits)
+    low, high = wilson_interval(correct, n)
+    method = "leave-one-out" if exact else f"{len(held_out)}-fold"
+    return AccuracyEstimate(correct / n, low, high, n, method, time.perf_counter() - start)
+
+
 # -- prediction ------------------------------------------------------------------------------------
 
 
@@ -654,15 +819,25 @@ class Predictor:
         self.batch_size = batch_size
 
     def adapt(
-        self, texts: Sequence[str], labels: Sequence[str], label_names: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        labels: Sequence[str],
+        label_names: Sequence[str] | None = None,
+        estimate: bool = False,
+        folds: int = 5,
     ) -> AdaptedState:
         """Run the inner loop (:func:`inner_loop`) on a support set of ``texts`` and ``labels``;
-        ``label_names`` fixes the class order (default: order of first appearance).
+        ``label_names`` fixes the class order (default: order of first appearance). With
+        ``estimate``, the state also carries :func:`estimate_accuracy`'s held-out estimate
+        (``folds`` folds when the inner loop takes steps, leave-one-out when it takes none).
 
         Raises:
             ValueError: when there are fewer than 2 labels, or texts and labels differ in length.
         """
-        return inner_loop(self.model, texts, labels, self.inner_config, label_names)
+        state = inner_loop(self.model, texts, labels, self.inner_config, label_names)
+        if estimate:
+            state.estimate = estimate_accuracy(self, state, texts, labels, folds)
+        return state
 
     def predict_proba(self, state: AdaptedState, texts: Sequence[str]) -> Tensor:
         """Class probabilities (texts, N) of ``texts`` under ``state``, rows summing to 1."""
@@ -673,6 +848,22 @@ class Predictor:
 
         out = _map_sorted(model, texts, self.batch_size, probabilities)
         return out if out is not None else torch.empty(0, state.num_classes)
+
+    def embed_and_predict(self, state: AdaptedState, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """The embeddings (texts, hidden) of ``texts`` at ``state``'s adapted encoder and their class
+        probabilities (texts, N), on the CPU, in input order, from one encoder pass."""
+        model = self.model
+
+        def both(batch: dict[str, Tensor]) -> Tensor:
+            z = model.embed(state.encoder, batch)  # (batch, hidden)
+            probs = state.head.logits(z, model.logit_scale).float().softmax(-1)  # (batch, N)
+            return torch.cat([z.float(), probs], -1)
+
+        out = _map_sorted(model, texts, self.batch_size, both)
+        hidden = int(model.encoder.config.hidden_size)
+        if out is None:
+            return torch.empty(0, hidden), torch.empty(0, state.num_classes)
+        return out[:, :hidden], out[:, hidden:]
 
     def predict(self, state: AdaptedState, texts: Sequence[str]) -> list[str]:
         """The most probable label of each text under ``state``, in input order."""
@@ -729,6 +920,7 @@ class Predictor:
 
 __all__ = [
     "HEADS",
+    "AccuracyEstimate",
     "SHARED_ENCODER_KEY",
     "AdaptedState",
     "Head",
@@ -738,9 +930,12 @@ __all__ = [
     "anchor_texts",
     "autocast",
     "encode_labels",
+    "estimate_accuracy",
+    "held_out_folds",
     "head_from_tensors",
     "init_head",
     "inner_loop",
     "sgd_step",
     "straight_through",
+    "wilson_interval",
 ]

@@ -1,24 +1,33 @@
 """Meta-testing: adapt on each episode's support set, score the query set.
 
 Metrics are query accuracy and macro-F1 (ARSC's test sets are imbalanced: always answering
-``positive`` scores 78.1% mean accuracy on its 12 test tasks, so macro-F1 is reported beside it).
+``positive`` scores 78.1% mean accuracy on its 12 test tasks, so macro-F1 is reported beside it),
+the expected calibration error of the scores, and how far the held-out accuracy estimate made at
+adaptation (:func:`meta.adaptation.estimate_accuracy`) is from the query accuracy.
+:func:`evaluate_active` measures what labelling suggested texts (:mod:`meta.active`) buys over
+labelling random ones.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from sklearn.metrics import f1_score
+from torch import Tensor
 
 from metasent.data.episodes import Episode, EpisodeSampler, fixed_episode
+from metasent.data.readers import Example
 from metasent.data.registry import Task
 
-from .adaptation import Predictor
+from .active import suggest
+from .adaptation import AccuracyEstimate, Predictor
 from .config import InnerLoopConfig
 from .model import MetaLearner
 
@@ -37,6 +46,11 @@ class EpisodeResult:
         support_accuracy (`float`): accuracy on the support set after adaptation.
         positive_share (`float | None`): share of the query set labelled ``positive`` (the
             accuracy of always answering ``positive``), ``None`` without such a label.
+        ece (`float | None`): expected calibration error of the query predictions' top-label
+            scores, in [0, 1] (:func:`expected_calibration_error`); ``None`` without scores.
+        estimated_accuracy, estimate_low, estimate_high (`float | None`): the held-out estimate
+            made at adaptation and its 95% interval, in [0, 1]; ``None`` when not estimated.
+        estimate_seconds (`float | None`): wall time of the estimate, seconds.
     """
 
     task: str
@@ -47,6 +61,11 @@ class EpisodeResult:
     adapt_seconds: float
     support_accuracy: float
     positive_share: float | None = None
+    ece: float | None = None
+    estimated_accuracy: float | None = None
+    estimate_low: float | None = None
+    estimate_high: float | None = None
+    estimate_seconds: float | None = None
 
 
 def evaluate_episode(
@@ -55,17 +74,54 @@ def evaluate_episode(
     inner_config: InnerLoopConfig,
     seed: int | None = None,
     batch_size: int = 32,
+    estimate: bool = False,
 ) -> EpisodeResult:
     """Adapt with the :class:`meta.adaptation.Predictor` on ``episode.support`` (class order
-    ``episode.labels``) and score ``episode.query``."""
+    ``episode.labels``) and score ``episode.query``; with ``estimate``, also the held-out accuracy
+    estimate made at adaptation (as the server makes it)."""
     predictor = Predictor(model, inner_config, batch_size)
-    state = predictor.adapt([ex.text for ex in episode.support], [ex.label for ex in episode.support], episode.labels)
-    predicted = predictor.predict(state, [ex.text for ex in episode.query])
-    return score_episode(episode, predicted, seed, state.seconds, state.support_accuracy)
+    texts, labels = [ex.text for ex in episode.support], [ex.label for ex in episode.support]
+    state = predictor.adapt(texts, labels, episode.labels, estimate=estimate)
+    probs = predictor.predict_proba(state, [ex.text for ex in episode.query])  # (query, N)
+    predicted = [state.labels[i] for i in probs.argmax(-1).tolist()]
+    return score_episode(episode, predicted, seed, state.seconds, state.support_accuracy, probs, state.estimate)
+
+
+def expected_calibration_error(probs: Tensor, gold: Tensor, bins: int = 10) -> float:
+    """Expected calibration error of the top-label scores (Guo et al. 2017, "On Calibration of
+    Modern Neural Networks"; Naeini et al. 2015): the predictions are put in ``bins`` equal-width
+    bins of confidence ``max p`` and ``ECE = sum_b (n_b / n) |accuracy_b - mean confidence_b|``.
+
+    Args:
+        probs (`Tensor`): (examples, N) class probabilities.
+        gold (`Tensor`): (examples,) gold class ids.
+        bins (`int`, defaults to 10): confidence bins over [0, 1].
+
+    Returns:
+        `float`: in [0, 1]; 0 for no examples.
+    """
+    if probs.shape[0] == 0:
+        return 0.0
+    confidence, predicted = probs.float().max(-1)  # (examples,), (examples,)
+    correct = (predicted == gold).float()
+    which = torch.clamp((confidence * bins).long(), max=bins - 1)  # (examples,), bin of each; 1.0 in the last
+    total = 0.0
+    for b in range(bins):
+        members = which == b
+        if bool(members.any()):
+            gap = correct[members].mean() - confidence[members].mean()
+            total += float(members.float().mean() * gap.abs())
+    return total
 
 
 def score_episode(
-    episode: Episode, predicted: Sequence[str], seed: int | None, adapt_seconds: float, support_accuracy: float
+    episode: Episode,
+    predicted: Sequence[str],
+    seed: int | None,
+    adapt_seconds: float,
+    support_accuracy: float,
+    probs: Tensor | None = None,
+    estimate: AccuracyEstimate | None = None,
 ) -> EpisodeResult:
     """Score predicted labels of ``episode.query`` (in order) against their gold labels.
 
@@ -75,13 +131,21 @@ def score_episode(
         seed (`int | None`): the episode's sampling seed.
         adapt_seconds (`float`): adaptation wall time, seconds.
         support_accuracy (`float`): accuracy on the support set after adaptation.
+        probs (`Tensor`, *optional*): (query, N) the scores behind ``predicted``, columns in
+            ``episode.labels`` order, for the calibration error.
+        estimate (`AccuracyEstimate`, *optional*): the estimate made at adaptation.
 
     Returns:
-        `EpisodeResult`: accuracy and macro-F1 in [0, 1], and the always-``positive`` share.
+        `EpisodeResult`: accuracy and macro-F1 in [0, 1], the always-``positive`` share, the
+        calibration error and the estimate.
     """
     gold = [ex.label for ex in episode.query]
     correct = sum(p == g for p, g in zip(predicted, gold, strict=True))
     labels = list(episode.labels)
+    ece = None
+    if probs is not None:
+        gold_ids = torch.tensor([labels.index(g) for g in gold], dtype=torch.long)
+        ece = expected_calibration_error(probs, gold_ids)
     return EpisodeResult(
         task=episode.task,
         seed=seed,
@@ -91,6 +155,11 @@ def score_episode(
         adapt_seconds=adapt_seconds,
         support_accuracy=support_accuracy,
         positive_share=gold.count("positive") / len(gold) if gold and "positive" in labels else None,
+        ece=ece,
+        estimated_accuracy=None if estimate is None else estimate.accuracy,
+        estimate_low=None if estimate is None else estimate.low,
+        estimate_high=None if estimate is None else estimate.high,
+        estimate_seconds=None if estimate is None else estimate.seconds,
     )
 
 
@@ -104,6 +173,7 @@ def evaluate_tasks(
     k_shot: int = 5,
     seeds: int = 5,
     batch_size: int = 32,
+    estimate: bool = False,
 ) -> list[EpisodeResult]:
     """Meta-test on ``tasks``: the fixed ARSC episodes, or ``seeds`` sampled K-shot episodes per
     task (support from ``support_split``, every ``query_split`` example as the query set).
@@ -118,6 +188,7 @@ def evaluate_tasks(
         k_shot (`int`, defaults to 5): support examples per class (sampled protocol).
         seeds (`int`, defaults to 5): episodes per task (sampled protocol).
         batch_size (`int`, defaults to 32): texts per forward pass.
+        estimate (`bool`, defaults to False): also make the held-out accuracy estimate.
 
     Returns:
         `list[EpisodeResult]`: one per episode.
@@ -132,13 +203,13 @@ def evaluate_tasks(
     for task in tasks:
         if protocol == "fixed":
             episode = fixed_episode(task, support_split, query_split)
-            results.append(evaluate_episode(model, episode, inner_config, None, batch_size))
+            results.append(evaluate_episode(model, episode, inner_config, None, batch_size, estimate))
             continue
         for seed in range(seeds):
             sampler = EpisodeSampler(
                 [task], k_shot=k_shot, q_query=None, support_split=support_split, query_split=query_split, seed=seed
             )
-            results.append(evaluate_episode(model, sampler.sample(task), inner_config, seed, batch_size))
+            results.append(evaluate_episode(model, sampler.sample(task), inner_config, seed, batch_size, estimate))
     return results
 
 
@@ -184,6 +255,8 @@ def summarize(results: Iterable[EpisodeResult]) -> dict[str, Any]:
             "episodes": len(rs),
             "adapt_seconds": round(statistics.median(r.adapt_seconds for r in rs), 3),
             "always_positive_accuracy": _always_positive(rs),
+            "ece": _mean_or_none([None if r.ece is None else 100 * r.ece for r in rs]),
+            **estimate_quality(rs),
         }
 
     tasks = {task: block(rs) for task, rs in sorted(by_task.items())}
@@ -204,8 +277,35 @@ def summarize(results: Iterable[EpisodeResult]) -> dict[str, Any]:
         "episodes": len(results),
         "adapt_seconds": round(statistics.median(r.adapt_seconds for r in results), 3),
         "always_positive_accuracy": _mean_or_none([t["always_positive_accuracy"] for t in tasks.values()]),
+        "ece": _mean_or_none([t["ece"] for t in tasks.values()]),
+        **estimate_quality(results),
     }
     return {"tasks": tasks, "mean": overall, "episodes": [asdict(r) for r in results]}
+
+
+def estimate_quality(results: Sequence[EpisodeResult]) -> dict[str, float | None]:
+    """How good the estimates made at adaptation were, over the episodes that have one.
+
+    Returns:
+        `dict`: ``estimate_mae``, the mean absolute difference between estimated and query
+        accuracy (points); ``estimate_coverage``, the percentage of episodes whose 95% interval
+        holds the query accuracy; ``estimate_seconds``, the median estimate time (seconds);
+        ``estimate_cost_ratio``, the median of (adaptation + estimate) / adaptation. All ``None``
+        when no episode was estimated.
+    """
+    rs = [r for r in results if r.estimated_accuracy is not None]
+    if not rs:
+        return {"estimate_mae": None, "estimate_coverage": None, "estimate_seconds": None, "estimate_cost_ratio": None}
+    errors = [100 * abs(r.estimated_accuracy - r.accuracy) for r in rs]  # type: ignore[operator]
+    covered = [r.estimate_low <= r.accuracy <= r.estimate_high for r in rs]  # type: ignore[operator]
+    seconds = [r.estimate_seconds or 0.0 for r in rs]
+    ratios = [(r.adapt_seconds + s) / r.adapt_seconds for r, s in zip(rs, seconds, strict=True) if r.adapt_seconds > 0]
+    return {
+        "estimate_mae": round(statistics.fmean(errors), 2),
+        "estimate_coverage": round(100 * sum(covered) / len(rs), 1),
+        "estimate_seconds": round(statistics.median(seconds), 4),
+        "estimate_cost_ratio": round(statistics.median(ratios), 3) if ratios else None,
+    }
 
 
 def format_table(summary: dict[str, Any], title: str = "") -> str:
@@ -234,3 +334,94 @@ def format_table(summary: dict[str, Any], title: str = "") -> str:
         f"{cell(mean, 'macro_f1'):>16s} {mean['episodes']:8d} {mean['adapt_seconds']:8.3f} {positive(mean):>10s}"
     )
     return "\n".join(lines)
+
+
+# -- what to label next: suggested against random labels -------------------------------------------
+
+
+@dataclass
+class ActiveResult:
+    """One episode of :func:`evaluate_active`: query accuracy (in [0, 1]) of the K-shot support
+    set alone, plus ``k`` suggested labels, and plus ``k`` random labels from the same pool."""
+
+    task: str
+    seed: int | None
+    base: float
+    suggested: float
+    random: float
+    pool: int
+    evaluated: int
+
+
+def evaluate_active(
+    model: MetaLearner,
+    episode: Episode,
+    inner_config: InnerLoopConfig,
+    k: int = 5,
+    seed: int = 0,
+    max_pool: int = 200,
+    max_eval: int = 200,
+    batch_size: int = 64,
+) -> ActiveResult:
+    """Does labelling the suggested texts help more than labelling random ones?
+
+    The query set is shuffled (``seed``) and split in two: an unlabelled pool (at most
+    ``max_pool``) and an evaluation set (the rest, at most ``max_eval``). The support set is
+    adapted on, ``k`` texts are suggested from the pool (:func:`meta.active.suggest`, BADGE) and
+    ``k`` drawn at random from it; each set of ``k`` joins the support set with its gold labels and
+    the domain is adapted again. All three are scored on the evaluation set.
+
+    Returns:
+        `ActiveResult`: the three accuracies.
+    """
+    rng = random.Random(f"metasent-active:{episode.task}:{seed}")
+    query = list(episode.query)
+    rng.shuffle(query)
+    half = len(query) // 2
+    labelled = {ex.text for ex in episode.support}
+    pool = [ex for ex in query[:half] if ex.text not in labelled][:max_pool]  # never a support text
+    held = query[half:][:max_eval]
+    predictor = Predictor(model, inner_config, batch_size)
+
+    def adapt(extra: Sequence[Example]):
+        support = list(episode.support) + list(extra)
+        return predictor.adapt([ex.text for ex in support], [ex.label for ex in support], episode.labels)
+
+    base = adapt([])
+    picks = suggest(predictor, base, [ex.text for ex in pool], k)
+    suggested = adapt([pool[p.index] for p in picks])
+    randomly = adapt(rng.sample(pool, min(k, len(pool))))
+    texts = [ex.text for ex in held]
+    gold = torch.tensor([episode.labels.index(ex.label) for ex in held])
+    accuracies = [
+        float((probs.argmax(-1) == gold).float().mean())
+        for probs in predictor.predict_many([(state, texts) for state in (base, suggested, randomly)])
+    ]
+    base_acc, suggested_acc, random_acc = accuracies
+    return ActiveResult(episode.task, seed, base_acc, suggested_acc, random_acc, len(pool), len(held))
+
+
+def summarize_active(results: Sequence[ActiveResult]) -> dict[str, Any]:
+    """Mean accuracies (points) and the paired differences suggested − random and suggested −
+    base, each averaged per task first, then mean ± 95% CI over tasks."""
+    by_task: dict[str, list[ActiveResult]] = defaultdict(list)
+    for result in results:
+        by_task[result.task].append(result)
+
+    def per_task(field: str) -> list[float]:
+        return [100 * statistics.fmean(getattr(r, field) for r in rs) for rs in by_task.values()]
+
+    base, suggested, randomly = per_task("base"), per_task("suggested"), per_task("random")
+    gain, gain_ci = mean_ci95([s - r for s, r in zip(suggested, randomly, strict=True)])
+    over_base, over_base_ci = mean_ci95([s - b for s, b in zip(suggested, base, strict=True)])
+    return {
+        "tasks": len(by_task),
+        "episodes": len(results),
+        "base_accuracy": round(statistics.fmean(base), 2),
+        "suggested_accuracy": round(statistics.fmean(suggested), 2),
+        "random_accuracy": round(statistics.fmean(randomly), 2),
+        "suggested_minus_random": round(gain, 2),
+        "suggested_minus_random_ci95": round(gain_ci, 2),
+        "suggested_minus_base": round(over_base, 2),
+        "suggested_minus_base_ci95": round(over_base_ci, 2),
+    }

@@ -671,10 +671,18 @@ def benchmark(
     device: str = "auto",
     threads: int | None = None,
     seed: int = 0,
+    suggest_methods: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated methods also measured on what to label next (5-shot + 5 suggested labels "
+            "against + 5 random; three adaptations per episode); '' for none"
+        ),
+    ] = "fomaml",
 ) -> None:
     """Train (or load) every method and evaluate all of them on the same tasks and seeds: the 12
     ARSC test tasks, the 6 food tasks (5 seeds), accuracy against shots, and the dev tasks that
-    choose the default. Writes results/benchmark_<budget>.{json,csv,md} and PNG plots."""
+    choose the default; with each, the calibration error of its scores and how close its accuracy
+    estimate at adaptation came. Writes results/benchmark_<budget>.{json,csv,md} and PNG plots."""
     _setup(threads)
     budgets, select_methods, run_benchmark = _from_bench("benchmark", "BUDGETS", "select_methods", "run_benchmark")
     if budget not in budgets:
@@ -689,7 +697,10 @@ def benchmark(
         if not path:
             raise typer.BadParameter(f"expected METHOD=DIR, got {item!r}", param_hint="--checkpoint")
         loaded[name] = Path(path)
-    result = run_benchmark(Path(data), output, budget, _split(methods), loaded, encoder, device, runs, seed, label)
+    result = run_benchmark(
+        Path(data), output, budget, _split(methods), loaded, encoder, device, runs, seed, label,
+        _split(suggest_methods) or (),
+    )  # fmt: skip
     typer.echo((output / f"benchmark_{label or budget}.md").read_text())
     typer.echo(f"default: {result['default']}")
 

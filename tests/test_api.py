@@ -355,3 +355,81 @@ def test_request_id_is_echoed_or_generated(client) -> None:
     assert given.headers["X-Request-ID"] == "abc-123"
     generated = client.get("/v1/domains/unknown")
     assert generated.status_code == 404 and len(generated.headers["X-Request-ID"]) == 32
+
+
+# -- estimated accuracy, warnings, what to label next -----------------------------------------------
+
+
+def test_adaptation_estimates_accuracy_and_get_shows_it(client: TestClient) -> None:
+    domain = create(client)
+    estimate = domain["adaptation"]["estimated_accuracy"]
+    # the tiny checkpoint takes 3 inner steps: 5 stratified folds over the 10 support examples
+    assert estimate["method"] == "5-fold" and estimate["n"] == 10
+    assert estimate["low"] <= estimate["accuracy"] <= estimate["high"]
+    assert estimate["accuracy"] * 10 == pytest.approx(round(estimate["accuracy"] * 10))  # a count of 10 predictions
+    assert domain["warnings"] == []
+    shown = client.get(f"/v1/domains/{domain['domain_id']}").json()
+    assert shown["adaptation"]["estimated_accuracy"] == estimate  # stored with the domain
+    listed = client.get("/v1/domains").json()["domains"]
+    assert [d["adaptation"]["estimated_accuracy"] for d in listed] == [estimate]
+
+
+def test_warnings_for_few_and_unbalanced_examples(client: TestClient) -> None:
+    examples = [{"text": t, "label": "positive"} for t in POSITIVE[:6]] + [{"text": NEGATIVE[0], "label": "negative"}]
+    domain = create(client, {"name": "lopsided", "examples": examples})
+    codes = [w["code"] for w in domain["warnings"]]
+    assert codes == ["few_examples", "unbalanced_labels"]
+    assert "'negative'" in domain["warnings"][0]["message"]
+    assert domain["adaptation"]["estimated_accuracy"]["n"] == 6  # the lone negative is never held out
+    assert client.get(f"/v1/domains/{domain['domain_id']}").json()["warnings"] == domain["warnings"]
+    # adding negatives clears them
+    more = [{"text": t, "label": "negative"} for t in NEGATIVE[1:6]]
+    response = client.put(f"/v1/domains/{domain['domain_id']}/examples", json={"examples": more})
+    assert response.status_code == 200, response.text
+    assert response.json()["warnings"] == []
+    two = client.post(
+        "/v1/classify",
+        json={"examples": [{"text": POSITIVE[0], "label": "positive"}, {"text": NEGATIVE[0], "label": "negative"}],
+              "texts": [POSITIVE[1]]},
+    )  # fmt: skip
+    assert two.status_code == 200, two.text
+    assert two.json()["adaptation"]["estimated_accuracy"] is None
+    assert [w["code"] for w in two.json()["warnings"]] == ["few_examples", "few_examples", "no_estimate"]
+
+
+def test_suggest_returns_distinct_unlabelled_texts_with_their_scores(client: TestClient) -> None:
+    domain = create(client)
+    labelled = [e["text"] for e in support()]
+    candidates = [labelled[0], POSITIVE[7], NEGATIVE[7], POSITIVE[7], "okay fine average", NEGATIVE[8]]
+    response = client.post(f"/v1/domains/{domain['domain_id']}/suggest", json={"texts": candidates, "k": 3})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["domain_id"] == domain["domain_id"] and body["method"] == "badge"
+    suggestions = body["suggestions"]
+    texts = [s["text"] for s in suggestions]
+    assert len(texts) == len(set(texts)) == 3 and labelled[0] not in texts
+    predicted = classify(client, domain["domain_id"], texts)
+    for suggestion, prediction in zip(suggestions, predicted, strict=True):
+        assert candidates[suggestion["index"]] == suggestion["text"]
+        assert suggestion["label"] == prediction["label"]
+        assert suggestion["scores"] == pytest.approx(prediction["scores"], abs=1e-5)
+        assert suggestion["uncertainty"] == pytest.approx(1 - max(prediction["scores"].values()), abs=1e-5)
+    again = client.post(f"/v1/domains/{domain['domain_id']}/suggest", json={"texts": candidates, "k": 3}).json()
+    assert again["suggestions"] == suggestions  # deterministic
+
+
+def test_suggest_errors(client: TestClient) -> None:
+    domain = create(client)
+    path = f"/v1/domains/{domain['domain_id']}/suggest"
+    assert_error(client.post(path, json={"texts": ["fine"], "k": 0}), 422, "k")
+    assert_error(client.post(path, json={"texts": ["fine"], "k": "2"}), 422, "k")
+    assert_error(client.post(path, json={"texts": [], "k": 1}), 422, "texts")
+    assert_error(client.post(path, json={"texts": ["fine"] * (MAX_TEXTS + 1)}), 413, "texts")
+    assert_error(client.post("/v1/domains/" + "0" * 32 + "/suggest", json={"texts": ["fine"]}), 404, "domain_id")
+
+
+def test_estimate_can_be_turned_off(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    settings = Settings(checkpoint=tiny_checkpoint, device="cpu", data_dir=tmp_path, estimate=False)
+    with TestClient(create_app(settings)) as test_client:
+        domain = create(test_client)
+    assert domain["adaptation"]["estimated_accuracy"] is None and domain["adaptation"]["steps"] == 3

@@ -272,7 +272,7 @@ class _Checkpoint:
         names, tensors, _ = _adaptation(self.value)
         return SimpleNamespace(labels=names, to_tensors=lambda: tensors)
 
-    def info(self, state: Any) -> dict[str, Any]:
+    def info(self, state: Any, support_labels: Any) -> dict[str, Any]:
         return {"steps": 1, "seconds": 0.1, "device": "cpu"}
 
 

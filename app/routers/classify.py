@@ -11,6 +11,7 @@ from ..adaptation import adapt_queued, predictions
 from ..auth import require_tenant
 from ..dependencies import AdaptQueueDep, ServiceDep, SettingsDep
 from ..schemas import AdaptAndClassify, AdaptAndClassifyResponse
+from ..service import support_warnings
 from .common import QUEUE_FULL, REQUEST_ERRORS, V1_ERRORS, check_limit, check_text_lengths, pairs
 
 router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_tenant)], responses=V1_ERRORS)
@@ -34,5 +35,6 @@ async def adapt_and_classify(
     return AdaptAndClassifyResponse(
         labels=list(state.labels),
         predictions=predictions(state.labels, probs, truncated),  # type: ignore[arg-type]
-        adaptation=service.info(state),  # type: ignore[arg-type]
+        adaptation=service.info(state, [ex.label for ex in body.examples]),  # type: ignore[arg-type]
+        warnings=support_warnings([ex.label for ex in body.examples]),  # type: ignore[arg-type]
     )

@@ -28,6 +28,9 @@ from ..schemas import (
     DomainList,
     ErrorResponse,
     LabelledText,
+    SuggestedText,
+    SuggestRequest,
+    SuggestResponse,
     UpdateExamples,
 )
 from ..service import AdaptedState, ModelService
@@ -219,7 +222,7 @@ async def create_domain(
             body.name,
             state.labels,
             state.to_tensors(),
-            service.info(state),
+            service.info(state, [label for _, label in examples]),
             examples,
             service.checkpoint_hash,
             limit,
@@ -307,7 +310,7 @@ async def update_examples(
             domain,
             state.labels,
             state.to_tensors(),
-            service.info(state),
+            service.info(state, [label for _, label in examples]),
             examples,
             service.checkpoint_hash,
             True,
@@ -356,4 +359,46 @@ async def classify(
     return ClassifyResponse(
         domain_id=domain_id,
         predictions=predictions(domain.labels, probs, truncated),  # type: ignore[arg-type]
+    )
+
+
+SUGGEST_METHOD = "badge"
+"""BADGE (Ash et al. 2020): uncertainty with diversity, see :mod:`meta.active`."""
+
+
+@router.post(
+    "/{domain_id}/suggest", response_model=SuggestResponse, responses={**REQUEST_ERRORS, **_NOT_FOUND, **QUEUE_FULL}
+)
+async def suggest(
+    domain_id: str,
+    body: SuggestRequest,
+    service: ServiceDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    adapt_queue: AdaptQueueDep,
+) -> SuggestResponse:
+    """What to label next: the ``k`` texts among ``texts`` whose labels would most improve the
+    domain, chosen by BADGE (Ash et al. 2020, "Deep Batch Active Learning by Diverse, Uncertain
+    Gradient Lower Bounds"): uncertain under the domain's current model and unlike each other.
+    Duplicates and texts already in the support set are never suggested. Label them and add them
+    with ``PUT /v1/domains/{domain_id}/examples``."""
+    check_limit(len(body.texts), settings.max_texts, "texts", "MAX_TEXTS")
+    domain, state = await _with_state(service, store, adapt_queue, tenant, domain_id)
+    stored = await _require(store, tenant, domain_id, with_examples=True)
+    labelled = [text for text, _ in stored.examples or []]
+    picks = await run_in_threadpool(service.suggest, state, body.texts, body.k, labelled)
+    return SuggestResponse(
+        domain_id=domain_id,
+        method=SUGGEST_METHOD,
+        suggestions=[
+            SuggestedText(
+                index=pick.index,
+                text=pick.text,
+                label=domain.labels[int(pick.probabilities.argmax())],
+                scores={label: round(float(p), 6) for label, p in zip(domain.labels, pick.probabilities, strict=True)},
+                uncertainty=round(pick.uncertainty, 6),
+            )
+            for pick in picks
+        ],
     )
