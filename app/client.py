@@ -232,6 +232,10 @@ class MetasentClient:
         body = {"name": name, "examples": [dict(e) for e in examples]}
         return self._request("POST", "/v1/domains", body, idempotency_key or str(uuid.uuid4()))
 
+    def health(self) -> dict[str, Any]:
+        """``GET /healthz``: the server's status and model (``checkpoint_hash`` names the weights)."""
+        return self._request("GET", "/healthz")
+
     def list_domains(self) -> list[dict[str, Any]]:
         """Every domain's metadata."""
         return self._request("GET", "/v1/domains")["domains"]

@@ -14,14 +14,23 @@ def _invisible(char: str) -> bool:
     return char.isspace() or unicodedata.category(char) == "Cf"
 
 
-def _not_blank(value: str) -> str:
+def text_problem(value: str) -> str | None:
+    """Why the API refuses ``value`` as a text or label (422), or None when it accepts it (the
+    check of every text field; ``metasent classify --output`` uses it to keep such rows unsent)."""
     if all(_invisible(char) for char in value):
-        raise ValueError(
+        return (
             "must contain a visible character, not only whitespace or zero-width characters "
             "(e.g. U+200B); send the text itself"
         )
     if "\x00" in value:  # no database text column (PostgreSQL) can store it
-        raise ValueError("must not contain a NUL character")
+        return "must not contain a NUL character"
+    return None
+
+
+def _not_blank(value: str) -> str:
+    problem = text_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
