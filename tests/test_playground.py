@@ -211,6 +211,47 @@ def test_adapt_list_classify_and_delete(page: Page, api: httpx.Client) -> None:
     assert api.get("/v1/domains").json()["domains"] == []
 
 
+def test_uploads_and_the_keyboard(page: Page, api: httpx.Client) -> None:
+    """A .jsonl support set and a .csv of texts (a quoted comma, an extra column) are uploaded;
+    Enter in the name field adapts (the form's implicit submission), Enter on the button classifies."""
+    jsonl = "\n".join(json.dumps(ex) for ex in support()) + "\n"
+    page.get_by_label("…or upload a .csv or .jsonl file").set_input_files(
+        {"name": "food.jsonl", "mimeType": "application/json", "buffer": jsonl.encode()}
+    )
+    expect(page.get_by_label("Labelled examples", exact=True)).to_have_value(jsonl)
+    name = page.get_by_label("Domain name", exact=True)
+    name.fill("uploaded")
+    name.press("Enter")
+    expect(page.locator("#adapt-result h3")).to_have_text("Adapted “uploaded”")
+    (domain,) = api.get("/v1/domains").json()["domains"]
+    assert domain["num_examples"] == 10 and domain["labels"] == ["positive", "negative"]
+
+    texts = ["great coffee, love it", NEGATIVE[9]]
+    table = f'id,text\n1,"{texts[0]}"\n2,{texts[1]}\n'
+    page.get_by_label("…or upload a .txt file").set_input_files(
+        {"name": "texts.csv", "mimeType": "text/csv", "buffer": table.encode()}
+    )
+    expect(page.get_by_label("Texts, one per line", exact=True)).to_have_value("\n".join(texts))
+    page.get_by_role("button", name="Classify").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#classify-result .prediction .text")).to_have_text(texts)
+
+
+def test_csv_texts_with_unquoted_commas(page: Page, api: httpx.Client) -> None:
+    """In a text,label paste, commas before the last one belong to the text (quotes optional)."""
+    pasted = 'text,label\ngreat coffee, love it,positive\n"bad, bitter, stale",negative\nawful tea,negative\n'
+    page.get_by_label("Labelled examples", exact=True).fill(pasted)
+    page.get_by_role("button", name="Adapt", exact=True).click()
+    expect(page.locator("#adapt-result h3")).to_have_text("Adapted “my reviews”")
+    (domain,) = api.get("/v1/domains").json()["domains"]
+    stored = api.get(f"/v1/domains/{domain['domain_id']}/examples").json()["examples"]
+    assert stored == [
+        {"text": "great coffee, love it", "label": "positive"},
+        {"text": "bad, bitter, stale", "label": "negative"},
+        {"text": "awful tea", "label": "negative"},
+    ]
+
+
 @pytest.mark.parametrize(
     ("case", "examples", "line"),
     [
