@@ -19,7 +19,7 @@ from .limits import BodyLimitMiddleware, HeaderLimitMiddleware, TimeoutMiddlewar
 from .metrics import Metrics, MetricsMiddleware
 from .observability import request_id_var
 from .queue import AdaptationQueue
-from .routers import classify, domains, health, ops
+from .routers import classify, domains, health, ops, playground
 from .service import ModelService
 from .settings import Settings, get_settings
 from .store import DomainStore
@@ -148,4 +148,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(domains.router)
     app.include_router(classify.router)
+    app.include_router(playground.router)  # GET /: the playground page, no API key, not in the schema
+    app.mount(playground.STATIC_PATH, playground.static_files(), name="static")
     return app

@@ -537,7 +537,8 @@ def serve(
     checkpoint's inner loop; POST /v1/domains/{id}/classify classifies texts; PUT
     /v1/domains/{id}/examples updates a support set; POST /v1/classify adapts and classifies
     without storing. Domains persist in METASENT_DATA_DIR (SQLite) or METASENT_DATABASE_URL;
-    METASENT_API_KEYS turns on API keys. /healthz, /readyz and /metrics for operators. Docs at /docs."""
+    METASENT_API_KEYS turns on API keys. /healthz, /readyz and /metrics for operators. Docs at /docs,
+    a playground page at /."""
     import uvicorn
 
     from metasent.app.main import create_app

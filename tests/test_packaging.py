@@ -61,3 +61,6 @@ def test_wheel_has_one_top_level_name(tmp_path: Path) -> None:
     assert "metasent = metasent.cli:main" in scripts
     shipped = {n for n in names if n.startswith("metasent/models/")}
     assert shipped == {"metasent/models/default/metasent.json", "metasent/models/default/model.safetensors"}
+    page = {n for n in names if n.startswith("metasent/app/static/")}  # the playground at /
+    assert page == {f"metasent/app/static/{p.name}" for p in (ROOT / "app" / "static").iterdir()}
+    assert {"metasent/app/static/index.html", "metasent/app/static/playground.js"} <= page
