@@ -182,10 +182,9 @@ def test_adapt_list_classify_and_delete(page: Page, api: httpx.Client) -> None:
     expect(item).to_contain_text("(active)")
     expect(page.get_by_label("Active domain")).to_have_value(domain["domain_id"])
     estimate = page.locator("#adapt-result .estimate")
-    if domain["adaptation"].get("estimated_accuracy"):  # the lead's estimate, once merged
-        expect(estimate).to_have_text(estimate_text(domain["adaptation"]["estimated_accuracy"]))
-    else:
-        expect(estimate).to_have_count(0)
+    assert domain["adaptation"]["estimated_accuracy"]["method"] == "5-fold"  # the tiny model takes inner steps
+    expect(estimate).to_have_text(estimate_text(domain["adaptation"]["estimated_accuracy"]))
+    expect(page.locator("#adapt-result .warnings")).to_have_count(0)  # 5 examples of each label
 
     texts = [POSITIVE[8], NEGATIVE[8]]
     classify(page, texts)
@@ -314,18 +313,42 @@ def test_estimate_and_warnings_follow_the_domain_contract(page: Page, api: httpx
     expect(page.locator("#adapt-result .warnings")).to_have_count(0)
 
 
+def test_the_servers_estimate_and_warnings_are_shown(page: Page, api: httpx.Client) -> None:
+    """A lopsided support set (6 positive, 1 negative): the server's own estimate and warnings."""
+    lopsided = [e for e in support(k=6) if e["label"] == "positive"] + [{"text": NEGATIVE[0], "label": "negative"}]
+    domain = adapted(page, api, "lopsided", lopsided)
+    assert [w["code"] for w in domain["warnings"]] == ["few_examples", "unbalanced_labels"]
+    expect(page.locator("#adapt-result .estimate")).to_have_text(
+        estimate_text(domain["adaptation"]["estimated_accuracy"])
+    )
+    shown = page.locator("#adapt-result .warnings li")
+    expect(shown).to_have_count(2)
+    for item, warning in zip(shown.all(), domain["warnings"], strict=True):
+        expect(item).to_have_attribute("data-code", warning["code"])
+        expect(item).to_contain_text(warning["message"])
+    # one example per label: nothing can be held out, so no estimate and a no_estimate warning
+    pair = [{"text": POSITIVE[1], "label": "positive"}, {"text": NEGATIVE[1], "label": "negative"}]
+    domain = adapted(page, api, "pair", pair)
+    assert domain["adaptation"]["estimated_accuracy"] is None
+    expect(page.locator("#adapt-result .estimate")).to_have_count(0)
+    expect(page.locator('#adapt-result .warnings li[data-code="no_estimate"]')).to_have_count(1)
+
+
 def test_suggestions_are_labelled_and_added(page: Page, api: httpx.Client) -> None:
     domain = adapted(page, api, "food", support())
     pool = [POSITIVE[7], NEGATIVE[7], "okay fine average"]
     page.get_by_label("Unlabelled texts, one per line").fill("\n".join(pool))
     page.get_by_label("How many suggestions").fill("2")
     page.get_by_role("button", name="Suggest").click()
-    # the server's own answer to the same request (a 404 until the server has the route)
+    # the server's own answer to the same request (deterministic): the same texts, guesses and order
     response = api.post(f"/v1/domains/{domain['domain_id']}/suggest", json={"texts": pool, "k": 2})
-    if response.status_code == 200:
-        expect(page.locator("#suggest-result .suggestion")).to_have_count(len(response.json()["suggestions"]))
-    else:
-        assert_shows_error(page.locator("#suggest-error"), response.json()["error"])
+    assert response.status_code == 200, response.text
+    shown = page.locator("#suggest-result .suggestion")
+    expect(shown).to_have_count(2)
+    for item, want in zip(shown.all(), response.json()["suggestions"], strict=True):
+        expect(item).to_contain_text(want["text"])
+        expect(item).to_contain_text(f"model's guess: {want['label']}")
+        expect(item).to_contain_text(f"uncertainty {want['uncertainty']:.2f}")
 
     suggestions = [  # the contract's answer, whatever this server says
         {"index": 2, "text": pool[2], "label": "positive", "scores": {"positive": 0.5, "negative": 0.5}},
