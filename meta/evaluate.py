@@ -333,6 +333,14 @@ def format_table(summary: dict[str, Any], title: str = "") -> str:
         f"{'MEAN (' + str(mean['tasks']) + ' tasks)':28s} {cell(mean, 'accuracy'):>16s} "
         f"{cell(mean, 'macro_f1'):>16s} {mean['episodes']:8d} {mean['adapt_seconds']:8.3f} {positive(mean):>10s}"
     )
+    if mean.get("ece") is not None:
+        lines.append(f"calibration: ECE {mean['ece']:.2f} points (10 bins, top-label scores)")
+    if mean.get("estimate_mae") is not None:
+        lines.append(
+            f"accuracy estimate at adaptation: MAE {mean['estimate_mae']:.2f} points, 95% interval holds the query "
+            f"accuracy in {mean['estimate_coverage']:.1f}% of episodes, median {mean['estimate_seconds']:.4f} s, "
+            f"(adaptation + estimate) / adaptation {mean['estimate_cost_ratio']:.3f}"
+        )
     return "\n".join(lines)
 
 

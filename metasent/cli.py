@@ -476,10 +476,17 @@ def evaluate(
     batch_size: int = 64,
     device: str = "auto",
     threads: int | None = None,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            help="Also make the server's accuracy estimate at each adaptation and report its error, interval "
+            "coverage and cost"
+        ),
+    ] = False,
 ) -> None:
     """Meta-test: adapt on each task's support set with the checkpoint's inner loop and score
     the query set. Prints per-task accuracy and macro-F1 (percent) and their mean, with 95%
-    confidence intervals for sampled episodes."""
+    confidence intervals for sampled episodes, and the calibration error of the scores."""
     _setup(threads)
     from metasent.data.readers import arsc_target_domains
     from metasent.meta.checkpoint import load_model
@@ -497,7 +504,9 @@ def evaluate(
         model.encoder_config = model.encoder_config.model_copy(update={"max_length": max_length})
     include = _split(domains) or (arsc_target_domains(data) if Path(data, "workspace.target.list").exists() else None)
     tasks = list(_read_tasks(data, include=include))
-    results = evaluate_tasks(model, tasks, inner, protocol, support_split, query_split, k_shot, seeds, batch_size)
+    results = evaluate_tasks(
+        model, tasks, inner, protocol, support_split, query_split, k_shot, seeds, batch_size, estimate
+    )
     summary = summarize(results)
     summary["config"] = {
         "checkpoint": str(checkpoint) if checkpoint else None,

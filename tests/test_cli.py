@@ -116,6 +116,16 @@ def test_train_then_evaluate_with_an_encoder_path(tmp_path: Path) -> None:
     mean = 100 * sum(e["accuracy"] for e in summary["episodes"]) / 3
     assert summary["tasks"]["snacks.t2"]["accuracy"] == summary["mean"]["accuracy"]  # one task
     assert summary["mean"]["accuracy"] == pytest.approx(mean, abs=0.005)
+    assert "calibration: ECE" in result.output and summary["mean"]["estimate_mae"] is None  # no --estimate
+
+    result = runner.invoke(cli, [*args, "--estimate"])
+    assert result.exit_code == 0, result.output
+    assert "accuracy estimate at adaptation: MAE" in result.output
+    estimated = json.loads(report.read_text())
+    episodes = estimated["episodes"]
+    assert [e["accuracy"] for e in episodes] == [e["accuracy"] for e in summary["episodes"]]  # same adaptations
+    errors = [100 * abs(e["estimated_accuracy"] - e["accuracy"]) for e in episodes]
+    assert estimated["mean"]["estimate_mae"] == pytest.approx(sum(errors) / 3, abs=0.005)
 
 
 def test_curve_table_windows_and_validation() -> None:
