@@ -73,6 +73,11 @@ class InnerLoopConfig(BaseModel):
             (module-name suffixes) that get adapters: attention and feed-forward in BERT.
         meta_sgd (`bool`, defaults to False): meta-learn one inner learning rate per adapted
             tensor and one for the head, starting at ``lr`` (Li et al. 2017, "Meta-SGD").
+        estimate_task_sd (`float | None`, defaults to None): the spread (standard deviation, as
+            a fraction) of query accuracy around the held-out estimate across tasks beyond the
+            binomial noise of the estimate itself, measured for this model on dev tasks
+            (``python -m bench.calibrate_estimate``); it widens the estimate's 95% interval
+            (:func:`meta.adaptation.estimate_accuracy`). ``None``: the Wilson interval alone.
     """
 
     steps: int = Field(default=5, ge=0, le=100, description="Inner-loop SGD steps k")
@@ -95,6 +100,9 @@ class InnerLoopConfig(BaseModel):
         default_factory=lambda: ["query", "key", "value", "dense"], min_length=1, description="Projections with LoRA"
     )
     meta_sgd: bool = Field(default=False, description="Meta-learn one inner learning rate per adapted tensor")
+    estimate_task_sd: float | None = Field(
+        default=None, ge=0, le=1, description="Task-level spread of query accuracy around the estimate (dev-measured)"
+    )
 
     @model_validator(mode="after")
     def _matching_steps_adapt_the_encoder(self) -> InnerLoopConfig:

@@ -51,6 +51,7 @@ class EpisodeResult:
         estimated_accuracy, estimate_low, estimate_high (`float | None`): the held-out estimate
             made at adaptation and its 95% interval, in [0, 1]; ``None`` when not estimated.
         estimate_seconds (`float | None`): wall time of the estimate, seconds.
+        estimate_n (`int | None`): held-out predictions behind the estimate.
     """
 
     task: str
@@ -66,6 +67,7 @@ class EpisodeResult:
     estimate_low: float | None = None
     estimate_high: float | None = None
     estimate_seconds: float | None = None
+    estimate_n: int | None = None
 
 
 def evaluate_episode(
@@ -160,6 +162,7 @@ def score_episode(
         estimate_low=None if estimate is None else estimate.low,
         estimate_high=None if estimate is None else estimate.high,
         estimate_seconds=None if estimate is None else estimate.seconds,
+        estimate_n=None if estimate is None else estimate.n,
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,3 +263,64 @@ def test_evaluate_active_scores_three_adaptations_on_the_same_texts(tiny_model: 
     held = query[len(query) // 2 :]
     predicted = predictor.predict(base, [e.text for e in held])
     assert result.base == pytest.approx(sum(p == e.label for p, e in zip(predicted, held, strict=True)) / len(held))
+
+
+def test_estimate_interval_adds_the_task_spread() -> None:
+    from metasent.meta.adaptation import estimate_interval
+
+    assert estimate_interval(8, 10) == wilson_interval(8, 10)  # no spread: Wilson's
+    assert estimate_interval(8, 10, 0.0) == wilson_interval(8, 10)
+    low, high = estimate_interval(8, 10, 0.15)
+    z = 1.959963984540054
+    centre = (8 + z * z / 2) / (10 + z * z)
+    half = z * math.sqrt(centre * (1 - centre) / (10 + z * z) + 0.15**2)
+    assert (low, high) == pytest.approx((centre - half, min(1.0, centre + half)))
+    wilson = wilson_interval(8, 10)
+    assert low < wilson[0] and high >= wilson[1]
+    assert estimate_interval(10, 10, 0.3) == pytest.approx((max(0.0, estimate_interval(10, 10, 0.3)[0]), 1.0))
+    assert estimate_interval(0, 10, 0.5)[0] == 0.0  # clipped
+
+
+def test_the_models_task_spread_widens_the_served_interval(tiny_model: MetaLearner) -> None:
+    texts, labels = _support()
+    plain = Predictor(tiny_model, InnerLoopConfig(steps=0, classifier="matching")).adapt(texts, labels, estimate=True)
+    spread = InnerLoopConfig(steps=0, classifier="matching", estimate_task_sd=0.2)
+    wide = Predictor(tiny_model, spread).adapt(texts, labels, estimate=True)
+    assert plain.estimate is not None and wide.estimate is not None
+    assert wide.estimate.accuracy == plain.estimate.accuracy
+    correct = round(plain.estimate.accuracy * plain.estimate.n)
+    from metasent.meta.adaptation import estimate_interval
+
+    assert (wide.estimate.low, wide.estimate.high) == pytest.approx(estimate_interval(correct, 8, 0.2))
+
+
+def test_calibrate_estimate_measures_the_spread_on_dev_and_writes_it(tiny_checkpoint, tmp_path) -> None:
+    import json
+    import shutil
+
+    from bench.calibrate_estimate import calibrate, task_spread, write_task_sd
+    from metasent.meta.checkpoint import load_checkpoint
+    from metasent.meta.evaluate import EpisodeResult
+    from tests.conftest import write_arsc_like
+
+    def row(accuracy: float, estimate: float, n: int, q: int) -> EpisodeResult:
+        return EpisodeResult("t", 0, accuracy, 0.5, q, 0.1, 1.0, estimated_accuracy=estimate, estimate_n=n)
+
+    # residuals 0.3 and -0.1: mean square 0.05; estimate noise (0.25/10 + 0.24/10)/2;
+    # query noise (0.16/100 + 0.25/100)/2
+    rows = [row(0.8, 0.5, 10, 100), row(0.5, 0.6, 10, 100)]
+    expected = math.sqrt(0.05 - (0.025 + 0.024) / 2 - (0.0016 + 0.0025) / 2)
+    assert task_spread(rows) == pytest.approx(expected)
+    assert task_spread([row(0.5, 0.5, 10, 100)]) == 0.0  # all noise: no spread
+    with pytest.raises(ValueError):
+        task_spread([EpisodeResult("t", 0, 0.5, 0.5, 10, 0.1, 1.0)])
+
+    data = write_arsc_like(tmp_path / "arsc")
+    checkpoint = Path(shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint"))
+    result = calibrate(checkpoint, data, ["food", "drinks"], seeds=2, k_shot=2)
+    assert result["episodes"] == 4 and len(result["residuals"]) == 4
+    assert result["task_sd"] >= 0
+    write_task_sd(checkpoint, result["task_sd"])
+    _, config = load_checkpoint(checkpoint, "cpu")
+    assert config.inner_loop.estimate_task_sd == result["task_sd"]
+    assert json.loads((checkpoint / "metasent.json").read_text())["inner_loop"]["steps"] == 3  # the rest is kept
