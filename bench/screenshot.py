@@ -1,5 +1,5 @@
 """A full-page screenshot of the playground (``/``): start ``metasent serve``, adapt a small food
-domain through the page, classify a few texts, and save the page as a PNG.
+domain through the page, classify a few texts, ask what to label next, and save the page as a PNG.
 
     python -m bench.screenshot --output docs/playground.png            # the shipped default model
     python -m bench.screenshot --checkpoint runs/fomaml/best --output /tmp/page.png
@@ -46,6 +46,14 @@ TEXTS = [
     "arrived quickly and the cookies were still crisp",
     "bitter aftertaste and half the nuts were rancid",
 ]
+POOL = [
+    "the tea is fine, nothing special",
+    "packaging was damaged but the pasta was ok",
+    "best maple syrup we have bought, rich and dark",
+    "too sweet for me, my husband liked it",
+    "the spices smelled stale when opened",
+    "good value for a big bag of rice",
+]
 
 
 def free_port() -> int:
@@ -56,7 +64,8 @@ def free_port() -> int:
 
 
 def capture(url: str, output: Path, chromium: Path = CHROMIUM, width: int = 1000) -> Path:
-    """Adapt a food domain and classify :data:`TEXTS` through the page at ``url``, then save it.
+    """Adapt a food domain, classify :data:`TEXTS` and ask which of :data:`POOL` to label next
+    through the page at ``url``, then save it.
 
     Args:
         url (`str`): the server's base URL (an open server: no API key is typed).
@@ -89,6 +98,10 @@ def capture(url: str, output: Path, chromium: Path = CHROMIUM, width: int = 1000
             page.get_by_label("Texts, one per line", exact=True).fill("\n".join(TEXTS))
             page.get_by_role("button", name="Classify").click()
             expect(page.locator("#classify-result .prediction")).to_have_count(len(TEXTS))
+            page.get_by_label("Unlabelled texts, one per line", exact=True).fill("\n".join(POOL))
+            page.get_by_label("How many suggestions", exact=True).fill("3")
+            page.get_by_role("button", name="Suggest", exact=True).click()
+            expect(page.locator("#suggest-result .suggestion")).to_have_count(3)
             page.locator("body").click(position={"x": 1, "y": 1})  # no focus ring in the picture
             page.screenshot(path=str(output), full_page=True)
         finally:
