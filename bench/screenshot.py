@@ -89,6 +89,7 @@ def capture(url: str, output: Path, chromium: Path = CHROMIUM, width: int = 1000
         try:
             page = browser.new_page(viewport={"width": width, "height": 900})
             page.set_default_timeout(120_000)
+            expect.set_options(timeout=120_000)  # assertions wait on the page as long (adapting on a busy CPU)
             page.goto(url)
             expect(page.locator("#model-info")).to_contain_text("Model:")
             page.get_by_label("Domain name", exact=True).fill("gourmet food")

@@ -28,6 +28,10 @@ from metasent.app.main import create_app
 from metasent.app.settings import Settings
 from tests.conftest import NEGATIVE, POSITIVE, serve_in_thread, support
 
+# expect() waits 5 s by default: an adaptation (with its accuracy estimate) on a busy CI machine
+# can take longer; the assertions still wait on the page's state, never a fixed time
+expect.set_options(timeout=60_000)
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path(os.environ.get("METASENT_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
