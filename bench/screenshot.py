@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import socket
 from pathlib import Path
 
-from bench.server import local_server
+from bench.server import free_port, local_server
 
 logger = logging.getLogger("bench.screenshot")
 
@@ -54,13 +53,6 @@ POOL = [
     "the spices smelled stale when opened",
     "good value for a big bag of rice",
 ]
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def capture(url: str, output: Path, chromium: Path = CHROMIUM, width: int = 1000) -> Path:

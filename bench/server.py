@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,13 @@ def wait_ready(url: str, process: subprocess.Popen | None = None, timeout: float
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (bound to port 0, then released), for a subprocess."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @contextmanager

@@ -26,6 +26,7 @@ import pytest
 import torch
 from fastapi import FastAPI
 
+from bench.server import free_port as free_port  # re-exported for the tests
 from metasent.data.readers import Example
 from metasent.data.registry import Task
 from metasent.meta.checkpoint import save_checkpoint
@@ -249,13 +250,6 @@ def metric(text: str, line_start: str, default: float | None = None) -> float:
 
 
 # -- servers on free ports -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (bound to port 0, then released), for a subprocess."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

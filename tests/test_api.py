@@ -426,10 +426,3 @@ def test_suggest_errors(client: TestClient) -> None:
     assert_error(client.post(path, json={"texts": [], "k": 1}), 422, "texts")
     assert_error(client.post(path, json={"texts": ["fine"] * (MAX_TEXTS + 1)}), 413, "texts")
     assert_error(client.post("/v1/domains/" + "0" * 32 + "/suggest", json={"texts": ["fine"]}), 404, "domain_id")
-
-
-def test_estimate_can_be_turned_off(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    settings = Settings(checkpoint=tiny_checkpoint, device="cpu", data_dir=tmp_path, estimate=False)
-    with TestClient(create_app(settings)) as test_client:
-        domain = create(test_client)
-    assert domain["adaptation"]["estimated_accuracy"] is None and domain["adaptation"]["steps"] == 3

@@ -324,3 +324,18 @@ def test_calibrate_estimate_measures_the_spread_on_dev_and_writes_it(tiny_checkp
     _, config = load_checkpoint(checkpoint, "cpu")
     assert config.inner_loop.estimate_task_sd == result["task_sd"]
     assert json.loads((checkpoint / "metasent.json").read_text())["inner_loop"]["steps"] == 3  # the rest is kept
+
+
+def test_the_server_can_turn_the_estimate_off(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from metasent.app.main import create_app
+    from metasent.app.settings import Settings
+    from tests.conftest import valid_domain
+
+    settings = Settings(checkpoint=tiny_checkpoint, device="cpu", data_dir=tmp_path, estimate=False)
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/domains", json=valid_domain())
+    assert response.status_code == 201, response.text
+    adaptation = response.json()["adaptation"]
+    assert adaptation["estimated_accuracy"] is None and adaptation["steps"] == 3

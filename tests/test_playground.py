@@ -24,6 +24,7 @@ import pytest
 from fastapi.testclient import TestClient
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
+from bench.screenshot import CHROMIUM_ARGS
 from metasent.app.main import create_app
 from metasent.app.settings import Settings
 from tests.conftest import NEGATIVE, POSITIVE, serve_in_thread, support
@@ -34,15 +35,6 @@ expect.set_options(timeout=60_000)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path(os.environ.get("METASENT_TEST_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 INSTALL = "DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium"
 KEY = "playground-key-0123456789"
 ESTIMATE = {"accuracy": 0.8, "low": 0.49, "high": 0.94, "n": 10, "method": "leave-one-out"}
