@@ -280,10 +280,13 @@ def _evaluate_model(
 ) -> dict[str, Any]:
     """Accuracy, macro-F1, calibration and the accuracy estimate on every suite and the shots
     curve; with ``suggest``, also 5-shot + 5 suggested labels against + 5 random ones."""
-    from metasent.meta.evaluate import evaluate_episode
+    from metasent.meta.adaptation import Predictor
+    from metasent.meta.evaluate import EmbeddingCache, evaluate_episode
+
+    cache = EmbeddingCache(Predictor(model, inner, 64))  # one model: its suites share encoded texts
 
     def run(pairs):
-        return [evaluate_episode(model, episode, inner, seed, 64, estimate=True) for episode, seed in pairs]
+        return [evaluate_episode(model, episode, inner, seed, 64, True, cache) for episode, seed in pairs]
 
     suites = _suites(tasks, budget)
     out: dict[str, Any] = {suite: _scores(run(pairs)) for suite, pairs in suites.items()}

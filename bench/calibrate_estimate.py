@@ -25,7 +25,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from metasent.meta.evaluate import EpisodeResult, evaluate_episode
+from metasent.meta.adaptation import Predictor
+from metasent.meta.evaluate import EmbeddingCache, EpisodeResult, evaluate_episode
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def calibrate(
     inner = config.inner_loop.model_copy(update={"estimate_task_sd": None})  # the plain Wilson interval
     tasks = list(_tasks(data).select(include=domains).select(require_split="dev"))
     pairs = _sampled(tasks, k_shot, seeds, "dev", "dev", max_query=max_query)
-    results = [evaluate_episode(model, episode, inner, seed, 64, estimate=True) for episode, seed in pairs]
+    cache = EmbeddingCache(Predictor(model, inner, 64))
+    results = [evaluate_episode(model, episode, inner, seed, 64, True, cache) for episode, seed in pairs]
     spread = task_spread(results)
     quality = estimate_quality(results)
     return {

@@ -27,7 +27,7 @@ from metasent.data.readers import Example
 from metasent.data.registry import Task
 
 from .active import suggest
-from .adaptation import AccuracyEstimate, Predictor
+from .adaptation import AccuracyEstimate, AdaptedState, Predictor
 from .config import InnerLoopConfig
 from .model import MetaLearner
 
@@ -70,6 +70,50 @@ class EpisodeResult:
     estimate_n: int | None = None
 
 
+class EmbeddingCache:
+    """Base-encoder embeddings by text, kept across the episodes of one evaluation.
+
+    An adaptation that takes no inner step leaves the encoder as it is
+    (:attr:`AdaptedState.shares_encoder`), so every episode over the same texts (the seeds of a
+    task, the t2/t4/t5 tasks of one domain) needs each text encoded once. Valid for one model's
+    meta-parameters only: make a new cache when they change.
+
+    Args:
+        predictor (`Predictor`): encodes the texts not seen yet.
+    """
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+        self._rows: dict[str, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def embed(self, texts: Sequence[str]) -> Tensor:
+        """Base-encoder embeddings (texts, hidden) on the CPU, in input order; each text not seen
+        before is encoded once."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._rows]
+        if missing:
+            self._rows.update(zip(missing, self.predictor.embed(missing), strict=True))
+        if not texts:
+            return torch.empty(0, int(self.predictor.model.encoder.config.hidden_size))
+        return torch.stack([self._rows[t] for t in texts])
+
+    def predict_proba(self, state: AdaptedState, texts: Sequence[str]) -> Tensor:
+        """Class probabilities (texts, N) under ``state``, which must share the encoder, from the
+        cached embeddings: the same as :meth:`Predictor.predict_proba` up to float rounding.
+
+        Raises:
+            ValueError: when ``state`` adapted the encoder (its embeddings differ from the cache's).
+        """
+        if not state.shares_encoder:
+            raise ValueError("an adapted encoder cannot use base-encoder embeddings; predict without the cache")
+        model = self.predictor.model
+        z = self.embed(texts).to(model.device)  # (texts, hidden)
+        with torch.inference_mode():
+            return state.head.logits(z, model.logit_scale).float().softmax(-1).cpu()
+
+
 def evaluate_episode(
     model: MetaLearner,
     episode: Episode,
@@ -77,14 +121,20 @@ def evaluate_episode(
     seed: int | None = None,
     batch_size: int = 32,
     estimate: bool = False,
+    cache: EmbeddingCache | None = None,
 ) -> EpisodeResult:
     """Adapt with the :class:`meta.adaptation.Predictor` on ``episode.support`` (class order
     ``episode.labels``) and score ``episode.query``; with ``estimate``, also the held-out accuracy
-    estimate made at adaptation (as the server makes it)."""
+    estimate made at adaptation (as the server makes it). With a ``cache`` (of this ``model``),
+    an adaptation that leaves the encoder as it is scores the query set from cached embeddings."""
     predictor = Predictor(model, inner_config, batch_size)
     texts, labels = [ex.text for ex in episode.support], [ex.label for ex in episode.support]
     state = predictor.adapt(texts, labels, episode.labels, estimate=estimate)
-    probs = predictor.predict_proba(state, [ex.text for ex in episode.query])  # (query, N)
+    query = [ex.text for ex in episode.query]
+    if cache is not None and state.shares_encoder:
+        probs = cache.predict_proba(state, query)  # (query, N)
+    else:
+        probs = predictor.predict_proba(state, query)  # (query, N)
     predicted = [state.labels[i] for i in probs.argmax(-1).tolist()]
     return score_episode(episode, predicted, seed, state.seconds, state.support_accuracy, probs, state.estimate)
 
@@ -203,16 +253,18 @@ def evaluate_tasks(
     if protocol not in ("fixed", "sampled"):
         raise ValueError(f"protocol must be 'fixed' or 'sampled', got {protocol!r}")
     results = []
+    cache = EmbeddingCache(Predictor(model, inner_config, batch_size))
     for task in tasks:
         if protocol == "fixed":
             episode = fixed_episode(task, support_split, query_split)
-            results.append(evaluate_episode(model, episode, inner_config, None, batch_size, estimate))
+            results.append(evaluate_episode(model, episode, inner_config, None, batch_size, estimate, cache))
             continue
         for seed in range(seeds):
             sampler = EpisodeSampler(
                 [task], k_shot=k_shot, q_query=None, support_split=support_split, query_split=query_split, seed=seed
             )
-            results.append(evaluate_episode(model, sampler.sample(task), inner_config, seed, batch_size, estimate))
+            episode = sampler.sample(task)
+            results.append(evaluate_episode(model, episode, inner_config, seed, batch_size, estimate, cache))
     return results
 
 

@@ -14,7 +14,15 @@ from metasent.data.registry import Task
 from metasent.meta.adaptation import AdaptedState, Predictor, PrototypeHead, encode_labels, inner_loop
 from metasent.meta.checkpoint import is_checkpoint, load_checkpoint, load_training_state, save_checkpoint
 from metasent.meta.config import CheckpointConfig, InnerLoopConfig, TrainConfig
-from metasent.meta.evaluate import EpisodeResult, evaluate_episode, format_table, score_episode, summarize
+from metasent.meta.evaluate import (
+    EmbeddingCache,
+    EpisodeResult,
+    evaluate_episode,
+    evaluate_tasks,
+    format_table,
+    score_episode,
+    summarize,
+)
 from metasent.meta.fomaml import fomaml_query_loss
 from metasent.meta.model import MetaLearner
 from metasent.meta.train import meta_train
@@ -248,6 +256,35 @@ def test_evaluate_episode_and_summary(tiny_model: MetaLearner, food_task: Task) 
     assert summary["mean"]["always_positive_accuracy"] == 60.0
     table = format_table(summary, "title")
     assert "MEAN (2 tasks)" in table and "75.00" in table
+
+
+def test_embedding_cache_scores_as_the_uncached_evaluation_and_encodes_each_text_once(
+    tiny_model: MetaLearner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tasks = [make_task("food.t2"), make_task("food.t4")]  # two tasks over the same texts, as ARSC's t2/t4/t5
+    inner = InnerLoopConfig(steps=0, classifier="matching", label_anchors=True)
+    encoded: list[str] = []
+    base_embed = Predictor.embed
+
+    def counting_embed(self: Predictor, texts: list[str]) -> torch.Tensor:
+        encoded.extend(texts)
+        return base_embed(self, texts)
+
+    monkeypatch.setattr(Predictor, "embed", counting_embed)
+    cached = evaluate_tasks(tiny_model, tasks, inner, protocol="sampled", k_shot=3, seeds=3, query_split="test")
+    query_texts = {ex.text for ex in tasks[0].split("test")}
+    assert len(encoded) == len(set(encoded)) == len(query_texts)  # 6 episodes, each text encoded once
+    for result, (task, seed) in zip(cached, [(t, s) for t in tasks for s in range(3)], strict=True):
+        sampler = EpisodeSampler([task], k_shot=3, q_query=None, support_split="train", query_split="test", seed=seed)
+        plain = evaluate_episode(tiny_model, sampler.sample(task), inner, seed)
+        assert (result.task, result.seed, result.num_query) == (plain.task, plain.seed, plain.num_query)
+        assert result.accuracy == plain.accuracy and result.macro_f1 == plain.macro_f1
+        assert result.ece == pytest.approx(plain.ece, abs=1e-5)
+    # an inner loop that adapts the encoder cannot use base-encoder embeddings
+    texts, labels = support()
+    adapted = inner_loop(tiny_model, texts, labels, InnerLoopConfig(steps=1, adapted_layers=1))
+    with pytest.raises(ValueError, match="adapted encoder"):
+        EmbeddingCache(Predictor(tiny_model, inner)).predict_proba(adapted, texts)
 
 
 @pytest.mark.parametrize("layers", [0, 1, 2])
