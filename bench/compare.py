@@ -1,4 +1,5 @@
-"""Markdown table comparing `metasent evaluate --output` JSON files task by task.
+"""Markdown table comparing `metasent evaluate --output` JSON files task by task, then each
+file's paired difference from the first (task by task, mean ± 95% CI over tasks).
 
     python -m bench.compare results/arsc_test_baseline.json results/arsc_test_fomaml.json \\
         --names un-meta-trained FOMAML
@@ -33,13 +34,41 @@ def compare_table(summaries: list[dict[str, Any]], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(summaries: list[dict[str, Any]], names: list[str]) -> str:
+    """Each summary after the first minus the first: accuracy and macro-F1 in points, paired task
+    by task over the tasks both evaluated (mean ± 95% CI over tasks), and the tasks it is ahead on.
+
+    Raises:
+        ValueError: when a summary shares no task with the first.
+    """
+    from metasent.meta.evaluate import mean_ci95
+
+    lines = [f"| vs {names[0]} | tasks | accuracy | macro-F1 | ahead on |", "|---|---|---|---|---|"]
+    reference = summaries[0]["tasks"]
+    for name, summary in zip(names[1:], summaries[1:], strict=True):
+        tasks = [t for t in reference if t in summary["tasks"]]
+        if not tasks:
+            raise ValueError(f"{name} shares no task with {names[0]}")
+        cells = []
+        for key in ("accuracy", "macro_f1"):
+            mean, half = mean_ci95([summary["tasks"][t][key] - reference[t][key] for t in tasks])
+            cells.append(f"{mean:+.2f} ± {half:.2f}")
+        ahead = sum(summary["tasks"][t]["accuracy"] > reference[t]["accuracy"] for t in tasks)
+        lines.append(f"| {name} | {len(tasks)} | {cells[0]} | {cells[1]} | {ahead} of {len(tasks)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path)
     parser.add_argument("--names", nargs="+")
     args = parser.parse_args()
     names = args.names or [p.stem for p in args.results]
-    print(compare_table([json.loads(p.read_text()) for p in args.results], names))
+    summaries = [json.loads(p.read_text()) for p in args.results]
+    print(compare_table(summaries, names))
+    if len(summaries) > 1:
+        print()
+        print(paired_table(summaries, names))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,22 @@ def test_compare_table_rows_and_mean() -> None:
     assert lines[0] == "| task | base acc | meta acc | base macro-F1 | meta macro-F1 | always positive |"
     assert lines[2] == "| a.t2 | 50.00 | 70.00 | 40.00 | 60.00 | 80.00 |"
     assert lines[3].startswith("| **mean (1 tasks)** | 50.00 ± 1.50 | 70.00 ± 1.50 |")
+
+
+def test_paired_table_differences_by_task() -> None:
+    from bench.compare import paired_table
+
+    def summary(accuracies: dict[str, float]) -> dict:
+        return {"tasks": {t: {"accuracy": a, "macro_f1": a - 10} for t, a in accuracies.items()}}
+
+    base = summary({"a.t2": 50.0, "a.t4": 60.0, "b.t2": 70.0})
+    other = summary({"a.t2": 52.0, "a.t4": 64.0, "b.t2": 69.0, "c.t2": 99.0})  # c.t2 is not paired
+    lines = paired_table([base, other], ["base", "other"]).splitlines()
+    # differences +2, +4, -1: mean 5/3, CI 4.303 * stdev / sqrt(3)
+    half = 4.3027 * statistics.stdev([2.0, 4.0, -1.0]) / 3**0.5
+    assert lines[2] == f"| other | 3 | +1.67 ± {half:.2f} | +1.67 ± {half:.2f} | 2 of 3 |"
+    with pytest.raises(ValueError, match="shares no task"):
+        paired_table([base, summary({"z.t2": 1.0})], ["base", "z"])
 
 
 def test_train_defaults_to_the_dev_chosen_method(tmp_path: Path) -> None:
