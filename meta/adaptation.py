@@ -448,6 +448,7 @@ def inner_loop(
     cache_frozen: bool = True,
     support_features: FrozenFeatures | None = None,
     score_support: bool = True,
+    rebuild_head: bool = True,
 ) -> AdaptedState:
     """Adapt the head and the top ``config.adapted_layers`` encoder layers (their own tensors, or
     their LoRA adapters with ``config.adapter == "lora"``) to a support set.
@@ -478,6 +479,11 @@ def inner_loop(
             the texts are then not run through the layers below it again. With
             ``config.label_anchors`` its rows are the support texts followed by the N anchors
             (:func:`anchor_texts`).
+        score_support (`bool`, defaults to True): compute the support losses and accuracy of the
+            returned state (one more forward pass of the adapted layers, one host sync).
+        rebuild_head (`bool`, defaults to True): rebuild a derived (matching) head from the support
+            set at the adapted encoder. Meta-training passes False: its query loss rebuilds the head
+            with a graph into the meta-parameters, so the returned head is then the starting one.
 
     Returns:
         `AdaptedState`: the adapted head and encoder tensors, support losses and accuracy.
@@ -527,11 +533,11 @@ def inner_loop(
                 encoder, head = _step(loss, encoder, head, step_lr, config.grad_clip)
                 losses.append(loss.detach())
             final_z = torch.empty(0)  # the support set at the adapted encoder: once, for the head and the score
-            if (derived and encoder) or score_support:
+            if (derived and encoder and rebuild_head) or score_support:
                 with torch.no_grad():  # (N*K [+ N], hidden); with no step, the start's embeddings
                     final_z = start_z if start_z is not None and not encoder else embed(encoder)
             if derived:
-                if encoder:  # the head of the adapted encoder: the support set re-embedded
+                if encoder and rebuild_head:  # the head of the adapted encoder: the support set re-embedded
                     start_head = init_head(model, final_z, targets, len(names), config)
                 head = start_head.tensors()
             losses_list, accuracy = [], math.nan

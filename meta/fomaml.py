@@ -218,6 +218,7 @@ def _episode_loss(
         cache_frozen=cache_frozen,
         support_features=support_features,
         score_support=False,  # no support figures: no extra forward, no host sync
+        rebuild_head=False,  # the query loss rebuilds a derived head itself, with its graph
     )
     adapted = {} if type(head).derived else state.head.tensors()  # a derived head takes no step
     names = [*state.encoder, *(HEAD_PREFIX + name for name in adapted)]

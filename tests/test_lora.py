@@ -230,6 +230,12 @@ def test_matching_with_inner_steps_adapts_the_encoder_and_re_embeds_the_support_
         embedded = model.embed({**base, **state.encoder}, model.tokenize([*TEXTS, *anchor_texts(state.labels)]))
     torch.testing.assert_close(state.head.support, embedded.float(), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(state.head.support, still.head.support)
+    # meta-training's way: the same adapted tensors, the head left at the start (no extra pass)
+    bare = inner_loop(model, TEXTS, LABELS, MATCHING, rebuild_head=False, score_support=False)
+    for name, tensor in state.encoder.items():
+        torch.testing.assert_close(bare.encoder[name], tensor)
+    torch.testing.assert_close(bare.head.support, still.head.support)
+    assert bare.support_embeddings is None
     predictor = Predictor(model, MATCHING)
     torch.testing.assert_close(
         predictor.predict_proba(state, TEXTS),
