@@ -58,13 +58,37 @@ def paired_table(summaries: list[dict[str, Any]], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def restrict_seeds(result: dict[str, Any], seeds: set[int]) -> dict[str, Any]:
+    """``result`` (an evaluate JSON with its ``episodes``) summarised over the episodes of
+    ``seeds`` only, so that a 5-seed run pairs with a 2-seed one.
+
+    Raises:
+        ValueError: when no episode has one of ``seeds``.
+    """
+    from dataclasses import fields
+
+    from metasent.meta.evaluate import EpisodeResult, summarize
+
+    known = {f.name for f in fields(EpisodeResult)}
+    episodes = [
+        EpisodeResult(**{k: v for k, v in e.items() if k in known}) for e in result["episodes"] if e["seed"] in seeds
+    ]
+    if not episodes:
+        raise ValueError(f"no episode with seed in {sorted(seeds)}")
+    return summarize(episodes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path)
     parser.add_argument("--names", nargs="+")
+    parser.add_argument("--seeds", help="comma-separated seeds: compare the episodes of these seeds only")
     args = parser.parse_args()
     names = args.names or [p.stem for p in args.results]
     summaries = [json.loads(p.read_text()) for p in args.results]
+    if args.seeds:
+        seeds = {int(s) for s in args.seeds.split(",")}
+        summaries = [restrict_seeds(s, seeds) for s in summaries]
     print(compare_table(summaries, names))
     if len(summaries) > 1:
         print()

@@ -176,6 +176,21 @@ def test_paired_table_differences_by_task() -> None:
         paired_table([base, summary({"z.t2": 1.0})], ["base", "z"])
 
 
+def test_restrict_seeds_summarises_the_chosen_episodes_only() -> None:
+    from bench.compare import restrict_seeds
+
+    def episode(task: str, seed: int, accuracy: float) -> dict:
+        return {"task": task, "seed": seed, "accuracy": accuracy, "macro_f1": accuracy / 2, "num_query": 10}
+
+    rows = [episode("a.t2", 0, 0.5), episode("a.t2", 1, 0.7), episode("a.t2", 2, 0.0), episode("b.t2", 0, 0.9)]
+    result = {"episodes": [{**r, "adapt_seconds": 0.1, "support_accuracy": 1.0, "retired_field": 1} for r in rows]}
+    summary = restrict_seeds(result, {0, 1})
+    assert summary["tasks"]["a.t2"]["accuracy"] == pytest.approx(60.0)  # seed 2's 0.0 left out
+    assert summary["tasks"]["b.t2"]["macro_f1"] == pytest.approx(45.0)
+    with pytest.raises(ValueError, match="no episode"):
+        restrict_seeds(result, {7})
+
+
 def test_train_defaults_to_the_dev_chosen_method(tmp_path: Path) -> None:
     data = write_arsc_like(tmp_path / "arsc")
     encoder_dir = save_tiny_encoder(tmp_path / "encoder")
