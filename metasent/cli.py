@@ -147,14 +147,26 @@ def _messages(error: ValidationError) -> str:
     return "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
 
 
-_INNER_OPTIONS = {"steps": "--inner-steps", "lr": "--inner-lr", "adapted_layers": "--adapted-layers"}
+_INNER_OPTIONS = {
+    "steps": "--inner-steps",
+    "lr": "--inner-lr",
+    "adapted_layers": "--adapted-layers",
+    "classifier": "--classifier",
+    "label_anchors": "--label-anchors",
+}
 
 
 def _inner_loop(
-    base: InnerLoopConfig, steps: int | None, lr: float | None, adapted_layers: int | None
+    base: InnerLoopConfig,
+    steps: int | None,
+    lr: float | None,
+    adapted_layers: int | None,
+    classifier: str | None = None,
+    label_anchors: bool | None = None,
 ) -> InnerLoopConfig:
     """The one reader of ``--inner-steps``, ``--inner-lr`` and ``--adapted-layers`` (``train`` and
-    ``evaluate``): ``base`` with the given ones replaced and validated again.
+    ``evaluate``), and of ``evaluate``'s ``--classifier`` and ``--label-anchors``: ``base`` with the
+    given ones replaced and validated again.
 
     Raises:
         typer.BadParameter: naming the option, e.g. ``--inner-steps`` with the matching
@@ -164,7 +176,13 @@ def _inner_loop(
 
     from metasent.meta.config import override_inner_loop
 
-    given = {"steps": steps, "lr": lr, "adapted_layers": adapted_layers}
+    given = {
+        "steps": steps,
+        "lr": lr,
+        "adapted_layers": adapted_layers,
+        "classifier": classifier,
+        "label_anchors": label_anchors,
+    }
     try:
         return override_inner_loop(base, **given)
     except ValidationError as error:
@@ -472,6 +490,14 @@ def evaluate(
     inner_lr: Annotated[float | None, typer.Option(help="Override the inner learning rate")] = None,
     adapted_layers: Annotated[int | None, typer.Option(help="Override the adapted layers")] = None,
     max_length: Annotated[int | None, typer.Option(help="Override tokens per text")] = None,
+    classifier: Annotated[
+        str | None,
+        typer.Option(help="Override the head built from the support set: 'prototype' or 'matching'"),
+    ] = None,
+    label_anchors: Annotated[
+        bool | None,
+        typer.Option("--label-anchors/--no-label-anchors", help="Override whether label names join their class"),
+    ] = None,
     output: Annotated[Path | None, typer.Option(help="Write the results as JSON here")] = None,
     batch_size: int = 64,
     device: str = "auto",
@@ -499,7 +525,7 @@ def evaluate(
         if checkpoint is not None:
             raise
         raise typer.BadParameter(str(error), param_hint="--algorithm") from error
-    inner = _inner_loop(config.inner_loop, inner_steps, inner_lr, adapted_layers)
+    inner = _inner_loop(config.inner_loop, inner_steps, inner_lr, adapted_layers, classifier, label_anchors)
     if max_length is not None:
         model.encoder_config = model.encoder_config.model_copy(update={"max_length": max_length})
     include = _split(domains) or (arsc_target_domains(data) if Path(data, "workspace.target.list").exists() else None)

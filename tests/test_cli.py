@@ -334,9 +334,17 @@ def test_evaluate_reads_the_inner_loop_options_with_train(tiny_checkpoint: Path,
     for option, message in {
         ("--inner-lr", "-1"): "--inner-lr: Input should be greater than 0",
         ("--inner-steps", "101"): "--inner-steps: Input should be less than or equal to 100",
+        ("--classifier", "knn"): "--classifier: Input should be 'prototype' or 'matching'",
     }.items():
         result = runner.invoke(cli, [*args, *option])
         assert result.exit_code == 2 and message in flat(result.output), flat(result.output)
+    # the head and the label anchors can be changed at evaluation, as a serving choice made on dev
+    output = tmp_path / "matching.json"
+    overrides = ["--classifier", "matching", "--label-anchors", "--inner-steps", "0", "--domains", "snacks"]
+    result = runner.invoke(cli, [*args, *overrides, "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    inner = json.loads(output.read_text())["config"]["inner_loop"]  # the checkpoint's: prototype, no anchors
+    assert (inner["classifier"], inner["label_anchors"], inner["steps"]) == ("matching", True, 0)
     baseline = ["evaluate", "--data", str(data), "--algorithm", "fomaml", "--encoder", "tiny"]
     result = runner.invoke(cli, baseline)
     assert result.exit_code == 2
