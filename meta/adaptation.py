@@ -869,12 +869,17 @@ class Predictor:
             state.estimate = estimate_accuracy(self, state, texts, labels, folds)
         return state
 
+    def probabilities(self, state: AdaptedState, z: Tensor) -> Tensor:
+        """Class probabilities (texts, N), float32, rows summing to 1, of embeddings ``z`` (texts,
+        hidden) made by ``state``'s encoder: the head's logits at the meta-learned temperature."""
+        return state.head.logits(z, self.model.logit_scale).float().softmax(-1)
+
     def predict_proba(self, state: AdaptedState, texts: Sequence[str]) -> Tensor:
         """Class probabilities (texts, N) of ``texts`` under ``state``, rows summing to 1."""
         model = self.model
 
         def probabilities(batch: dict[str, Tensor]) -> Tensor:
-            return state.head.logits(model.embed(state.encoder, batch), model.logit_scale).float().softmax(-1)
+            return self.probabilities(state, model.embed(state.encoder, batch))
 
         out = _map_sorted(model, texts, self.batch_size, probabilities)
         return out if out is not None else torch.empty(0, state.num_classes)
@@ -886,7 +891,7 @@ class Predictor:
 
         def both(batch: dict[str, Tensor]) -> Tensor:
             z = model.embed(state.encoder, batch)  # (batch, hidden)
-            probs = state.head.logits(z, model.logit_scale).float().softmax(-1)  # (batch, N)
+            probs = self.probabilities(state, z)  # (batch, N)
             return torch.cat([z.float(), probs], -1)
 
         out = _map_sorted(model, texts, self.batch_size, both)
@@ -927,7 +932,7 @@ class Predictor:
                 for i in shared:
                     state, texts = requests[i]
                     rows = z[torch.tensor([index[t] for t in texts], dtype=torch.long)]
-                    results[i] = state.head.logits(rows, self.model.logit_scale).float().softmax(-1).cpu()
+                    results[i] = self.probabilities(state, rows).cpu()
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (state, _) in enumerate(requests):
             if results[i] is None:

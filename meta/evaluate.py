@@ -86,9 +86,6 @@ class EmbeddingCache:
         self.predictor = predictor
         self._rows: dict[str, Tensor] = {}
 
-    def __len__(self) -> int:
-        return len(self._rows)
-
     def embed(self, texts: Sequence[str]) -> Tensor:
         """Base-encoder embeddings (texts, hidden) on the CPU, in input order; each text not seen
         before is encoded once."""
@@ -108,10 +105,9 @@ class EmbeddingCache:
         """
         if not state.shares_encoder:
             raise ValueError("an adapted encoder cannot use base-encoder embeddings; predict without the cache")
-        model = self.predictor.model
-        z = self.embed(texts).to(model.device)  # (texts, hidden)
+        z = self.embed(texts).to(self.predictor.model.device)  # (texts, hidden)
         with torch.inference_mode():
-            return state.head.logits(z, model.logit_scale).float().softmax(-1).cpu()
+            return self.predictor.probabilities(state, z).cpu()
 
 
 def evaluate_episode(
