@@ -7,8 +7,10 @@
 #   reviews.tar.xz  the ten extra review domains
 #   encoder.tar.xz  all-MiniLM-L6-v2 from its PyPI package, weights cast to float16 (the float32
 #                   file alone is 87 MiB); train.sh casts them back to float32
-#   wheels/         metasent itself and the packages the GPU image lacks (pydantic, datasets, ...),
-#                   built for CPython 3.12 on x86-64 Linux, the image's Python
+#   wheels/         the packages metasent needs that the GPU image lacks (pydantic, datasets, ...)
+#                   and typer and peft at the versions tested here,
+#                   built for CPython 3.12 on x86-64 Linux, the image's Python (metasent itself runs
+#                   from the checkout that travels)
 # Usage, from the repository root: bash scripts/gpu/prepare.sh [DIR]   (DATA=../shared/data)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -41,10 +43,8 @@ save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items
 EOF
 tar -C "$dest/encoder" -cJf "$dest/encoder.tar.xz" . && rm -r "$dest/encoder"
 
-# metasent as a wheel (its own packages and the shipped model), then what the image lacks
-"$python" -m pip wheel -q --no-deps --no-build-isolation -w "$dest/wheels" .
 "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$dest/wheels" pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-  tenacity==9.2.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+  tenacity==9.2.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 typer==0.29.2 peft==0.21.2
 du -sh "$dest" && git ls-files -z | xargs -0 du -cb | tail -1 | sed 's/total/bytes in the working tree (both count towards 64 MiB)/'
