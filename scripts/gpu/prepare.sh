@@ -47,4 +47,13 @@ tar -C "$dest/encoder" -cJf "$dest/encoder.tar.xz" . && rm -r "$dest/encoder"
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$dest/wheels" pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
   tenacity==9.2.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 typer==0.29.2 peft==0.21.2
-du -sh "$dest" && git ls-files -z | xargs -0 du -cb | tail -1 | sed 's/total/bytes in the working tree (both count towards 64 MiB)/'
+# the device takes the working tree (tracked and untracked, not ignored, files) and the carried
+# folder, 64 MiB in all: refuse a folder that would not travel
+carried=$(du -sb "$dest" | cut -f1)
+tree=$({ git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 du -cb | awk '$2 == "total" {s += $1} END {print s}')
+limit=$((64 * 1024 * 1024))
+echo "$dest: $carried bytes carried + $tree bytes of working tree = $((carried + tree)) of $limit"
+if [ $((carried + tree)) -gt "$limit" ]; then
+  echo "over the device's limit: carry less (e.g. fewer ARSC files) or make the tree smaller" >&2
+  exit 1
+fi
