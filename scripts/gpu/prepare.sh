@@ -8,7 +8,7 @@
 #   encoder.tar.xz  all-MiniLM-L6-v2 from its PyPI package, weights cast to float16 (the float32
 #                   file alone is 87 MiB); train.sh casts them back to float32
 #   wheels/         the packages metasent needs that the GPU image lacks (pydantic, datasets, ...)
-#                   and typer and peft at the versions tested here,
+#                   and typer and peft, at the versions installed here (the tested ones),
 #                   built for CPython 3.12 on x86-64 Linux, the image's Python (metasent itself runs
 #                   from the checkout that travels)
 # Usage, from the repository root: bash scripts/gpu/prepare.sh [DIR]   (DATA=../shared/data)
@@ -43,10 +43,14 @@ save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items
 EOF
 tar -C "$dest/encoder" -cJf "$dest/encoder.tar.xz" . && rm -r "$dest/encoder"
 
+# at the versions installed here, the ones the tests ran with
+pins=$("$python" -c 'import sys; from importlib.metadata import version
+print(" ".join(f"{n}=={version(n)}" for n in sys.argv[1:]))' pydantic pydantic-core annotated-types \
+  typing-inspection tenacity datasets dill multiprocess typer peft)
+# shellcheck disable=SC2086  # one argument per pin
 "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d "$dest/wheels" pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-  tenacity==9.2.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 typer==0.29.2 peft==0.21.2
+  -d "$dest/wheels" $pins
 # the device takes the working tree (tracked and untracked, not ignored, files) and the carried
 # folder, 64 MiB in all: refuse a folder that would not travel
 carried=$(du -sb "$dest" | cut -f1)

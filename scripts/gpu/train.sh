@@ -59,7 +59,6 @@ tar -xJf "$carry/reviews.tar.xz" -C "$work/data/reviews"
 metasent() { "$python" -m metasent.cli "$@"; }
 data=(--data "$work/data/arsc" --extra-data "$work/data/reviews" --device "$device" --no-progress
   --meta-batch-size "${META_BATCH:-4}")
-set -o pipefail
 metasent train --algorithm matching --adapter lora --outer-lr 1e-3 "${data[@]}" --output "$work/runs/stage1" \
   --outer-steps "${STAGE1_STEPS:-800}" --max-minutes "${STAGE1_MINUTES:-4}" --eval-every 50 2>&1 | tee "$OUT/stage1.log"
 metasent train --classifier matching --adapted-layers 2 --inner-steps 3 --inner-lr 0.05 \
