@@ -47,6 +47,7 @@ from sqlalchemy import delete as delete_rows
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, deferred, mapped_column, sessionmaker
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 from torch import Tensor
 
 from . import migrations
@@ -192,12 +193,25 @@ def _domain(row: DomainRow, with_examples: bool = False) -> StoredDomain:
     )
 
 
+@retry(
+    retry=retry_if_exception(lambda error: "database is locked" in str(error)),
+    wait=wait_exponential(multiplier=0.01, max=0.5),
+    stop=stop_after_delay(10),  # as long as busy_timeout waits for any other lock
+    reraise=True,
+)
+def _switch_to_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another connection holds the lock: SQLite can
+    answer "database is locked" at once, without waiting out the busy timeout, while another
+    connection is switching the same new file (replicas opening one new database together)."""
+    cursor.execute("PRAGMA journal_mode=WAL")
+
+
 def _sqlite_connect(dbapi_connection: Any, _: Any) -> None:
     dbapi_connection.isolation_level = None  # the driver begins nothing itself: see _sqlite_begin
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-    cursor.execute("PRAGMA synchronous=FULL")  # a commit is on disk before it is acknowledged
     cursor.execute("PRAGMA busy_timeout=10000")
+    _switch_to_wal(cursor)  # readers never block the writer
+    cursor.execute("PRAGMA synchronous=FULL")  # a commit is on disk before it is acknowledged
     cursor.close()
 
 

@@ -134,3 +134,28 @@ def test_replicas_starting_together_migrate_once(database_url: str) -> None:
     store = DomainStore(database_url, migrate=False)
     assert _revision(store) == migrations.head() != migrations.LEGACY_REVISION
     store.close()
+
+
+def test_the_wal_switch_waits_out_a_locked_new_database() -> None:
+    """SQLite can refuse ``journal_mode=WAL`` at once while another connection switches the same new
+    file: the store retries that refusal, and no other error."""
+    import sqlite3
+
+    from metasent.app.store import _switch_to_wal
+
+    class Cursor:
+        def __init__(self, failures: list[str]) -> None:
+            self.failures, self.calls = failures, 0
+
+        def execute(self, sql: str) -> None:
+            self.calls += 1
+            if self.failures:
+                raise sqlite3.OperationalError(self.failures.pop(0))
+
+    locked = Cursor(["database is locked", "database is locked"])
+    _switch_to_wal(locked)
+    assert locked.calls == 3
+    broken = Cursor(["disk I/O error"])
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        _switch_to_wal(broken)
+    assert broken.calls == 1
