@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from fastapi.testclient import TestClient
@@ -414,8 +415,11 @@ def test_suggest_returns_distinct_unlabelled_texts_with_their_scores(client: Tes
         assert suggestion["label"] == prediction["label"]
         assert suggestion["scores"] == pytest.approx(prediction["scores"], abs=1e-5)
         assert suggestion["uncertainty"] == pytest.approx(1 - max(prediction["scores"].values()), abs=1e-5)
-    again = client.post(f"/v1/domains/{domain['domain_id']}/suggest", json={"texts": candidates, "k": 3}).json()
+    store = client.app.state.store  # type: ignore[attr-defined]
+    with mock.patch.object(store, "get", wraps=store.get) as reads:
+        again = client.post(f"/v1/domains/{domain['domain_id']}/suggest", json={"texts": candidates, "k": 3}).json()
     assert again["suggestions"] == suggestions  # deterministic
+    assert reads.call_count == 1  # the domain and the support set it excludes come from one read
 
 
 def test_suggest_errors(client: TestClient) -> None:

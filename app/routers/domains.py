@@ -159,12 +159,17 @@ async def _require(store: DomainStore, tenant: str, domain_id: str, with_example
 
 
 async def _fresh(
-    service: ModelService, store: DomainStore, queue: AdaptationQueue, tenant: str, domain_id: str
+    service: ModelService,
+    store: DomainStore,
+    queue: AdaptationQueue,
+    tenant: str,
+    domain_id: str,
+    with_examples: bool = False,
 ) -> StoredDomain:
     """The tenant's domain, re-adapted first (through the adaptation queue: 429 when it is full)
     when another checkpoint adapted it: never one adapted on another checkpoint (409 when other
-    writes kept winning the re-adaptation)."""
-    domain = await _require(store, tenant, domain_id)
+    writes kept winning the re-adaptation). With ``with_examples``, its support set too."""
+    domain = await _require(store, tenant, domain_id, with_examples)
     try:
         return await refresh_queued(queue, service, store, domain)
     except KeyError:
@@ -174,11 +179,17 @@ async def _fresh(
 
 
 async def _with_state(
-    service: ModelService, store: DomainStore, queue: AdaptationQueue, tenant: str, domain_id: str
+    service: ModelService,
+    store: DomainStore,
+    queue: AdaptationQueue,
+    tenant: str,
+    domain_id: str,
+    with_examples: bool = False,
 ) -> tuple[StoredDomain, AdaptedState]:
-    """The fresh domain and its adapted state (read again if a concurrent update changed it)."""
+    """The fresh domain (with its support set if ``with_examples``) and its adapted state, both of
+    one version (read again if a concurrent update changed it)."""
     for _ in range(3):
-        domain = await _fresh(service, store, queue, tenant, domain_id)
+        domain = await _fresh(service, store, queue, tenant, domain_id, with_examples)
         try:
             tensors = await run_in_threadpool(store.params, domain)
         except KeyError:
@@ -384,9 +395,8 @@ async def suggest(
     Duplicates and texts already in the support set are never suggested. Label them and add them
     with ``PUT /v1/domains/{domain_id}/examples``."""
     check_limit(len(body.texts), settings.max_texts, "texts", "MAX_TEXTS")
-    domain, state = await _with_state(service, store, adapt_queue, tenant, domain_id)
-    stored = await _require(store, tenant, domain_id, with_examples=True)
-    labelled = [text for text, _ in stored.examples or []]
+    domain, state = await _with_state(service, store, adapt_queue, tenant, domain_id, with_examples=True)
+    labelled = [text for text, _ in domain.examples or []]  # the support set ``state`` was adapted on
     picks = await run_in_threadpool(service.suggest, state, body.texts, body.k, labelled)
     return SuggestResponse(
         domain_id=domain_id,
