@@ -72,12 +72,13 @@ class ModelService:
         return str(self.model.device)
 
     def token_counts(self, texts: list[str]) -> list[int]:
-        """Tokens of each text before truncation (special tokens included), of its first
-        ``max_text_chars`` characters."""
+        """Tokens of each text before truncation (special tokens and the encoder's text prefix
+        included), of its first ``max_text_chars`` characters."""
+        prefix = self.model.encoder_config.text_prefix
         with self._counter_lock:
             if self._counter is None:
                 self._counter = copy.deepcopy(self.model.tokenizer)
-            ids = self._counter(self._cut(texts), truncation=False, verbose=False)
+            ids = self._counter([prefix + t for t in self._cut(texts)], truncation=False, verbose=False)
         return [len(row) for row in ids["input_ids"]]
 
     def truncated(self, texts: list[str]) -> list[bool]:

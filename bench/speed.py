@@ -91,7 +91,7 @@ def _file_order_padded_forward(model: MetaLearner, texts: Sequence[str], batch_s
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             batch = model.tokenizer(
-                list(texts[start : start + batch_size]),
+                [model.encoder_config.text_prefix + text for text in texts[start : start + batch_size]],
                 padding="max_length",
                 truncation=True,
                 max_length=length,

