@@ -20,7 +20,9 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/
 have chromium || missing+=(chromium)
 have nginx || missing+=(nginx-light)
 pg_up() { command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432; }
-pg_up || { [ -d /usr/lib/postgresql ] || missing+=(postgresql); }
+pg_was_up=0
+pg_up && pg_was_up=1
+[ "$pg_was_up" -eq 1 ] || [ -d /usr/lib/postgresql ] || missing+=(postgresql)
 
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -31,9 +33,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -q "${missing[@]}"
 fi
 
-# PostgreSQL: use the server at 127.0.0.1:5432, else start Debian's cluster with trust auth on
-# 127.0.0.1 and create the database `test` (METASENT_TEST_POSTGRES_URL points the tests elsewhere).
-if [ -z "${METASENT_TEST_POSTGRES_URL:-}" ] && ! pg_up; then
+# PostgreSQL: use the server that answered at 127.0.0.1:5432 before this script ran, else configure
+# Debian's cluster (listen on 127.0.0.1, trust auth), (re)start it and create the database `test`
+# (METASENT_TEST_POSTGRES_URL points the tests at another server).
+if [ -z "${METASENT_TEST_POSTGRES_URL:-}" ] && [ "$pg_was_up" -eq 0 ]; then
   version=$(ls /usr/lib/postgresql | sort -V | tail -1)
   pg_conftool "$version" main set listen_addresses 127.0.0.1
   sed -i -E 's/^(local|host)(.*)(peer|scram-sha-256|md5)$/\1\2trust/' "/etc/postgresql/$version/main/pg_hba.conf"
