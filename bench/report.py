@@ -430,17 +430,22 @@ def stale() -> list[Path]:
 
 
 def write() -> list[Path]:
-    """Rewrite every render (PNG plots included), generated block and the model card."""
+    """Rewrite every render (PNG plots included), generated block and the model card; returns the
+    files whose content changed."""
     from bench.benchmark import write_renders
 
-    written = []
+    changed = []
     for path in benchmark_jsons():
-        written += write_renders(json.loads(path.read_text()), path.parent, path.stem)
+        renders = sorted(path.parent.glob(f"{path.stem}*.png")) + [path.with_suffix(".md"), path.with_suffix(".csv")]
+        before = {p: p.read_bytes() for p in renders if p.exists()}
+        for render in write_renders(json.loads(path.read_text()), path.parent, path.stem):
+            if before.get(render) != render.read_bytes():
+                changed.append(render)
     for path, text in expected_texts().items():
         if not path.exists() or path.read_text() != text:
             path.write_text(text)
-            written.append(path)
-    return written
+            changed.append(path)
+    return changed
 
 
 def main() -> None:
