@@ -1,5 +1,6 @@
 """``metasent benchmark``: every method trained (or loaded) and evaluated on the same tasks and
-seeds, written to ``results/benchmark*.{json,csv,md}`` with PNG plots.
+seeds, written to ``<output>/benchmark_<label>.{json,csv,md}`` with PNG plots (results/README.md indexes
+the kept runs).
 
 Tasks (never used for a choice): the 12 ARSC test tasks with their fixed 5-shot support files,
 and the 6 food tasks (gourmet_food, grocery: held out of meta-training) with sampled 5-shot
@@ -10,6 +11,7 @@ files of the validation domains (music, video), which no method trains on.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -507,21 +509,34 @@ def write_results(result: dict[str, Any], output: Path, stem: str) -> list[Path]
     """Write the JSON, a per-task CSV, a markdown table and the PNG plots; returns the paths."""
     output.mkdir(parents=True, exist_ok=True)
     result["paired_differences"] = paired_differences(result)
-    paths = [output / f"{stem}.json", output / f"{stem}.csv", output / f"{stem}.md"]
-    paths[0].write_text(json.dumps(result, indent=2) + "\n")
-    with paths[1].open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["method", "suite", "task", "accuracy", "accuracy_ci95", "macro_f1"])
-        for method, entry in _completed(result).items():
-            for suite in ("arsc", "food", "dev"):
-                for task, row in (entry.get(suite) or {}).items():
-                    writer.writerow([method, suite, task, row["accuracy"], row.get("accuracy_ci95"), row["macro_f1"]])
-    paths[2].write_text(markdown_table(result))
+    path = output / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return [path, *write_renders(result, output, stem)]
+
+
+def write_renders(result: dict[str, Any], output: Path, stem: str) -> list[Path]:
+    """The renders of a benchmark JSON beside it: ``<stem>.csv``, ``<stem>.md`` and the PNG plots
+    (``python -m bench.report`` rewrites them from the committed JSON)."""
+    paths = [output / f"{stem}.csv", output / f"{stem}.md"]
+    paths[0].write_text(csv_text(result))
+    paths[1].write_text(markdown_table(result))
     try:
         paths += plot(result, output, stem)
     except ImportError:
         logger.warning("matplotlib is not installed (pip install -e '.[bench]'): no plots")
     return paths
+
+
+def csv_text(result: dict[str, Any]) -> str:
+    """One row per method, suite and task: accuracy (± 95% CI) and macro-F1."""
+    handle = io.StringIO()
+    writer = csv.writer(handle, lineterminator="\n")
+    writer.writerow(["method", "suite", "task", "accuracy", "accuracy_ci95", "macro_f1"])
+    for method, entry in _completed(result).items():
+        for suite in ("arsc", "food", "dev"):
+            for task, row in (entry.get(suite) or {}).items():
+                writer.writerow([method, suite, task, row["accuracy"], row.get("accuracy_ci95"), row["macro_f1"]])
+    return handle.getvalue()
 
 
 def _completed(result: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Markdown table comparing `metasent evaluate --output` JSON files task by task, then each
 file's paired difference from the first (task by task, mean ± 95% CI over tasks).
 
-    python -m bench.compare results/arsc_test_baseline.json results/arsc_test_fomaml.json \\
-        --names un-meta-trained FOMAML
+    python -m bench.compare results/default_model/dev/dev_inner_steps_0.json \\
+        results/default_model/dev/dev_fomaml_matching_0_steps.json --names proto-maml shipped
 """
 
 from __future__ import annotations

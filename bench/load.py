@@ -315,7 +315,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="client timeout per request, seconds")
     parser.add_argument("--arsc", type=Path, default=Path("../shared/data/arsc"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=Path("results/load.json"))
+    parser.add_argument("--output", type=Path, default=Path("results/load/load.json"))
     args = parser.parse_args()
     if args.replicas < 1:
         parser.error("--replicas must be at least 1")

@@ -183,7 +183,7 @@ def database(kind: str, directory: Path) -> Iterator[str]:
         admin.dispose()
         pytest.fail(
             f"no PostgreSQL server answers at {POSTGRES_URL} ({type(error).__name__}): start one "
-            "(.ci/run installs Debian's postgresql) or set METASENT_TEST_POSTGRES_URL",
+            "(scripts/setup.sh installs Debian's postgresql) or set METASENT_TEST_POSTGRES_URL",
             pytrace=False,
         )
     try:
@@ -497,3 +497,14 @@ def request_timeout(app: FastAPI, seconds: float) -> Iterator[None]:
         yield
     finally:
         layer.seconds = previous
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Nothing may skip: a skipped test fails the run (scripts/setup.sh installs everything the
+    tests need: chromium, nginx, PostgreSQL)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped and session.exitstatus == 0:
+        for report in skipped:
+            print(f"\nskipped, which fails the run: {report.nodeid}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -4,7 +4,7 @@ classify (labels and percentages equal the REST API's for the same texts), delet
 as the API words them; the estimate and warnings of the Domain contract; "what to label next";
 the API key field on a server with keys; a 360 px wide screen without horizontal scroll.
 
-Fails (never skips) without chromium: install Debian's with ``apt-get install chromium`` (.ci/run
+Fails (never skips) without chromium: install Debian's with ``apt-get install chromium`` (scripts/setup.sh
 does); Playwright never downloads a browser here."""
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def as_csv(examples: list[dict[str, str]]) -> str:
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         pytest.fail(
-            f"no chromium at {CHROMIUM}: install Debian's with `{INSTALL}` (.ci/run does), "
+            f"no chromium at {CHROMIUM}: install Debian's with `{INSTALL}` (scripts/setup.sh does), "
             "or point METASENT_TEST_CHROMIUM at a chromium binary; never `playwright install`",
             pytrace=False,
         )

@@ -6,7 +6,7 @@ version check and the per-tenant quota, that a replica killed with SIGKILL mid-w
 it acknowledged while the other keeps serving, and that replicas on different checkpoints never
 serve each other's adapted tensors. Each test uses its own API key (its own tenant), so tests
 sharing the module's replicas do not count each other's domains. Fails, never skips, without a
-PostgreSQL server (``.ci/run`` starts one).
+PostgreSQL server (``scripts/setup.sh`` starts one).
 """
 
 from __future__ import annotations

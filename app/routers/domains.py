@@ -213,9 +213,10 @@ async def create_domain(
     adapt_queue: AdaptQueueDep,
     idempotency_key: IdempotencyHeader = None,
 ) -> Domain | JSONResponse:
-    """Adapt a new domain: run the checkpoint's inner loop (prototype-initialised head, then k SGD
-    steps on the support loss) on the examples, and store the domain with its support set. With
-    an ``Idempotency-Key``, a retry gets the first answer and creates nothing."""
+    """Adapt a new domain: run the served model's inner loop on the examples (its head built from
+    them, then the SGD steps, if any, that the model's ``inner_loop`` sets; the answer's
+    ``adaptation.steps`` says how many ran), and store the domain with its support set. With an
+    ``Idempotency-Key``, a retry gets the first answer and creates nothing."""
     key = _idempotency(idempotency_key, "POST", "/v1/domains", body, status.HTTP_201_CREATED, settings)
     if (replay := await _stored_answer(store, tenant, key)) is not None:
         return replay
