@@ -109,6 +109,13 @@ class Settings(BaseSettings):
         description="bytes of a request's line and headers: metasent serve's HTTP parser (h11) refuses more "
         "with 400 and closes the connection; the app answers 431 behind any other server",
     )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds a connection has to send a whole request line and headers (from connecting, or "
+        "from the first byte of a later request on a keep-alive connection); slower ones answer 408 and are "
+        "closed (metasent serve)",
+    )
     max_connections: int | None = Field(
         default=256,
         ge=1,
