@@ -132,6 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Few-shot sentiment adaptation: post a small support set, get a classifier for that domain.",
         lifespan=lifespan,
+        redirect_slashes=False,  # no 307 to a Location built from the client's Host header: 404 instead
     )
     app.state.settings = settings
     app.state.keyring = KeyRing(settings.key_list())

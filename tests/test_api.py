@@ -237,6 +237,22 @@ def test_classify_422_keeps_domain(client: TestClient, body: Any, field: str) ->
     assert classify(client, domain["domain_id"], texts) == before
 
 
+def test_body_not_utf8_answers_malformed_json(client: TestClient) -> None:
+    body = '{"name": "caf\u00e9", "examples": []}'.encode("latin-1")
+    response = client.post("/v1/domains", content=body, headers={"Content-Type": "application/json"})
+    assert "UTF-8" in assert_error(response, 400, "body", "malformed_json")["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/domains/", "/healthz/", "/v1/classify/"])
+def test_trailing_slash_is_404_without_a_redirect(client: TestClient, path: str) -> None:
+    """No 307 whose Location comes from the client's Host header."""
+    response = client.request(
+        "POST" if "classify" in path else "GET", path, headers={"Host": "evil.example"}, follow_redirects=False
+    )
+    assert "location" not in response.headers
+    assert_error(response, 404, "path", "http_404")
+
+
 def test_lone_surrogate_answers_422(client: TestClient) -> None:
     """A JSON ``\\ud800`` escape without its pair is not a string any database can store (pydantic
     refuses it before the text checks)."""

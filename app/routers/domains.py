@@ -138,15 +138,35 @@ def _replayed(answer_status: int, body: dict[str, Any]) -> JSONResponse:
     return JSONResponse(body, status_code=answer_status, headers=headers)
 
 
+def _answered_domain_deleted(domain_id: str) -> ApiError:
+    return ApiError(
+        409,
+        "idempotent_domain_deleted",
+        f"this {IDEMPOTENCY_HEADER} already wrote domain {domain_id!r}, which was deleted since",
+        IDEMPOTENCY_HEADER,
+        f"send a new {IDEMPOTENCY_HEADER} to write the domain again (POST /v1/domains for a new one)",
+    )
+
+
 async def _stored_answer(store: DomainStore, tenant: str, key: IdempotencyKey | None) -> JSONResponse | None:
-    """The stored answer of ``key``'s earlier write, or ``None`` (no key, or not used yet)."""
+    """The stored answer of ``key``'s earlier write, or ``None`` (no key, or not used yet).
+
+    Raises:
+        ApiError: 422 when the key was used with another request; 409 when the domain the answer
+            names was deleted since (a replay never hands out a deleted domain's id).
+    """
     if key is None:
         return None
     try:
         answer = await run_in_threadpool(store.answer, tenant, key)
     except IdempotencyMismatchError:
         raise _key_reused() from None
-    return _replayed(*answer) if answer is not None else None
+    if answer is None:
+        return None
+    domain_id = answer[1].get("domain_id")
+    if isinstance(domain_id, str) and await run_in_threadpool(store.get, tenant, domain_id) is None:
+        raise _answered_domain_deleted(domain_id)
+    return _replayed(*answer)
 
 
 async def _require(store: DomainStore, tenant: str, domain_id: str, with_examples: bool = False) -> StoredDomain:
