@@ -317,11 +317,9 @@ class Health(BaseModel):
     model_loaded: bool
     model: str | None = Field(default=None, description="the model's name; null for the un-meta-trained encoder")
     algorithm: str | None = None
-    encoder: str | None = None
-    checkpoint: str | None = Field(default=None, description="the checkpoint directory; null: the bare encoder")
+    encoder: str | None = Field(default=None, description="the encoder's hub id, or its directory's name only")
     checkpoint_hash: str | None = Field(default=None, description="sha256 of the model, recorded with each domain")
     device: str | None = None
-    domains: int | None = Field(default=0, description="stored domains of every tenant; null when the store is down")
 
 
 class Readiness(BaseModel):

@@ -82,6 +82,22 @@ class Settings(BaseSettings):
         default=None,
         description="comma-separated bearer tokens, each its own tenant; none: one open tenant 'default'",
     )
+    ops_access: Literal["key", "open"] = Field(
+        default="key",
+        description="who may read /metrics, /docs, /redoc and /openapi.json: 'key', a client with an API key "
+        "from METASENT_API_KEYS (anyone when none is set: the whole API is open then); 'open', anyone. "
+        "/healthz and /readyz are always open (they show no tenant figures or file paths)",
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="serve /metrics on this port instead (prometheus-client's HTTP server, no key: for a scraper "
+        "on a private network); the API port then has no /metrics",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="address the METASENT_METRICS_PORT server listens on (0.0.0.0: every one)"
+    )
     cache_domains: int = Field(default=256, ge=0, description="domains whose adapted tensors stay in memory (LRU)")
     readapt_on_load: bool = Field(
         default=False, description="re-adapt every domain adapted with another checkpoint at start-up"

@@ -249,6 +249,12 @@ def metric(text: str, line_start: str, default: float | None = None) -> float:
     return float(line.rsplit(" ", 1)[1])
 
 
+def stored_domains(client: Any) -> float:
+    """``metasent_domains`` (stored domains of every tenant) from the client's ``/metrics``:
+    ``/healthz`` does not show it (it is open to anyone)."""
+    return metric(client.get("/metrics").text, "metasent_domains")
+
+
 # -- servers on free ports -----------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ from tests.conftest import (
     assert_error,
     database,
     metric,
+    stored_domains,
     support,
     valid_domain,
 )
@@ -364,10 +365,12 @@ def test_healthz(client: TestClient) -> None:
     assert health.status_code == 200
     body = health.json()
     assert body["status"] == "ok" and body["model_loaded"] is True
-    assert body["device"] == "cpu" and body["checkpoint"]
-    assert body["domains"] == 0
+    assert body["device"] == "cpu" and body["checkpoint_hash"]
+    assert "checkpoint" not in body and "domains" not in body  # no path, no figure of any tenant: on /metrics
+    assert "/" not in body["encoder"]  # a local encoder directory by its name only
+    assert stored_domains(client) == 0
     create(client)
-    assert client.get("/healthz").json()["domains"] == 1
+    assert stored_domains(client) == 1
 
 
 def test_openapi_and_docs(client: TestClient) -> None:
