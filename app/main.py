@@ -15,7 +15,7 @@ from .adaptation import readapt_all
 from .auth import KeyRing, require_tenant
 from .batching import MicroBatcher
 from .errors import install_error_handlers
-from .limits import BodyLimitMiddleware, HeaderLimitMiddleware, TimeoutMiddleware
+from .limits import BodyLimitMiddleware, CharBudget, HeaderLimitMiddleware, TimeoutMiddleware
 from .metrics import Metrics, MetricsMiddleware
 from .observability import request_id_var
 from .queue import AdaptationQueue
@@ -171,6 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.keyring = KeyRing(settings.key_list())
     app.state.metrics = metrics
+    app.state.char_budget = CharBudget(settings.max_request_chars, settings.max_inflight_chars)
     metrics.bind(app.state)
     install_error_handlers(app)
     # innermost first: timeout, body limit and body time, header limit, metrics, then the request id

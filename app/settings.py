@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -107,6 +107,18 @@ class Settings(BaseSettings):
         ge=1,
         description="adaptations waiting or running at once (one runs at a time); more answer 429 with Retry-After",
     )
+    max_request_chars: int = Field(
+        default=2_000_000,
+        ge=1,
+        description="characters of text (texts and support texts together) one classify or suggest request may "
+        "send; more answer 413. Bounds the memory a request holds while it is tokenized and encoded",
+    )
+    max_inflight_chars: int = Field(
+        default=8_000_000,
+        ge=1,
+        description="characters of text all classify and suggest requests being served may hold together "
+        "(at least METASENT_MAX_REQUEST_CHARS); a request that would pass it answers 503 with Retry-After",
+    )
     request_timeout_s: float = Field(
         default=120.0, gt=0, description="seconds a request may take before it answers 503 with Retry-After"
     )
@@ -141,6 +153,15 @@ class Settings(BaseSettings):
     keep_alive_s: int = Field(
         default=5, ge=1, description="seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive)"
     )
+
+    @model_validator(mode="after")
+    def _budget_fits_a_request(self) -> Settings:
+        if self.max_inflight_chars < self.max_request_chars:
+            raise ValueError(
+                f"METASENT_MAX_INFLIGHT_CHARS ({self.max_inflight_chars}) must be at least METASENT_MAX_REQUEST_CHARS "
+                f"({self.max_request_chars}), else no request of the largest size is ever admitted"
+            )
+        return self
 
     def database(self) -> str:
         """The database URL: ``database_url``, or a SQLite file in ``data_dir``."""
