@@ -4,6 +4,7 @@ one place, so the tests start a server exactly as the command does."""
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -120,6 +121,7 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     """
     import uvicorn
 
+    faulthandler.enable()  # a fatal signal (SIGBUS from SQLite's -shm mapping, SIGSEGV) is logged with its stack
     protocol = type("Protocol", (HeaderTimeoutProtocol,), {"header_timeout_s": settings.header_timeout_s})
     return uvicorn.Config(
         app,
