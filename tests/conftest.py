@@ -370,7 +370,7 @@ class Server:
         """Until ``depth`` adaptations wait or run (the adaptation queue's gauge on /metrics)."""
         deadline = time.monotonic() + timeout
         line = f"metasent_adaptation_queue_depth {float(depth)}"
-        while line not in httpx.get(f"{self.url}/metrics", timeout=5).text:
+        while line not in self.client.get("/metrics", timeout=5).text:  # with the key: /metrics needs one
             assert time.monotonic() < deadline, f"queue depth never reached {depth}"
             time.sleep(0.05)
 
