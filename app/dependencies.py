@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 
 from .auth import TenantDep
 from .batching import MicroBatcher
+from .limits import CharBudget
 from .queue import AdaptationQueue
 from .service import ModelService
 from .settings import Settings
@@ -31,6 +32,10 @@ def get_store(request: Request) -> DomainStore:
     return request.app.state.store
 
 
+def get_char_budget(request: Request) -> CharBudget:
+    return request.app.state.char_budget
+
+
 def get_adapt_queue(request: Request) -> AdaptationQueue:
     return request.app.state.adapt_queue
 
@@ -40,5 +45,6 @@ ServiceDep = Annotated[ModelService, Depends(get_service)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 StoreDep = Annotated[DomainStore, Depends(get_store)]
 AdaptQueueDep = Annotated[AdaptationQueue, Depends(get_adapt_queue)]
+CharBudgetDep = Annotated[CharBudget, Depends(get_char_budget)]
 
-__all__ = ["AdaptQueueDep", "BatcherDep", "ServiceDep", "SettingsDep", "StoreDep", "TenantDep"]
+__all__ = ["AdaptQueueDep", "BatcherDep", "CharBudgetDep", "ServiceDep", "SettingsDep", "StoreDep", "TenantDep"]

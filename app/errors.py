@@ -87,16 +87,16 @@ def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(error_body(exc.code, exc.message, details), status_code=exc.status, headers=exc.headers)
 
 
+def _malformed_json(message: str = "the request body is not valid JSON") -> JSONResponse:
+    detail = {"field": "body", "message": message, "fix": "send a valid JSON document, encoded as UTF-8"}
+    return JSONResponse(error_body("malformed_json", message, [detail]), status_code=400)
+
+
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
     if any(e.get("type") == "json_invalid" for e in errors):
-        detail = {
-            "field": "body",
-            "message": "the request body is not valid JSON",
-            "fix": "send a valid JSON document",
-        }
-        return JSONResponse(error_body("malformed_json", detail["message"], [detail]), status_code=400)
+        return _malformed_json()
     details = _validation_details(errors)
     message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
     return JSONResponse(error_body("invalid_request", message, details), status_code=422)
@@ -104,6 +104,8 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's body parse error
+        return _malformed_json("the request body is not valid UTF-8 (JSON text must be UTF-8)")
     detail = {"field": "path", "message": str(exc.detail), "fix": "see /docs for the routes and methods"}
     return JSONResponse(
         error_body(f"http_{exc.status_code}", str(exc.detail), [detail]),

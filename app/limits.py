@@ -1,5 +1,6 @@
 """Request limits as ASGI middleware: header bytes (431), body bytes (413), the time to receive a
-body (408) and wall time per request (503).
+body (408) and wall time per request (503); and the characters classify requests may hold
+(:class:`CharBudget`, 413/503).
 
 Both answer in the project's JSON error shape (:func:`app.errors.error_response`).
 """
@@ -10,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -190,3 +191,56 @@ class TimeoutMiddleware:
             "(server setting METASENT_REQUEST_TIMEOUT_S)",
             headers={"Retry-After": str(seconds)},
         )
+
+
+class CharBudget:
+    """A memory bound for classification: characters of text per request and in flight.
+
+    A request whose texts (and support texts) total more than ``per_request`` characters answers
+    413; one that would take the characters held by admitted, unfinished requests past
+    ``in_flight`` answers 503 with ``Retry-After`` at once (it is not queued, so it holds nothing).
+    The server's event loop is the only caller, so no lock is needed.
+
+    Args:
+        per_request (`int`): characters of one request (``METASENT_MAX_REQUEST_CHARS``).
+        in_flight (`int`): characters of every admitted request together (``METASENT_MAX_INFLIGHT_CHARS``).
+    """
+
+    def __init__(self, per_request: int, in_flight: int) -> None:
+        self.per_request, self.in_flight = per_request, in_flight
+        self.admitted = 0  # characters of the requests now admitted
+        self.peak = 0  # the most characters ever admitted at once
+
+    @contextlib.contextmanager
+    def admit(self, chars: int, field: str) -> Iterator[None]:
+        """Hold ``chars`` characters while the block runs.
+
+        Raises:
+            ApiError: 413 naming ``field`` past ``per_request``; 503 past ``in_flight``.
+        """
+        if chars > self.per_request:
+            raise ApiError(
+                413,
+                "too_many_characters",
+                f"this request sends {chars} characters of text; this server accepts at most {self.per_request}",
+                field,
+                f"send at most {self.per_request} characters of text per request: fewer or shorter texts "
+                "(server setting METASENT_MAX_REQUEST_CHARS)",
+            )
+        if self.admitted + chars > self.in_flight:
+            raise ApiError(
+                503,
+                "server_busy",
+                f"the server is classifying {self.admitted} characters of other requests; {chars} more would pass "
+                f"its limit of {self.in_flight} in flight",
+                "server",
+                "retry in 1 s (Retry-After header), or send fewer characters per request "
+                "(server setting METASENT_MAX_INFLIGHT_CHARS)",
+                headers={"Retry-After": "1"},
+            )
+        self.admitted += chars
+        self.peak = max(self.peak, self.admitted)
+        try:
+            yield
+        finally:
+            self.admitted -= chars

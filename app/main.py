@@ -5,21 +5,21 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from .adaptation import readapt_all
-from .auth import KeyRing
+from .auth import KeyRing, require_tenant
 from .batching import MicroBatcher
 from .errors import install_error_handlers
-from .limits import BodyLimitMiddleware, HeaderLimitMiddleware, TimeoutMiddleware
+from .limits import BodyLimitMiddleware, CharBudget, HeaderLimitMiddleware, TimeoutMiddleware
 from .metrics import Metrics, MetricsMiddleware
 from .observability import request_id_var
 from .queue import AdaptationQueue
-from .routers import classify, domains, health, ops, playground
+from .routers import classify, docs, domains, health, ops, playground
 from .service import ModelService
 from .settings import Settings, get_settings
 from .store import DomainStore
@@ -92,6 +92,36 @@ def _retry_after(app: FastAPI) -> int:
     return queue.retry_after() if queue is not None else 1
 
 
+@contextmanager
+def _metrics_server(settings: Settings, metrics: Metrics) -> Iterator[None]:
+    """``/metrics`` on ``METASENT_METRICS_PORT`` (prometheus-client's HTTP server in a thread) while
+    the app runs; nothing when the port is not set."""
+    if settings.metrics_port is None:
+        yield
+        return
+    from prometheus_client import start_http_server
+
+    server, thread = start_http_server(settings.metrics_port, settings.metrics_host, metrics.registry)
+    logger.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def _include_ops_routes(app: FastAPI, settings: Settings) -> None:
+    """``/readyz`` (open); ``/metrics``, ``/openapi.json``, ``/docs``, ``/redoc`` behind an API key
+    unless ``METASENT_OPS_ACCESS=open``; ``/metrics`` not on this port with ``METASENT_METRICS_PORT``."""
+    guard = [] if settings.ops_access == "open" else [Depends(require_tenant)]
+    app.include_router(ops.router)
+    if settings.metrics_port is None:
+        app.include_router(ops.metrics_router, dependencies=guard)
+    app.include_router(docs.router, dependencies=guard)
+    app.mount(docs.ASSETS_PATH, docs.assets(), name="docs-assets")  # the public Swagger UI / ReDoc files
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the metasent API. The lifespan loads the model once (``METASENT_CHECKPOINT``: the
     shipped default model, a checkpoint directory, or ``none`` for the bare encoder); every
@@ -123,7 +153,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max(settings.max_texts, settings.batch_size),
         )
         try:
-            yield
+            with _metrics_server(settings, metrics):
+                yield
         finally:
             app.state.store.close()
 
@@ -132,10 +163,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Few-shot sentiment adaptation: post a small support set, get a classifier for that domain.",
         lifespan=lifespan,
+        redirect_slashes=False,  # no 307 to a Location built from the client's Host header: 404 instead
+        openapi_url=None,  # /openapi.json, /docs and /redoc: routers/docs.py (local assets, access setting)
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.keyring = KeyRing(settings.key_list())
     app.state.metrics = metrics
+    app.state.char_budget = CharBudget(settings.max_request_chars, settings.max_inflight_chars)
     metrics.bind(app.state)
     install_error_handlers(app)
     # innermost first: timeout, body limit and body time, header limit, metrics, then the request id
@@ -145,7 +181,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.middleware("http")(_request_id)
     app.include_router(health.router)
-    app.include_router(ops.router)
+    _include_ops_routes(app, settings)
     app.include_router(domains.router)
     app.include_router(classify.router)
     app.include_router(playground.router)  # GET /: the playground page, no API key, not in the schema

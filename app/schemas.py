@@ -5,26 +5,42 @@ from __future__ import annotations
 import unicodedata
 from typing import Annotated, Literal
 
+import regex
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
+# Code points that print nothing on their own, by Unicode property: default-ignorable (zero-width
+# space and joiners, BOM, Hangul fillers U+3164/U+FFA0, variation selectors, tag characters...),
+# format (Cf: bidi marks, U+180E...), control (Cc), separators and other white space (Z*,
+# White_Space), and combining marks (M*), which show only on a base character. U+2800 BRAILLE
+# PATTERN BLANK is a symbol (So) with no such property, yet prints as a blank: the one addition.
+_INVISIBLE = regex.compile(r"[\p{Default_Ignorable_Code_Point}\p{Cf}\p{Cc}\p{Z}\p{White_Space}\p{M}\u2800]")
+# what labels lose before they are compared and stored (marks and spaces inside a label stay)
+_LABEL_INVISIBLE = regex.compile(r"[\p{Default_Ignorable_Code_Point}\p{Cf}\p{Cc}]")
 
-def _invisible(char: str) -> bool:
-    """Whitespace, or a format character (Unicode category Cf: zero-width space U+200B, (non-)joiners
-    U+200C/U+200D, word joiner U+2060, BOM U+FEFF, bidi marks...), which print nothing."""
-    return char.isspace() or unicodedata.category(char) == "Cf"
+
+def visible_part(value: str) -> str:
+    """``value`` without its invisible code points (see ``_INVISIBLE``): empty when nothing in it
+    would print."""
+    return _INVISIBLE.sub("", value)
 
 
 def text_problem(value: str) -> str | None:
     """Why the API refuses ``value`` as a text or label (422), or None when it accepts it (the
     check of every text field; ``metasent classify --output`` uses it to keep such rows unsent)."""
-    if all(_invisible(char) for char in value):
+    if not visible_part(value):
         return (
-            "must contain a visible character, not only whitespace or zero-width characters "
-            "(e.g. U+200B); send the text itself"
+            "must contain a visible character, not only whitespace, zero-width, format, filler or combining "
+            "characters (e.g. U+200B, U+3164, U+2800, a lone U+0301); send the text itself"
         )
     if "\x00" in value:  # no database text column (PostgreSQL) can store it
         return "must not contain a NUL character"
     return None
+
+
+def normalise_label(label: str) -> str:
+    """The label as it is compared and stored: NFC, without default-ignorable, format and control
+    code points, surrounding white space stripped (``"pos\\u200b"`` and ``" pos"`` are ``"pos"``)."""
+    return unicodedata.normalize("NFC", _LABEL_INVISIBLE.sub("", label)).strip()
 
 
 def _not_blank(value: str) -> str:
@@ -34,8 +50,13 @@ def _not_blank(value: str) -> str:
     return value
 
 
+def _label(value: str) -> str:
+    return normalise_label(_not_blank(value))
+
+
 NonBlank = Annotated[StrictStr, Field(min_length=1), AfterValidator(_not_blank)]
-Label = Annotated[StrictStr, Field(min_length=1, max_length=200), AfterValidator(_not_blank)]
+Name = Annotated[StrictStr, Field(min_length=1, max_length=200), AfterValidator(_not_blank)]
+Label = Annotated[StrictStr, Field(min_length=1, max_length=200), AfterValidator(_label)]
 
 
 class LabelledText(BaseModel):
@@ -46,7 +67,10 @@ class LabelledText(BaseModel):
         description="the review text (truncated to the encoder's token limit); at most METASENT_MAX_TEXT_CHARS "
         "characters (20000 by default), longer answers 422"
     )
-    label: Label = Field(description="its label name, e.g. 'positive'")
+    label: Label = Field(
+        description="its label name, e.g. 'positive'; compared and stored in NFC without invisible code points "
+        "(zero-width, format, control) and surrounding spaces"
+    )
 
 
 class CreateDomain(BaseModel):
@@ -71,7 +95,7 @@ class CreateDomain(BaseModel):
             ]
         },
     )
-    name: Label = Field(description="a name for the domain")
+    name: Name = Field(description="a name for the domain")
     examples: list[LabelledText] = Field(min_length=2, description="the support set")
 
     @field_validator("examples")
@@ -293,11 +317,9 @@ class Health(BaseModel):
     model_loaded: bool
     model: str | None = Field(default=None, description="the model's name; null for the un-meta-trained encoder")
     algorithm: str | None = None
-    encoder: str | None = None
-    checkpoint: str | None = Field(default=None, description="the checkpoint directory; null: the bare encoder")
+    encoder: str | None = Field(default=None, description="the encoder's hub id, or its directory's name only")
     checkpoint_hash: str | None = Field(default=None, description="sha256 of the model, recorded with each domain")
     device: str | None = None
-    domains: int | None = Field(default=0, description="stored domains of every tenant; null when the store is down")
 
 
 class Readiness(BaseModel):

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -82,6 +82,22 @@ class Settings(BaseSettings):
         default=None,
         description="comma-separated bearer tokens, each its own tenant; none: one open tenant 'default'",
     )
+    ops_access: Literal["key", "open"] = Field(
+        default="key",
+        description="who may read /metrics, /docs, /redoc and /openapi.json: 'key', a client with an API key "
+        "from METASENT_API_KEYS (anyone when none is set: the whole API is open then); 'open', anyone. "
+        "/healthz and /readyz are always open (they show no tenant figures or file paths)",
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="serve /metrics on this port instead (prometheus-client's HTTP server, no key: for a scraper "
+        "on a private network); the API port then has no /metrics",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="address the METASENT_METRICS_PORT server listens on (0.0.0.0: every one)"
+    )
     cache_domains: int = Field(default=256, ge=0, description="domains whose adapted tensors stay in memory (LRU)")
     readapt_on_load: bool = Field(
         default=False, description="re-adapt every domain adapted with another checkpoint at start-up"
@@ -90,6 +106,18 @@ class Settings(BaseSettings):
         default=8,
         ge=1,
         description="adaptations waiting or running at once (one runs at a time); more answer 429 with Retry-After",
+    )
+    max_request_chars: int = Field(
+        default=2_000_000,
+        ge=1,
+        description="characters of text (texts and support texts together) one classify or suggest request may "
+        "send; more answer 413. Bounds the memory a request holds while it is tokenized and encoded",
+    )
+    max_inflight_chars: int = Field(
+        default=8_000_000,
+        ge=1,
+        description="characters of text all classify and suggest requests being served may hold together "
+        "(at least METASENT_MAX_REQUEST_CHARS); a request that would pass it answers 503 with Retry-After",
     )
     request_timeout_s: float = Field(
         default=120.0, gt=0, description="seconds a request may take before it answers 503 with Retry-After"
@@ -109,6 +137,13 @@ class Settings(BaseSettings):
         description="bytes of a request's line and headers: metasent serve's HTTP parser (h11) refuses more "
         "with 400 and closes the connection; the app answers 431 behind any other server",
     )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds a connection has to send a whole request line and headers (from connecting, or "
+        "from the first byte of a later request on a keep-alive connection); slower ones answer 408 and are "
+        "closed (metasent serve)",
+    )
     max_connections: int | None = Field(
         default=256,
         ge=1,
@@ -118,6 +153,15 @@ class Settings(BaseSettings):
     keep_alive_s: int = Field(
         default=5, ge=1, description="seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive)"
     )
+
+    @model_validator(mode="after")
+    def _budget_fits_a_request(self) -> Settings:
+        if self.max_inflight_chars < self.max_request_chars:
+            raise ValueError(
+                f"METASENT_MAX_INFLIGHT_CHARS ({self.max_inflight_chars}) must be at least METASENT_MAX_REQUEST_CHARS "
+                f"({self.max_request_chars}), else no request of the largest size is ever admitted"
+            )
+        return self
 
     def database(self) -> str:
         """The database URL: ``database_url``, or a SQLite file in ``data_dir``."""

@@ -13,6 +13,8 @@ Every method is blocking (database I/O): call it from a worker thread, not the e
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -45,7 +47,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import delete as delete_rows
 from sqlalchemy.engine import ExceptionContext
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, deferred, mapped_column, sessionmaker
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 from torch import Tensor
@@ -206,7 +208,34 @@ def _switch_to_wal(cursor: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
 
 
+def check_shared_memory(database: str | None) -> None:
+    """Refuse to use a SQLite database whose ``-shm`` file cannot be written.
+
+    In WAL mode SQLite memory-maps ``<database>-shm`` and writes to it on every transaction, reads
+    included; when the file stops taking writes (``chattr +i``, a read-only remount) the next write
+    to the mapping kills the process with SIGBUS, which no Python code can catch. Checked before
+    every transaction and connection, such a file is an ``OperationalError`` instead (503
+    ``store_unavailable``, ``/readyz`` not ready) until it is repaired. A file that changes between
+    this check and SQLite's write still ends the process (logged by :mod:`faulthandler`; see
+    docs/operations.md).
+
+    Args:
+        database (`str`, *optional*): the database file's path (``None`` or ``:memory:``: nothing to check).
+
+    Raises:
+        sqlalchemy.exc.OperationalError: when ``<database>-shm`` exists and is not writable.
+    """
+    if not database or database == ":memory:":
+        return
+    shm = f"{database}-shm"
+    if os.path.exists(shm) and not os.access(shm, os.W_OK):
+        error = sqlite3.OperationalError(f"{shm} is not writable (SQLite's WAL index): refusing to use the database")
+        logger.error("%s", error)
+        raise OperationalError("BEGIN", None, error)
+
+
 def _sqlite_connect(dbapi_connection: Any, _: Any) -> None:
+    check_shared_memory(_database_file(dbapi_connection))
     dbapi_connection.isolation_level = None  # the driver begins nothing itself: see _sqlite_begin
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout=10000")
@@ -215,10 +244,17 @@ def _sqlite_connect(dbapi_connection: Any, _: Any) -> None:
     cursor.close()
 
 
+def _database_file(dbapi_connection: Any) -> str | None:
+    """The main database file of a ``sqlite3`` connection (``PRAGMA database_list``), or ``None``."""
+    rows = dbapi_connection.execute("PRAGMA database_list").fetchall()
+    return next((row[2] for row in rows if row[1] == "main" and row[2]), None)
+
+
 def _sqlite_begin(connection: Connection) -> None:
     """``BEGIN IMMEDIATE`` (the write lock first) for a connection with the ``sqlite_immediate``
     execution option (every write transaction), a plain ``BEGIN`` otherwise: a write transaction
     that reads first (the quota count) can then never fail to upgrade its lock."""
+    check_shared_memory(connection.engine.url.database)
     immediate = connection.get_execution_options().get("sqlite_immediate", False)
     connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 

@@ -13,6 +13,7 @@ lint_paths=(app meta data metasent/__init__.py metasent/cli.py bench tests)
 .venv/bin/ruff format --check "${lint_paths[@]}"
 .venv/bin/mypy -p metasent
 .venv/bin/mypy bench
+.venv/bin/hadolint Dockerfile  # fails on any finding, info included
 .venv/bin/mkdocs build --strict --quiet
 
 .venv/bin/python -m pytest "$@"

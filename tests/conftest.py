@@ -249,6 +249,12 @@ def metric(text: str, line_start: str, default: float | None = None) -> float:
     return float(line.rsplit(" ", 1)[1])
 
 
+def stored_domains(client: Any) -> float:
+    """``metasent_domains`` (stored domains of every tenant) from the client's ``/metrics``:
+    ``/healthz`` does not show it (it is open to anyone)."""
+    return metric(client.get("/metrics").text, "metasent_domains")
+
+
 # -- servers on free ports -----------------------------------------------------------------------
 
 
@@ -364,7 +370,7 @@ class Server:
         """Until ``depth`` adaptations wait or run (the adaptation queue's gauge on /metrics)."""
         deadline = time.monotonic() + timeout
         line = f"metasent_adaptation_queue_depth {float(depth)}"
-        while line not in httpx.get(f"{self.url}/metrics", timeout=5).text:
+        while line not in self.client.get("/metrics", timeout=5).text:  # with the key: /metrics needs one
             assert time.monotonic() < deadline, f"queue depth never reached {depth}"
             time.sleep(0.05)
 

@@ -3,6 +3,7 @@ in the JSON error shape, limits, health and the OpenAPI document."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tests.conftest import (
     assert_error,
     database,
     metric,
+    stored_domains,
     support,
     valid_domain,
 )
@@ -189,6 +191,16 @@ def _example(text: Any = "great coffee", label: Any = "positive") -> dict[str, A
         ({"name": "x", "examples": [_example("\ufeff \u2060\t"), *support()]}, "examples[0].text"),
         ({"name": "x", "examples": [_example(label="\u200b"), *support()]}, "examples[0].label"),
         ({"name": "\u2060\u200b", "examples": support()}, "name"),
+        ({"name": "x", "examples": [_example("\u3164\u3164"), *support()]}, "examples[0].text"),  # Hangul filler
+        ({"name": "x", "examples": [_example("\u2800 \u2800"), *support()]}, "examples[0].text"),  # Braille blank
+        ({"name": "x", "examples": [_example("\u0301"), *support()]}, "examples[0].text"),  # a lone combining mark
+        ({"name": "x", "examples": [_example("\ufe0f\U000e0041\u180e"), *support()]}, "examples[0].text"),
+        ({"name": "x", "examples": [_example(label="\u3164"), *support()]}, "examples[0].label"),
+        ({"name": "\u2800", "examples": support()}, "name"),
+        (
+            {"name": "x", "examples": [_example(label="pos"), _example(label="pos\u200b"), _example(label=" pos")]},
+            "examples",
+        ),
         ({**valid_domain(), "extra": True}, "extra"),
         ([valid_domain()], "body"),
         ("food", "body"),
@@ -205,6 +217,7 @@ def test_create_domain_422(client: TestClient, body: Any, field: str) -> None:
         ({"texts": ["great", ""]}, "texts[1]"),
         ({"texts": ["great", "   "]}, "texts[1]"),
         ({"texts": ["great", "\u200b\ufeff"]}, "texts[1]"),
+        ({"texts": ["great", "\u3164\u2800\u0301"]}, "texts[1]"),
         ({"texts": ["great", 123]}, "texts[1]"),
         ({"texts": ["great", None]}, "texts[1]"),
         ({"texts": []}, "texts"),
@@ -223,6 +236,45 @@ def test_classify_422_keeps_domain(client: TestClient, body: Any, field: str) ->
     # the failed request lost nothing: the domain is still there and classifies identically
     assert client.get(f"/v1/domains/{domain['domain_id']}").json() == domain
     assert classify(client, domain["domain_id"], texts) == before
+
+
+def test_body_not_utf8_answers_malformed_json(client: TestClient) -> None:
+    body = '{"name": "caf\u00e9", "examples": []}'.encode("latin-1")
+    response = client.post("/v1/domains", content=body, headers={"Content-Type": "application/json"})
+    assert "UTF-8" in assert_error(response, 400, "body", "malformed_json")["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/domains/", "/healthz/", "/v1/classify/"])
+def test_trailing_slash_is_404_without_a_redirect(client: TestClient, path: str) -> None:
+    """No 307 whose Location comes from the client's Host header."""
+    response = client.request(
+        "POST" if "classify" in path else "GET", path, headers={"Host": "evil.example"}, follow_redirects=False
+    )
+    assert "location" not in response.headers
+    assert_error(response, 404, "path", "http_404")
+
+
+def test_lone_surrogate_answers_422(client: TestClient) -> None:
+    """A JSON ``\\ud800`` escape without its pair is not a string any database can store (pydantic
+    refuses it before the text checks)."""
+    body = json.dumps({"name": "x", "examples": [_example("great\ud800"), *support()]})  # ASCII: the escape
+    response = client.post("/v1/domains", content=body, headers={"Content-Type": "application/json"})
+    assert_error(response, 422, "examples[0].text", "invalid_request")
+
+
+def test_labels_are_compared_after_nfc_and_without_invisible_characters(client: TestClient) -> None:
+    """``caf\u00e9`` and ``cafe\u0301`` (NFC), ``pos`` and ``pos\u200b`` are one label each; a
+    combining mark on a base character is a visible text."""
+    examples = [
+        _example("good", "pos"),
+        _example("great", "pos\u200b"),
+        _example("bad", "caf\u00e9"),
+        _example("cafe\u0301", "cafe\u0301"),
+    ]
+    domain = create(client, {"name": "labels", "examples": examples})
+    assert domain["labels"] == ["pos", "caf\u00e9"]
+    stored = client.get(f"/v1/domains/{domain['domain_id']}/examples").json()["examples"]
+    assert [example["label"] for example in stored] == ["pos", "pos", "caf\u00e9", "caf\u00e9"]
 
 
 def test_zero_width_characters_inside_a_text_are_kept(client: TestClient) -> None:
@@ -313,10 +365,12 @@ def test_healthz(client: TestClient) -> None:
     assert health.status_code == 200
     body = health.json()
     assert body["status"] == "ok" and body["model_loaded"] is True
-    assert body["device"] == "cpu" and body["checkpoint"]
-    assert body["domains"] == 0
+    assert body["device"] == "cpu" and body["checkpoint_hash"]
+    assert "checkpoint" not in body and "domains" not in body  # no path, no figure of any tenant: on /metrics
+    assert "/" not in body["encoder"]  # a local encoder directory by its name only
+    assert stored_domains(client) == 0
     create(client)
-    assert client.get("/healthz").json()["domains"] == 1
+    assert stored_domains(client) == 1
 
 
 def test_openapi_and_docs(client: TestClient) -> None:

@@ -119,10 +119,11 @@ def test_domains_per_tenant_limit(client: TestClient) -> None:
     create(client, B)  # another tenant has its own quota
 
 
-def test_public_routes_need_no_key(client: TestClient) -> None:
-    assert client.get("/healthz").json()["status"] == "ok"
-    assert client.get("/docs").status_code == 200
-    spec = client.get("/openapi.json").json()
+def test_health_routes_need_no_key_ops_routes_do(client: TestClient) -> None:
+    assert client.get("/healthz").json()["status"] == "ok" and client.get("/readyz").status_code == 200
+    assert client.get("/docs").status_code == 401 and client.get("/docs", headers=A).status_code == 200
+    assert client.get("/openapi.json").status_code == 401  # METASENT_OPS_ACCESS=key, the default
+    spec = client.get("/openapi.json", headers=A).json()
     assert spec["components"]["securitySchemes"]["ApiKey"] == {
         "type": "http",
         "scheme": "bearer",
@@ -130,7 +131,8 @@ def test_public_routes_need_no_key(client: TestClient) -> None:
     }
     for path, operations in spec["paths"].items():
         for operation in operations.values():
-            assert (operation.get("security") == [{"ApiKey": []}]) == path.startswith("/v1"), path
+            secured = path.startswith("/v1") or path == "/metrics"
+            assert (operation.get("security") == [{"ApiKey": []}]) == secured, path
             if path.startswith("/v1"):
                 assert "401" in operation["responses"]
 

@@ -64,7 +64,7 @@ def _app(api_keys: str | None) -> tuple[FastAPI, list[str]]:
 
 
 def _schema(app: FastAPI, domain_ids: list[str]) -> Any:
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers=AUTH)  # a key: ops routes need one
     schema.config.generation.update(
         modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE], max_examples=MAX_EXAMPLES
     )

@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from metasent.app.main import create_app
-from metasent.app.server import uvicorn_config
+from metasent.app.server import HeaderTimeoutProtocol, uvicorn_config
 from metasent.app.settings import Settings
 from tests.conftest import assert_error, serve_in_thread, valid_domain
 
@@ -58,6 +58,20 @@ def read_until_closed(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response (headers and a ``Content-Length`` body) from a kept-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    headers, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(line.split(b":")[1] for line in headers.lower().split(b"\r\n") if line.startswith(b"content-length"))
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return data
 
 
 def head(path: str, length: int | None = None, extra: str = "") -> bytes:
@@ -126,9 +140,54 @@ def test_header_limit_in_the_app_answers_431(tiny_checkpoint: Path, tmp_path: Pa
 
 
 def test_serve_config_carries_the_limits(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, max_header_bytes=4096, max_connections=12, keep_alive_s=7)
+    settings = Settings(
+        data_dir=tmp_path, max_header_bytes=4096, max_connections=12, keep_alive_s=7, header_timeout_s=3
+    )
     config = uvicorn_config(create_app(settings), settings)
-    assert (config.http, config.h11_max_incomplete_event_size) == ("h11", 4096)
-    assert (config.limit_concurrency, config.timeout_keep_alive) == (12, 7)
+    assert issubclass(config.http, HeaderTimeoutProtocol) and config.h11_max_incomplete_event_size == 4096
+    assert (config.limit_concurrency, config.timeout_keep_alive, config.http.header_timeout_s) == (12, 7, 3)
     defaults = Settings(data_dir=tmp_path)
     assert (defaults.body_timeout_s, defaults.max_header_bytes, defaults.max_connections) == (30.0, 32768, 256)
+    assert defaults.header_timeout_s == 10.0
+
+
+# -- request headers that never complete -----------------------------------------------------------
+
+HEADER_TIMEOUT_S, STALLED = 1.0, 300
+
+
+def test_stalled_headers_are_closed_and_the_server_answers_again(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Hundreds of connections that send a request line and one header, then nothing, fill the
+    connection limit (new requests answer 503); each is answered 408 and closed within the
+    header timeout, and new requests are served again."""
+    settings = limited_settings(tiny_checkpoint, tmp_path).model_copy(
+        update={"max_connections": STALLED - 50, "header_timeout_s": HEADER_TIMEOUT_S}
+    )
+    with serve_in_thread(create_app(settings), settings=settings) as url, ExitStack() as stack:
+        stalled = [stack.enter_context(connect(url)) for _ in range(STALLED)]
+        started = time.monotonic()
+        for sock in stalled:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")  # no blank line: headers never end
+        assert httpx.get(f"{url}/healthz").status_code == 503  # the limit is full of stalled connections
+        deadline = started + HEADER_TIMEOUT_S + ANSWER_WITHIN_S
+        while (status := httpx.get(f"{url}/healthz").status_code) != 200:
+            assert status == 503 and time.monotonic() < deadline, status
+        answers = [read_until_closed(sock) for sock in stalled]  # every one was closed by the server
+    assert all(answer.startswith(b"HTTP/1.1 408") for answer in answers), {a[:40] for a in answers}
+    error = json.loads(answers[0].partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "header_timeout" and "METASENT_HEADER_TIMEOUT_S" in error["details"][0]["fix"]
+
+
+def test_silent_connection_is_closed_but_a_slow_complete_request_is_served(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    settings = limited_settings(tiny_checkpoint, tmp_path).model_copy(update={"header_timeout_s": HEADER_TIMEOUT_S})
+    with serve_in_thread(create_app(settings), settings=settings) as url:
+        with connect(url) as silent:
+            assert read_until_closed(silent).startswith(b"HTTP/1.1 408")  # connected, sent nothing
+        with connect(url) as sock:  # headers in pieces, whole within the timeout; then a keep-alive request
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+            sock.sendall(b"Host: test\r\n\r\n")
+            assert read_response(sock).startswith(b"HTTP/1.1 200")
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 200")

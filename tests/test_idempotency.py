@@ -30,6 +30,22 @@ def _key() -> dict[str, str]:
     return {"Idempotency-Key": str(uuid.uuid4())}
 
 
+def test_replay_after_the_domain_was_deleted_answers_409(tiny_checkpoint: Path, database_url: str) -> None:
+    """A retry never hands out a deleted domain's id as if it existed (it answered 201 with it)."""
+    with TestClient(create_app(_settings(tiny_checkpoint, database_url))) as client:
+        key, put_key, body = _key(), _key(), {"name": "food", "examples": support()}
+        domain_id = client.post("/v1/domains", json=body, headers=key).json()["domain_id"]
+        put = {"examples": [{"text": "okay fine", "label": "neutral"}]}
+        assert client.put(f"/v1/domains/{domain_id}/examples", json=put, headers=put_key).status_code == 200
+        assert client.delete(f"/v1/domains/{domain_id}").status_code == 204
+        again = client.post("/v1/domains", json=body, headers=key)
+        assert domain_id in assert_error(again, 409, "Idempotency-Key", "idempotent_domain_deleted")["message"]
+        retried_put = client.put(f"/v1/domains/{domain_id}/examples", json=put, headers=put_key)
+        assert_error(retried_put, 409, "Idempotency-Key", "idempotent_domain_deleted")
+        assert client.get("/v1/domains").json()["domains"] == []  # nothing was written again
+        assert client.post("/v1/domains", json=body, headers=_key()).status_code == 201  # a new key writes
+
+
 def test_retries_get_the_first_answer(tiny_checkpoint: Path, database_url: str) -> None:
     with TestClient(create_app(_settings(tiny_checkpoint, database_url))) as client:
         key, body = _key(), {"name": "food", "examples": support()}

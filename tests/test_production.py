@@ -129,24 +129,26 @@ def test_stateless_classify_flags_truncated_texts(tiny_checkpoint: Path, tmp_pat
         assert "truncated" in schema["Prediction"]["properties"]
 
 
-def test_ops_routes_are_public_and_count_every_tenant(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_ops_routes_need_a_key_and_count_every_tenant(tiny_checkpoint: Path, tmp_path: Path) -> None:
     with TestClient(create_app(settings(tiny_checkpoint, tmp_path, api_keys=f"{KEY_A},{KEY_B}"))) as client:
         for headers in (A, A, B):
             created = client.post("/v1/domains", json={"name": "food", "examples": support()}, headers=headers)
             assert created.status_code == 201, created.text
         assert client.get("/v1/domains").status_code == 401
         assert len(client.get("/v1/domains", headers=B).json()["domains"]) == 1
-        # no key needed, and the figures are of every tenant
-        assert client.get("/healthz").json()["domains"] == 3
+        # /healthz and /readyz need no key and show no tenant figures; /metrics (every tenant's) needs a key
+        assert "domains" not in client.get("/healthz").json()
         assert client.get("/readyz").json() == {"status": "ready", "model_loaded": True, "store_reachable": True}
-        metrics = client.get("/metrics")
+        assert_error(client.get("/metrics"), 401, "Authorization", "missing_api_key")
+        metrics = client.get("/metrics", headers=B)
         assert metrics.status_code == 200
         assert metric(metrics.text, "metasent_domains") == 3
         unauthorised = 'metasent_http_requests_total{method="GET",route="/v1/domains",status="401"}'
         assert metric(metrics.text, unauthorised) == 1
-        spec = client.get("/openapi.json").json()
-        for path in ("/healthz", "/readyz", "/metrics"):
+        spec = client.get("/openapi.json", headers=A).json()
+        for path in ("/healthz", "/readyz"):
             assert "security" not in spec["paths"][path]["get"], path
+        assert spec["paths"]["/metrics"]["get"]["security"] == [{"ApiKey": []}]
 
 
 def test_readyz_and_gauges_when_the_real_store_is_down(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -162,7 +164,7 @@ def test_readyz_and_gauges_when_the_real_store_is_down(tiny_checkpoint: Path, tm
             ready = await client.get("/readyz")
             assert ready.status_code == 503 and ready.json()["store_reachable"] is False
             health = await client.get("/healthz")  # liveness does not depend on the store
-            assert health.status_code == 200 and health.json()["domains"] is None
+            assert health.status_code == 200 and health.json()["status"] == "ok"
             metrics = await client.get("/metrics")
             assert metrics.status_code == 200 and math.isnan(metric(metrics.text, "metasent_domains"))
             for response in (

@@ -4,10 +4,12 @@ failing write logs no user text (SQL parameters hidden), at any level."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,3 +108,56 @@ def test_a_failing_write_logs_no_user_text(
     assert "INSERT INTO domains" in logged  # the failure itself is logged, without its parameters
     for text in POSITIVE[:5] + NEGATIVE[:5]:
         assert text not in logged
+
+
+SHM_FAULT = """
+import json, os, subprocess, sys
+from pathlib import Path
+from fastapi.testclient import TestClient
+from metasent.app.main import create_app
+from metasent.app.settings import Settings
+from tests.conftest import support
+
+data = Path(sys.argv[2])
+app = create_app(Settings(checkpoint=sys.argv[1], device="cpu", data_dir=data))
+body = {"name": "food", "examples": support()}
+answers = {}
+with TestClient(app) as client:
+    answers["before"] = client.post("/v1/domains", json=body).status_code
+    shm = data / "metasent.db-shm"  # mapped by the pool's open connections
+    assert shm.exists(), sorted(os.listdir(data))
+    root = os.geteuid() == 0
+    subprocess.run(["chattr", "+i", str(shm)], check=True) if root else shm.chmod(0o444)
+    try:
+        for name, method, path in [("create", "POST", "/v1/domains"), ("list", "GET", "/v1/domains"),
+                                   ("readyz", "GET", "/readyz"), ("healthz", "GET", "/healthz")]:
+            response = client.request(method, path, json=body if method == "POST" else None)
+            answers[name] = [response.status_code, response.json().get("error", {}).get("code")]
+    finally:
+        subprocess.run(["chattr", "-i", str(shm)], check=True) if root else shm.chmod(0o644)
+    answers["after"] = client.post("/v1/domains", json=body).status_code
+    answers["domains"] = len(client.get("/v1/domains").json()["domains"])
+print(json.dumps(answers))
+"""
+
+
+def test_an_unwritable_shm_file_answers_503_instead_of_sigbus(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """SQLite memory-maps ``metasent.db-shm``; made unwritable (``chattr +i`` as root), the next
+    transaction's write to the mapping killed the process with SIGBUS. The store checks the file
+    first: 503 store_unavailable and /readyz not ready, /healthz alive, writes again once repaired.
+    In a child process, so a SIGBUS fails this test instead of ending the test run."""
+    result = subprocess.run(
+        [sys.executable, "-c", SHM_FAULT, str(tiny_checkpoint), str(tmp_path / "data")],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-3000:]}"
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answers["before"] == answers["after"] == 201
+    for name in ("create", "list"):
+        assert answers[name] == [503, "store_unavailable"], answers
+    assert answers["readyz"][0] == 503 and answers["healthz"][0] == 200
+    assert answers["domains"] == 2  # the refused create wrote nothing; nothing was lost

@@ -9,11 +9,18 @@ from ..schemas import ErrorResponse, LabelledText
 
 V1_ERRORS: dict[int | str, dict[str, object]] = {  # every /v1 route: API key, request timeout
     401: {"model": ErrorResponse, "description": "Missing or unknown API key"},
-    503: {"model": ErrorResponse, "description": "The request took longer than the server's timeout (Retry-After)"},
+    503: {
+        "model": ErrorResponse,
+        "description": "The request took longer than the server's timeout, or the characters of text being "
+        "classified are at the server's limit (Retry-After)",
+    },
 }
 REQUEST_ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "Malformed JSON"},
-    413: {"model": ErrorResponse, "description": "More examples or texts, or a larger body, than the server's limits"},
+    413: {
+        "model": ErrorResponse,
+        "description": "More examples, texts or characters, or a larger body, than the server's limits",
+    },
     422: {"model": ErrorResponse, "description": "Invalid field, e.g. a support text too long (names it and the fix)"},
 }
 QUEUE_FULL: dict[int | str, dict[str, object]] = {
@@ -46,6 +53,12 @@ def check_text_lengths(examples: list[LabelledText], limit: int) -> None:
                 f"send at most {limit} characters per support text (the encoder reads only the first few "
                 "hundred tokens; server setting METASENT_MAX_TEXT_CHARS)",
             )
+
+
+def characters(texts: list[str], examples: list[LabelledText] | None = None) -> int:
+    """Characters of ``texts`` and of the support ``examples``' texts: what a request holds
+    (:class:`app.limits.CharBudget`)."""
+    return sum(map(len, texts)) + sum(len(example.text) for example in examples or [])
 
 
 def pairs(examples: list[LabelledText]) -> Examples:

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..adaptation import Examples, adapt_queued, predictions, refresh_queued
 from ..auth import require_tenant
-from ..dependencies import AdaptQueueDep, BatcherDep, ServiceDep, SettingsDep, StoreDep, TenantDep
+from ..dependencies import AdaptQueueDep, BatcherDep, CharBudgetDep, ServiceDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..queue import AdaptationQueue
 from ..schemas import (
@@ -44,7 +44,7 @@ from ..store import (
     StoredDomain,
     VersionConflictError,
 )
-from .common import QUEUE_FULL, REQUEST_ERRORS, V1_ERRORS, check_limit, check_text_lengths, pairs
+from .common import QUEUE_FULL, REQUEST_ERRORS, V1_ERRORS, characters, check_limit, check_text_lengths, pairs
 
 router = APIRouter(prefix="/v1/domains", tags=["domains"], dependencies=[Depends(require_tenant)], responses=V1_ERRORS)
 
@@ -138,15 +138,35 @@ def _replayed(answer_status: int, body: dict[str, Any]) -> JSONResponse:
     return JSONResponse(body, status_code=answer_status, headers=headers)
 
 
+def _answered_domain_deleted(domain_id: str) -> ApiError:
+    return ApiError(
+        409,
+        "idempotent_domain_deleted",
+        f"this {IDEMPOTENCY_HEADER} already wrote domain {domain_id!r}, which was deleted since",
+        IDEMPOTENCY_HEADER,
+        f"send a new {IDEMPOTENCY_HEADER} to write the domain again (POST /v1/domains for a new one)",
+    )
+
+
 async def _stored_answer(store: DomainStore, tenant: str, key: IdempotencyKey | None) -> JSONResponse | None:
-    """The stored answer of ``key``'s earlier write, or ``None`` (no key, or not used yet)."""
+    """The stored answer of ``key``'s earlier write, or ``None`` (no key, or not used yet).
+
+    Raises:
+        ApiError: 422 when the key was used with another request; 409 when the domain the answer
+            names was deleted since (a replay never hands out a deleted domain's id).
+    """
     if key is None:
         return None
     try:
         answer = await run_in_threadpool(store.answer, tenant, key)
     except IdempotencyMismatchError:
         raise _key_reused() from None
-    return _replayed(*answer) if answer is not None else None
+    if answer is None:
+        return None
+    domain_id = answer[1].get("domain_id")
+    if isinstance(domain_id, str) and await run_in_threadpool(store.get, tenant, domain_id) is None:
+        raise _answered_domain_deleted(domain_id)
+    return _replayed(*answer)
 
 
 async def _require(store: DomainStore, tenant: str, domain_id: str, with_examples: bool = False) -> StoredDomain:
@@ -359,15 +379,17 @@ async def classify(
     settings: SettingsDep,
     tenant: TenantDep,
     adapt_queue: AdaptQueueDep,
+    budget: CharBudgetDep,
 ) -> ClassifyResponse:
     """Classify texts with a domain's adapted parameters; predictions come in input order, each
     with ``truncated`` when its text was cut to the encoder's limit."""
     check_limit(len(body.texts), settings.max_texts, "texts", "MAX_TEXTS")
-    domain, state = await _with_state(service, store, adapt_queue, tenant, domain_id)
-    key = service.batch_key(state, domain_id)  # head-only domains share the encoder pass
-    probs, truncated = await asyncio.gather(  # (texts, classes); per text
-        batcher.classify(key, state, body.texts), run_in_threadpool(service.truncated, body.texts)
-    )
+    with budget.admit(characters(body.texts), "texts"):  # 413/503: the server's memory bound
+        domain, state = await _with_state(service, store, adapt_queue, tenant, domain_id)
+        key = service.batch_key(state, domain_id)  # head-only domains share the encoder pass
+        probs, truncated = await asyncio.gather(  # (texts, classes); per text
+            batcher.classify(key, state, body.texts), run_in_threadpool(service.truncated, body.texts)
+        )
     return ClassifyResponse(
         domain_id=domain_id,
         predictions=predictions(domain.labels, probs, truncated),  # type: ignore[arg-type]
@@ -389,6 +411,7 @@ async def suggest(
     settings: SettingsDep,
     tenant: TenantDep,
     adapt_queue: AdaptQueueDep,
+    budget: CharBudgetDep,
 ) -> SuggestResponse:
     """What to label next: the ``k`` texts among ``texts`` whose labels would most improve the
     domain, chosen by BADGE (Ash et al. 2020, "Deep Batch Active Learning by Diverse, Uncertain
@@ -396,9 +419,10 @@ async def suggest(
     Duplicates and texts already in the support set are never suggested. Label them and add them
     with ``PUT /v1/domains/{domain_id}/examples``."""
     check_limit(len(body.texts), settings.max_texts, "texts", "MAX_TEXTS")
-    domain, state = await _with_state(service, store, adapt_queue, tenant, domain_id, with_examples=True)
-    labelled = [text for text, _ in domain.examples or []]  # the support set ``state`` was adapted on
-    picks = await run_in_threadpool(service.suggest, state, body.texts, body.k, labelled)
+    with budget.admit(characters(body.texts), "texts"):  # 413/503: the server's memory bound
+        domain, state = await _with_state(service, store, adapt_queue, tenant, domain_id, with_examples=True)
+        labelled = [text for text, _ in domain.examples or []]  # the support set ``state`` was adapted on
+        picks = await run_in_threadpool(service.suggest, state, body.texts, body.k, labelled)
     return SuggestResponse(
         domain_id=domain_id,
         method=SUGGEST_METHOD,

@@ -1,29 +1,25 @@
-"""``/healthz``: liveness and what model is loaded."""
+"""``/healthz``: liveness and what model is loaded. Open to anyone (orchestrators probe it), so it
+shows no figure of any tenant's data and no file-system path: the domain count and the checkpoint
+directory are on ``/metrics`` (``metasent_domains``, ``metasent_model_info``)."""
 
 from __future__ import annotations
 
-import logging
+from pathlib import Path
 
 from fastapi import APIRouter, Request
-from sqlalchemy.exc import SQLAlchemyError
-from starlette.concurrency import run_in_threadpool
 
 from ..schemas import Health
-from ..store import DomainStore
-
-logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
 
 
-def _domains(store: DomainStore) -> int | None:
-    """Domains of every tenant; ``None`` when the database does not answer (liveness does not
-    depend on it: ``/readyz`` reports the store)."""
-    try:
-        return len(store)
-    except SQLAlchemyError:
-        logger.warning("healthz: the domain store did not answer", exc_info=True)
+def public_name(name: str | None) -> str | None:
+    """``name`` as ``/healthz`` shows it: a local path (an encoder or checkpoint directory) by its
+    last part only; a hub id (``sentence-transformers/all-MiniLM-L6-v2``) as it is."""
+    if name is None:
         return None
+    path = Path(name)
+    return path.name if path.is_absolute() or path.exists() else name
 
 
 @router.get("/healthz", response_model=Health)
@@ -37,9 +33,7 @@ async def healthz(request: Request) -> Health:
         model_loaded=True,
         model=service.config.name or (service.checkpoint.name if service.checkpoint else None),
         algorithm=service.config.algorithm,
-        encoder=service.config.encoder.name_or_path,
-        checkpoint=str(service.checkpoint) if service.checkpoint else None,
+        encoder=public_name(service.config.encoder.name_or_path),
         checkpoint_hash=service.checkpoint_hash,
         device=service.device,
-        domains=await run_in_threadpool(_domains, request.app.state.store),
     )

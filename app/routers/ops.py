@@ -1,4 +1,7 @@
-"""``/readyz`` (ready for traffic) and ``/metrics`` (Prometheus), for orchestrators and scrapers."""
+"""``/readyz`` (ready for traffic) and ``/metrics`` (Prometheus), for orchestrators and scrapers.
+
+``/readyz`` is always open; who may read ``/metrics`` is ``METASENT_OPS_ACCESS`` (and with
+``METASENT_METRICS_PORT`` it moves to its own port): :func:`app.main.create_app` wires both."""
 
 from __future__ import annotations
 
@@ -46,9 +49,13 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+metrics_router = APIRouter(tags=["operations"])
+
+
+@metrics_router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def metrics(request: Request) -> Response:
     """Prometheus metrics in the text exposition format (rendered in a worker thread: the domains
-    gauge counts rows in the store's database)."""
+    gauge counts rows in the store's database). Figures are of every tenant: with API keys, a key
+    is needed unless the server's ``METASENT_OPS_ACCESS`` is ``open``."""
     body = await run_in_threadpool(generate_latest, request.app.state.metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
