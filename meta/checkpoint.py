@@ -56,16 +56,26 @@ def shipped_checkpoint() -> Path:
     return Path(str(files("metasent"))) / "models" / DEFAULT_CHECKPOINT
 
 
+def shipped_models() -> dict[str, Path]:
+    """The compact models shipped in the package (``metasent/models/<name>``), by name."""
+    root = Path(str(files("metasent"))) / "models"
+    return {p.parent.name: p.parent for p in sorted(root.glob(f"*/{CONFIG_FILE}"))}
+
+
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path | None:
     """Where a checkpoint setting points: ``"default"`` is the shipped model
-    (:func:`shipped_checkpoint`), ``None``, ``""`` and ``"none"`` the bare encoder (``None``), any
-    other value a directory (an existing directory named ``default`` or ``none`` wins).
+    (:func:`shipped_checkpoint`), the name of another shipped model (:func:`shipped_models`) that
+    model, ``None``, ``""`` and ``"none"`` the bare encoder (``None``), any other value a directory
+    (an existing directory of the same name wins).
     """
     if checkpoint is None or str(checkpoint).strip() in ("", NO_CHECKPOINT):
         return None
     path = Path(checkpoint)
     if str(checkpoint) == DEFAULT_CHECKPOINT and not path.is_dir():
         return shipped_checkpoint()
+    shipped = shipped_models()
+    if str(checkpoint) in shipped and not path.is_dir():
+        return shipped[str(checkpoint)]
     return path
 
 

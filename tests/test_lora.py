@@ -186,6 +186,23 @@ def test_checkpoint_names_resolve_to_the_shipped_model_or_the_bare_encoder(tmp_p
     assert config.algorithm == "none" and model.lora is None and not len(model.inner_log_lr)
 
 
+def test_every_shipped_model_resolves_by_its_folder_name(tmp_path: Path, monkeypatch) -> None:
+    import metasent.meta.checkpoint as checkpoint
+
+    models = tmp_path / "metasent" / "models"
+    for name in ("default", "english"):
+        (models / name).mkdir(parents=True)
+        (models / name / "metasent.json").write_text("{}")
+    (models / "notes").mkdir()  # no metasent.json: not a model
+    monkeypatch.setattr(checkpoint, "files", lambda package: tmp_path / "metasent")
+    assert checkpoint.shipped_models() == {"default": models / "default", "english": models / "english"}
+    assert resolve_checkpoint("english") == models / "english" and resolve_checkpoint("default") == models / "default"
+    assert resolve_checkpoint("notes") == Path("notes")  # any other name is a directory
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "english").mkdir()  # a directory of that name wins
+    assert resolve_checkpoint("english") == Path("english")
+
+
 @pytest.mark.parametrize("config", [LORA, MATCHING], ids=["prototype", "matching"])
 def test_the_meta_batch_pass_gives_the_per_episode_gradients(tmp_path: Path, config: InnerLoopConfig) -> None:
     model = _trained(lora_model(tmp_path, config))
