@@ -77,7 +77,7 @@ class InnerLoopConfig(BaseModel):
             a fraction) of query accuracy around the held-out estimate across tasks beyond the
             binomial noise of the estimate itself, measured for this model on dev tasks
             (``python -m bench.calibrate_estimate``); it widens the estimate's 95% interval
-            (:func:`meta.adaptation.estimate_accuracy`). ``None``: the Wilson interval alone.
+            (:func:`meta.estimate.estimate_accuracy`). ``None``: the Wilson interval alone.
     """
 
     steps: int = Field(default=5, ge=0, le=100, description="Inner-loop SGD steps k")

@@ -3,7 +3,7 @@
 Metrics are query accuracy and macro-F1 (ARSC's test sets are imbalanced: always answering
 ``positive`` scores 78.1% mean accuracy on its 12 test tasks, so macro-F1 is reported beside it),
 the expected calibration error of the scores, and how far the held-out accuracy estimate made at
-adaptation (:func:`meta.adaptation.estimate_accuracy`) is from the query accuracy.
+adaptation (:func:`meta.estimate.estimate_accuracy`) is from the query accuracy.
 :func:`evaluate_active` measures what labelling suggested texts (:mod:`meta.active`) buys over
 labelling random ones.
 """
