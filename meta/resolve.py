@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .algorithms import get
+from .algorithms import AlgorithmSpec, get
 from .config import (
     CheckpointConfig,
     EncoderConfig,
@@ -156,7 +156,7 @@ def checkpoint_config(args: TrainingArguments, inner_loop: InnerLoopConfig | Non
     )
 
 
-def check_algorithm(name: str) -> Any:
+def check_algorithm(name: str) -> AlgorithmSpec:
     """The registered spec of ``name``.
 
     Raises:

@@ -352,13 +352,16 @@ def init_from_checkpoint(model: MetaLearner, source: str, device: str | torch.de
         device (`str | torch.device`): where the source is loaded.
 
     Raises:
-        ArgumentError: (argument ``init_from``) when there is no such checkpoint, or it has other
+        ArgumentError: (argument ``init_from``) when ``source`` is no checkpoint, or it has other
             tensors than the model (another encoder or LoRA layout), or shapes differ.
     """
     path = resolve_checkpoint(source)
     if path is None:
         raise ArgumentError("init_from", "give a checkpoint directory or 'default'")
-    loaded, _ = load_checkpoint(path, device)
+    try:
+        loaded, _ = load_checkpoint(path, device)
+    except FileNotFoundError as error:
+        raise ArgumentError("init_from", str(error)) from error
     own = model.state_dict()
     tensors = {n: t for n, t in loaded.state_dict().items() if n in own or "inner_log_lr" not in n}
     try:

@@ -366,3 +366,27 @@ def test_meta_train_with_frozen_lower_layers_leaves_them_unchanged(tmp_path: Pat
         if name in frozen:
             assert torch.equal(param.detach(), start[name]), name
     assert any(not torch.equal(p.detach(), start[n]) for n, p in tiny_model.named_parameters() if ".layer.1." in n)
+
+
+def test_meta_trainer_from_arguments_builds_the_run_the_command_line_trains(tmp_path: Path) -> None:
+    from metasent.meta.config import TrainingArguments
+    from metasent.meta.resolve import ArgumentError, checkpoint_config
+    from metasent.meta.train import MetaTrainer
+    from tests.conftest import save_tiny_encoder, write_arsc_like
+
+    data, encoder = write_arsc_like(tmp_path / "arsc"), save_tiny_encoder(tmp_path / "encoder")
+    values = {"data": str(data), "output": tmp_path / "run", "encoder": str(encoder), "algorithm": "protonet"}
+    values |= {"exclude_domains": ["snacks"], "val_domains": ["drinks"], "outer_steps": 2}
+    values |= {"k_shot": 2, "val_q_query": 4}
+    args = TrainingArguments.model_validate(values)
+    trainer = MetaTrainer.from_arguments(args)
+    expected = checkpoint_config(args).model_dump(exclude={"metrics"})
+    assert trainer.config.model_dump(exclude={"metrics"}) == expected and trainer.config.inner_loop.steps == 0
+    assert [t.name for t in trainer.sampler.tasks] == ["food.t2"]  # snacks held out, drinks validates
+    assert trainer.val_set and {e.task for e in trainer.val_set} == {"drinks.t2"}
+    final = trainer.train()
+    assert final.step == 2 and (tmp_path / "run" / "best").is_dir()
+    for source, message in (("none", "give a checkpoint directory"), (str(tmp_path / "nowhere"), "not a metasent")):
+        with pytest.raises(ArgumentError, match=message) as info:
+            MetaTrainer.from_arguments(args.model_copy(update={"init_from": source}))
+        assert info.value.argument == "init_from"

@@ -3,8 +3,8 @@
 Everything that depends on the method reads the registry: the inner loop a checkpoint is trained
 and served with (:func:`default_inner_loop`, :func:`meta.resolve.resolve_inner_loop`), the outer step of meta-training
 (:func:`meta.algorithms.make_outer_loop`), which algorithms need a meta-trained checkpoint
-(:func:`meta.checkpoint.load_model`), the names a checkpoint may record
-(:class:`meta.config.CheckpointConfig`), ``metasent train``'s choices and help, and the methods
+(:func:`meta.checkpoint.load_model`), the names a checkpoint may record (checked by
+:func:`meta.checkpoint.load_checkpoint`), ``metasent train``'s choices and help, and the methods
 of ``metasent benchmark``.
 
 A new method is one module that builds a spec and calls :func:`register` when imported::
