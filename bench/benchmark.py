@@ -212,6 +212,7 @@ def _train(
     # learning rate flat after the warm-up
     train_tasks = tasks.select(exclude=ARSC_HELD_OUT + ARSC_VALIDATION).select(require_split="train")
     val_tasks = tasks.select(include=ARSC_VALIDATION).select(require_split="dev")
+    torch.manual_seed(seed)  # the initial LoRA tensors, as `metasent train` seeds them (torch seeds itself at random)
     model = MetaLearner.from_pretrained(config.encoder).prepare(config.inner_loop).to(device)
     final = meta_train(model, list(train_tasks), list(val_tasks), config, out / spec.name, progress=False)
     best, best_config = load_checkpoint(out / spec.name / "best", device)
