@@ -20,7 +20,7 @@ RUN PYTHON=/opt/venv/bin/python TORCH_SPEC="$TORCH_SPEC" TORCH_INDEX_URL="$TORCH
     bash scripts/install.sh --deps-only /src
 # the three source folders install as metasent.app/.meta/.data (pyproject's package-dir);
 # bench/ stays in the repository and out of the image
-COPY metasent/__init__.py metasent/cli.py metasent/
+COPY metasent/*.py metasent/
 COPY metasent/models metasent/models
 COPY app app
 COPY meta meta

@@ -30,9 +30,10 @@ from metasent.data.readers import ARSC_HELD_OUT, ARSC_VALIDATION, read_arsc
 from metasent.data.registry import Task, TaskRegistry
 from metasent.meta import algorithms
 from metasent.meta.checkpoint import load_checkpoint, load_model
-from metasent.meta.config import CheckpointConfig, EncoderConfig, InnerLoopConfig, TrainConfig, default_inner_loop
+from metasent.meta.config import CheckpointConfig, EncoderConfig, InnerLoopConfig, TrainConfig
 from metasent.meta.evaluate import EpisodeResult, summarize
 from metasent.meta.model import MetaLearner, resolve_encoder_path
+from metasent.meta.resolve import resolve_inner_loop
 from metasent.meta.train import meta_train
 
 logger = logging.getLogger(__name__)
@@ -190,8 +191,7 @@ def _train(
     """Meta-train ``spec`` for the budget's minutes; returns the best checkpoint (model and
     config) and the final config (steps, seconds, curves)."""
     defaults = dict(algorithms.get(spec.algorithm).training_defaults)  # as `metasent train` applies them
-    anchors = {"label_anchors": defaults["label_anchors"]} if "label_anchors" in defaults else {}
-    inner = InnerLoopConfig.model_validate({**default_inner_loop(spec.algorithm).model_dump(), **anchors, **spec.inner})
+    inner = resolve_inner_loop(spec.algorithm, **spec.inner)
     train_defaults = {k: v for k, v in defaults.items() if k in TrainConfig.model_fields}
     config = CheckpointConfig(
         algorithm=spec.algorithm,  # type: ignore[arg-type]
@@ -214,6 +214,7 @@ def _train(
     # learning rate flat after the warm-up
     train_tasks = tasks.select(exclude=ARSC_HELD_OUT + ARSC_VALIDATION).select(require_split="train")
     val_tasks = tasks.select(include=ARSC_VALIDATION).select(require_split="dev")
+    torch.manual_seed(seed)  # the initial LoRA tensors, as `metasent train` seeds them (torch seeds itself at random)
     model = MetaLearner.from_pretrained(config.encoder).prepare(config.inner_loop).to(device)
     final = meta_train(model, list(train_tasks), list(val_tasks), config, out / spec.name, progress=False)
     best, best_config = load_checkpoint(out / spec.name / "best", device)
@@ -224,7 +225,7 @@ def _load(spec: MethodSpec, checkpoint: Path | None, budget: Budget, encoder: st
     if checkpoint is not None:
         return load_checkpoint(checkpoint, device)  # trained with its own budget (its config says)
     model, config = load_model(None, encoder, device, spec.algorithm)
-    config.inner_loop = InnerLoopConfig.model_validate({**config.inner_loop.model_dump(), **spec.inner})
+    config.inner_loop = resolve_inner_loop(config.inner_loop, **spec.inner)
     config.encoder = config.encoder.model_copy(update={"max_length": budget.max_length})
     model.encoder_config = config.encoder
     return model, config

@@ -51,6 +51,7 @@ def worker(options: argparse.Namespace) -> None:
     from metasent.meta import distributed
     from metasent.meta.config import TrainingArguments
     from metasent.meta.model import MetaLearner
+    from metasent.meta.resolve import checkpoint_config
     from metasent.meta.train import MetaTrainer
 
     env, device = distributed.setup(options.device)
@@ -62,7 +63,7 @@ def worker(options: argparse.Namespace) -> None:
         if options.encoder:
             values["encoder"] = options.encoder
         args = TrainingArguments.model_validate(values)
-        config = args.checkpoint_config()
+        config = checkpoint_config(args)
         torch.manual_seed(args.seed)
         model = MetaLearner.from_pretrained(config.encoder).prepare(config.inner_loop).to(device)
         tasks = [t for t in read_arsc(Path(args.data), exclude=args.exclude_domains + args.val_domains)]

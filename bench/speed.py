@@ -136,7 +136,7 @@ def bench_classification(
 
 
 def bench_meta_training(model: MetaLearner, config: CheckpointConfig, arsc: Path, outer_steps: int):
-    from metasent.meta.fomaml import fomaml_step
+    from metasent.meta.algorithms.fomaml import fomaml_step
 
     held_out = ["books", "dvd", "electronics", "kitchen_housewares", "gourmet_food", "grocery", "music", "video"]
     tasks = [t for t in read_arsc(arsc, exclude=held_out) if t.splits.get("train")]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .registry import Task
+from .registry import Task, TaskRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -199,3 +199,67 @@ def read_table(
         labels = tuple(sorted({ex.label for exs in splits.values() for ex in exs}))
         tasks.append(Task(name=domain, domain=domain, labels=labels, splits=dict(splits)))
     return tasks
+
+
+def is_arsc(source: str | Path) -> bool:
+    """Whether ``source`` is an ARSC directory (files ``<domain>.t2.train`` and so on)."""
+    path = Path(source)
+    return path.is_dir() and any(path.glob("*.t[245].*"))
+
+
+def read_tasks(source: str | Path, include: list[str] | None = None, exclude: list[str] | None = None) -> TaskRegistry:
+    """The tasks of ``source``: an ARSC directory (:func:`read_arsc`), else a table or dataset
+    (:func:`read_table`), restricted to the domains in ``include`` (all when ``None``) and not in
+    ``exclude``.
+
+    Returns:
+        `TaskRegistry`: the selected tasks.
+
+    Raises:
+        ValueError: when ``include`` names a domain that ``source`` lacks, or (as
+            :func:`read_table`) a row is invalid.
+        FileNotFoundError: when ``source`` cannot be found.
+    """
+    tasks = read_arsc(source) if is_arsc(source) else read_table(str(source))
+    return TaskRegistry(tasks).select(include=include, exclude=exclude)
+
+
+def read_table_folders(sources: list[str], exclude: list[str]) -> TaskRegistry:
+    """Tasks from JSONL/CSV files, or every ``*.jsonl``/``*.csv`` file of a folder: one task per
+    domain, their rows the ``train`` split (``metasent train --extra-data``), without the domains
+    in ``exclude``.
+
+    Returns:
+        `TaskRegistry`: the tasks that have a ``train`` split.
+
+    Raises:
+        FileNotFoundError: naming a source that is missing or a folder with no such file.
+        ValueError: when two files hold the same domain, or a row is invalid.
+    """
+    files: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        found = sorted([*path.glob("*.jsonl"), *path.glob("*.csv")]) if path.is_dir() else [path]
+        if not found or not all(f.is_file() for f in found):
+            raise FileNotFoundError(f"{source}: no JSONL or CSV file there")
+        files += found
+    tasks = [task for file in files for task in read_table(str(file))]
+    return TaskRegistry(tasks).select(exclude=exclude).select(require_split="train")
+
+
+def validation_tasks(source: str | Path, extra: list[str], domains: list[str], split: str) -> TaskRegistry:
+    """Validation tasks: the ``domains`` of ``source`` with their ``split``, and the ``domains`` of
+    the ``extra`` tables (:func:`read_table_folders`), each held out of meta-training whole, all its
+    rows becoming its ``split`` (e.g. a Chinese category as a dev domain).
+
+    Raises:
+        ValueError: when a domain is in neither ``source`` nor ``extra``.
+        FileNotFoundError: naming an extra source that is missing.
+    """
+    main = read_tasks(source)
+    tasks = list(main.select(include=[d for d in domains if d in main.domains], require_split=split))
+    rest = [d for d in domains if d not in main.domains]
+    if rest:
+        held = read_table_folders(extra, exclude=[]) if extra else TaskRegistry([])
+        tasks += [Task(t.name, t.domain, t.labels, {split: t.split("train")}) for t in held.select(include=rest)]
+    return TaskRegistry(tasks)

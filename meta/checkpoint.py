@@ -217,13 +217,18 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
 
     Raises:
         FileNotFoundError: when ``directory`` is not a metasent checkpoint.
+        ValueError: when its algorithm is not registered (:class:`meta.algorithms.UnknownAlgorithmError`,
+            naming the registered ones).
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from .algorithms import get
 
     directory = Path(directory)
     if not is_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not a metasent checkpoint (no {CONFIG_FILE})")
     config = CheckpointConfig.model_validate_json((directory / CONFIG_FILE).read_text())
+    get(config.algorithm)  # UnknownAlgorithmError names the registered algorithms
     if config.weights == "meta":
         return _load_over_base(directory, config, device), config
     encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(directory)))

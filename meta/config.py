@@ -1,12 +1,16 @@
-"""Typed configuration objects; one :class:`CheckpointConfig` is saved into every checkpoint,
-and :class:`TrainingArguments` is the single source of a meta-training run's defaults."""
+"""Typed configuration objects, plain data: one :class:`CheckpointConfig` is saved into every
+checkpoint, and :class:`TrainingArguments` declares what a meta-training run takes.
+
+This module imports no algorithm. What depends on the algorithm (its default inner loop, its
+training defaults, whether a name is registered) is resolved one layer up, by
+:mod:`meta.resolve`, from the specs in :mod:`meta.algorithms`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
 
 from metasent.data.readers import ARSC_HELD_OUT, ARSC_VALIDATION
@@ -91,7 +95,7 @@ class InnerLoopConfig(BaseModel):
             a fraction) of query accuracy around the held-out estimate across tasks beyond the
             binomial noise of the estimate itself, measured for this model on dev tasks
             (``python -m bench.calibrate_estimate``); it widens the estimate's 95% interval
-            (:func:`meta.adaptation.estimate_accuracy`). ``None``: the Wilson interval alone.
+            (:func:`meta.estimate.estimate_accuracy`). ``None``: the Wilson interval alone.
     """
 
     steps: int = Field(default=5, ge=0, le=100, description="Inner-loop SGD steps k")
@@ -144,21 +148,6 @@ class InnerLoopConfig(BaseModel):
             "layers": self.lora_layers,
             "targets": list(self.lora_targets),
         }
-
-
-def default_inner_loop(algorithm: str) -> InnerLoopConfig:
-    """The inner loop ``algorithm`` is trained and served with (its registered spec's, see
-    :mod:`meta.algorithms`): 3 Meta-SGD steps on the top 2 layers' LoRA adapters under a matching
-    head for ``fomaml``; head only with 5 SGD steps at 0.05 for ``multitask`` and ``none``; the top
-    2 layers too for ``reptile``; no step for ``protonet`` and ``matching``; every tensor, 10 steps
-    at 0.02, for ``finetune``.
-
-    Raises:
-        UnknownAlgorithmError: (a ``ValueError``) naming the registered algorithms.
-    """
-    from .algorithms import get
-
-    return get(algorithm).default_inner_loop()
 
 
 def override_inner_loop(base: InnerLoopConfig, **overrides: Any) -> InnerLoopConfig:
@@ -254,10 +243,12 @@ class TrainingArguments(TrainConfig):
     ``inner_steps``, ``inner_lr``, ``adapted_layers`` and ``label_anchors`` its
     :class:`InnerLoopConfig`. A field the user does not set takes the algorithm's default where
     its spec has one (:attr:`meta.algorithms.AlgorithmSpec.training_defaults`; matching: label
-    anchors and natural query sets), else the default declared here.
+    anchors and natural query sets), else the default declared here: plain data here,
+    :func:`meta.resolve.checkpoint_config` applies them (and checks that ``algorithm`` is
+    registered).
 
     Raises:
-        pydantic.ValidationError: for an unknown field or algorithm, or an invalid value.
+        pydantic.ValidationError: for an unknown field or an invalid value.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -307,69 +298,6 @@ class TrainingArguments(TrainConfig):
     threads: int | None = Field(default=None, description="torch CPU threads")
     progress: bool = Field(default=True, description="Show a progress bar")
 
-    @field_validator("algorithm")
-    @classmethod
-    def _registered(cls, name: str) -> str:
-        from .algorithms import get
-
-        get(name)  # UnknownAlgorithmError, a ValueError, names the registered algorithms
-        return name
-
-    def resolved(self, name: str) -> Any:
-        """Field ``name`` as the run uses it: the user's value when set, else the algorithm's
-        training default when its spec has one, else the field's default."""
-        from .algorithms import get
-
-        defaults = get(self.algorithm).training_defaults
-        if name not in self.model_fields_set and name in defaults:
-            return defaults[name]
-        return getattr(self, name)
-
-    def base_inner_loop(self) -> InnerLoopConfig:
-        """The algorithm's default inner loop with ``label_anchors``, ``classifier``, ``adapter``, ``lora_rank``,
-        ``lora_layers`` and ``meta_sgd`` applied (not the step overrides of :meth:`inner_loop`)."""
-        base = default_inner_loop(self.algorithm)
-        return override_inner_loop(
-            base,
-            label_anchors=self.resolved("label_anchors"),
-            classifier=self.classifier,
-            adapter=self.adapter,
-            lora_rank=self.lora_rank,
-            lora_layers=self.lora_layers,
-            meta_sgd=self.meta_sgd,
-        )
-
-    def inner_loop(self) -> InnerLoopConfig:
-        """:meth:`base_inner_loop` with ``inner_steps``, ``inner_lr`` and ``adapted_layers``.
-
-        Raises:
-            pydantic.ValidationError: for an invalid combination (e.g. steps with matching).
-        """
-        return override_inner_loop(
-            self.base_inner_loop(), steps=self.inner_steps, lr=self.inner_lr, adapted_layers=self.adapted_layers
-        )
-
-    def train_config(self) -> TrainConfig:
-        """The :class:`TrainConfig` part, with the algorithm's training defaults applied."""
-        return TrainConfig.model_validate({name: self.resolved(name) for name in TrainConfig.model_fields})
-
-    def checkpoint_config(self, inner_loop: InnerLoopConfig | None = None) -> CheckpointConfig:
-        """The config of a new run (step 0); ``training`` is ``None`` for an algorithm that is
-        not meta-trained.
-
-        Args:
-            inner_loop (`InnerLoopConfig`, *optional*): already resolved (default:
-                :meth:`inner_loop`).
-        """
-        from .algorithms import get
-
-        return CheckpointConfig(
-            algorithm=self.algorithm,
-            encoder=EncoderConfig(name_or_path=self.encoder, max_length=self.max_length),
-            inner_loop=self.inner_loop() if inner_loop is None else inner_loop,
-            training=self.train_config() if get(self.algorithm).meta_trained else None,
-        )
-
 
 class CheckpointConfig(BaseModel):
     """Everything a checkpoint needs to be loaded and used exactly as it was trained.
@@ -384,7 +312,8 @@ class CheckpointConfig(BaseModel):
         base_sha256 (`str | None`): with ``"meta"`` weights, sha256 of the base encoder's weight
             file the model was trained over (a different base logs a warning at load).
         algorithm (`str`): how the meta-parameters were learned: a name registered in
-            :mod:`meta.algorithms` (checked on load; the error names the registered ones).
+            :mod:`meta.algorithms` (checked by :func:`meta.checkpoint.load_checkpoint`; the error
+            names the registered ones).
         encoder (`EncoderConfig`): the encoder.
         inner_loop (`InnerLoopConfig`): the adaptation the server must run.
         training (`TrainConfig | None`): the meta-training run, when there was one.
@@ -402,11 +331,3 @@ class CheckpointConfig(BaseModel):
     training: TrainConfig | None = None
     step: int = 0
     metrics: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("algorithm")
-    @classmethod
-    def _registered(cls, name: str) -> str:
-        from .algorithms import get
-
-        get(name)  # UnknownAlgorithmError, a ValueError, names the registered algorithms
-        return name

@@ -3,7 +3,7 @@
 Metrics are query accuracy and macro-F1 (ARSC's test sets are imbalanced: always answering
 ``positive`` scores 78.1% mean accuracy on its 12 test tasks, so macro-F1 is reported beside it),
 the expected calibration error of the scores, and how far the held-out accuracy estimate made at
-adaptation (:func:`meta.adaptation.estimate_accuracy`) is from the query accuracy.
+adaptation (:func:`meta.estimate.estimate_accuracy`) is from the query accuracy.
 :func:`evaluate_active` measures what labelling suggested texts (:mod:`meta.active`) buys over
 labelling random ones.
 """
@@ -16,6 +16,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,13 +24,15 @@ from sklearn.metrics import f1_score
 from torch import Tensor
 
 from metasent.data.episodes import Episode, EpisodeSampler, fixed_episode
-from metasent.data.readers import Example
+from metasent.data.readers import Example, arsc_target_domains, read_tasks
 from metasent.data.registry import Task
 
 from .active import suggest
 from .adaptation import AccuracyEstimate, AdaptedState, Predictor
+from .checkpoint import load_model
 from .config import InnerLoopConfig
-from .model import MetaLearner
+from .model import MetaLearner, resolve_device
+from .resolve import ArgumentError, resolve_inner_loop
 
 
 @dataclass
@@ -262,6 +265,82 @@ def evaluate_tasks(
             episode = sampler.sample(task)
             results.append(evaluate_episode(model, episode, inner_config, seed, batch_size, estimate, cache))
     return results
+
+
+def evaluate_checkpoint(
+    data: str,
+    checkpoint: Path | None = None,
+    *,
+    encoder: str | None = None,
+    algorithm: str = "none",
+    domains: list[str] | None = None,
+    protocol: str = "fixed",
+    support_split: str = "train",
+    query_split: str = "test",
+    k_shot: int = 5,
+    seeds: int = 5,
+    inner_loop: dict[str, Any] | None = None,
+    max_length: int | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    estimate: bool = False,
+) -> tuple[dict[str, Any], str]:
+    """``metasent evaluate``: load a checkpoint (or the un-meta-trained ``encoder`` with
+    ``algorithm``'s inner loop), adapt on each task's support set and score its query set
+    (:func:`evaluate_tasks`), then :func:`summarize` with the run's settings under ``config``.
+
+    Args:
+        data (`str`): an ARSC directory, or a JSONL/CSV/HF dataset.
+        checkpoint (`Path`, *optional*): a checkpoint directory; ``None`` for the baseline.
+        encoder (`str`, *optional*): the baseline's encoder (default all-MiniLM-L6-v2).
+        algorithm (`str`, defaults to ``"none"``): the baseline's algorithm (not meta-trained).
+        domains (`list[str]`, *optional*): domains to evaluate (default: ARSC's 4 target domains
+            when ``data`` lists them, else every domain).
+        protocol, support_split, query_split, k_shot, seeds, batch_size, estimate: as
+            :func:`evaluate_tasks`.
+        inner_loop (`dict`, *optional*): inner-loop fields overriding the checkpoint's
+            (:func:`meta.resolve.resolve_inner_loop`; ``None`` values keep them).
+        max_length (`int`, *optional*): tokens per text instead of the checkpoint's.
+        device (`str`, defaults to ``"auto"``): torch device.
+
+    Returns:
+        `(dict, str)`: the summary (per-task and mean accuracy and macro-F1 in percent, with 95%
+        CIs, ECE, and ``config``) and the title of its table (:func:`format_table`).
+
+    Raises:
+        ArgumentError: naming ``algorithm`` (unknown, or needs a checkpoint) or the inner-loop
+            field at fault.
+    """
+    try:
+        model, config = load_model(checkpoint, encoder, resolve_device(device), algorithm)
+    except ValueError as error:
+        if checkpoint is not None:
+            raise
+        raise ArgumentError("algorithm", str(error)) from error
+    inner = resolve_inner_loop(config.inner_loop, **(inner_loop or {}))
+    if max_length is not None:
+        model.encoder_config = model.encoder_config.model_copy(update={"max_length": max_length})
+    include = domains or (arsc_target_domains(data) if Path(data, "workspace.target.list").exists() else None)
+    tasks = list(read_tasks(data, include=include))
+    results = evaluate_tasks(
+        model, tasks, inner, protocol, support_split, query_split, k_shot, seeds, batch_size, estimate
+    )
+    summary = summarize(results)
+    sampled = protocol == "sampled"
+    summary["config"] = {
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "algorithm": config.algorithm,
+        "encoder": config.encoder.name_or_path,
+        "max_length": model.max_length(),
+        "inner_loop": inner.model_dump(),
+        "protocol": protocol,
+        "support_split": support_split,
+        "query_split": query_split,
+        "k_shot": k_shot if sampled else None,
+        "seeds": seeds if sampled else None,
+    }
+    model_name = checkpoint or f"un-meta-trained {config.encoder.name_or_path}"
+    return summary, f"{model_name} ({protocol}, {support_split}->{query_split})"
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:

@@ -1,28 +1,34 @@
 """The outer loop: meta-training any of the methods of :mod:`meta.algorithms` on episodes from
-the source tasks, with validation on held-out tasks, the best checkpoint kept, and resume."""
+the source tasks, with validation on held-out tasks, the best checkpoint kept, and resume.
+
+:func:`train` runs ``metasent train`` from its :class:`~meta.config.TrainingArguments` (resume,
+init-from, task selection, a distributed launch); :class:`MetaTrainer` is the outer loop itself
+(:meth:`MetaTrainer.from_arguments` builds one from the same arguments)."""
 
 from __future__ import annotations
 
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 import torch
 from tqdm.auto import tqdm
 
 from metasent.data.episodes import Episode, EpisodeSampler, NotEnoughExamplesError, episode_rng
-from metasent.data.registry import Task
+from metasent.data.readers import read_table_folders, read_tasks, validation_tasks
+from metasent.data.registry import Task, TaskRegistry
 
 from . import distributed
 from .algorithms import get, make_outer_loop
-from .checkpoint import save_checkpoint
-from .config import CheckpointConfig, InnerLoopConfig, TrainConfig
+from .checkpoint import load_checkpoint, load_training_state, resolve_checkpoint, save_checkpoint
+from .config import CheckpointConfig, InnerLoopConfig, TrainConfig, TrainingArguments
 from .evaluate import evaluate_episode
 from .feature_cache import LowerLayerCache
 from .model import MetaLearner, frozen_parameter_names
+from .resolve import ArgumentError, checkpoint_config
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +153,21 @@ class MetaTrainer:
         extra = list(self.outer.extra.parameters()) if self.outer.extra is not None else []
         distributed.broadcast_parameters([*model.parameters(), *model.buffers(), *extra])  # rank 0's start
         self._started: float | None = None  # monotonic start of this run's outer loop
+
+    @classmethod
+    def from_arguments(cls, args: TrainingArguments, device: str | torch.device = "cpu") -> MetaTrainer:
+        """The trainer of a ``metasent train`` run: its model and config (fresh, resumed from
+        ``args.resume`` or started from ``args.init_from``, :func:`starting_point`) and its tasks
+        (:func:`run_tasks`), on ``device``.
+
+        Raises:
+            ArgumentError: naming the argument at fault (e.g. ``init_from``, ``extra_data``,
+                ``inner_steps``).
+            ValueError: as the class (e.g. for an algorithm that is not meta-trained).
+        """
+        model, config, state = starting_point(args, device)
+        train_tasks, val_tasks = run_tasks(args, config)
+        return cls(model, list(train_tasks), list(val_tasks), config, args.output, state, args.progress)
 
     def _check_distributed(self) -> int:
         """Episodes this rank draws per step; switches a distributed run to per-episode seeds.
@@ -300,22 +321,152 @@ class MetaTrainer:
             save_checkpoint(self.output_dir / "last", self.model, self.config, self.state_dict())
 
 
-def meta_train(
-    model: MetaLearner,
-    train_tasks: Sequence[Task],
-    val_tasks: Sequence[Task],
-    config: CheckpointConfig,
-    output_dir: str | Path,
-    training_state: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> CheckpointConfig:
-    """Meta-train ``model`` (:class:`MetaTrainer` with these arguments, then its
-    :meth:`~MetaTrainer.train`).
+P = ParamSpec("P")
 
-    Returns:
-        `CheckpointConfig`: the final config (also saved in ``<output_dir>/last``).
+
+def _trained(trainer: Callable[P, MetaTrainer]) -> Callable[P, CheckpointConfig]:
+    def run(*args: P.args, **kwargs: P.kwargs) -> CheckpointConfig:
+        return trainer(*args, **kwargs).train()
+
+    return run
+
+
+meta_train = _trained(MetaTrainer)
+meta_train.__doc__ = """Meta-train ``model``: :class:`MetaTrainer` with these arguments (its signature, its
+errors), then :meth:`~MetaTrainer.train`; returns the final config (also saved in
+``<output_dir>/last``)."""
+
+RESUME_OPTIONS = ("outer_steps", "max_minutes", "eval_every", "save_every")
+"""The arguments that still apply with ``resume`` (the checkpoint's other settings do)."""
+
+
+def init_from_checkpoint(model: MetaLearner, source: str, device: str | torch.device) -> None:
+    """Load ``source``'s meta-learned tensors into ``model`` (prepared for this run's inner loop).
+
+    Inner learning rates the source has for tensors this run does not adapt are dropped; tensors
+    the source lacks (new adapters or Meta-SGD rates) keep their fresh values.
+
+    Args:
+        model (`MetaLearner`): the new run's model, changed in place.
+        source (`str`): a checkpoint or compact-model directory, or ``"default"`` (the shipped model).
+        device (`str | torch.device`): where the source is loaded.
 
     Raises:
+        ArgumentError: (argument ``init_from``) when ``source`` is no checkpoint, or it has other
+            tensors than the model (another encoder or LoRA layout), or shapes differ.
+    """
+    path = resolve_checkpoint(source)
+    if path is None:
+        raise ArgumentError("init_from", "give a checkpoint directory or 'default'")
+    try:
+        loaded, _ = load_checkpoint(path, device)
+    except FileNotFoundError as error:
+        raise ArgumentError("init_from", str(error)) from error
+    own = model.state_dict()
+    tensors = {n: t for n, t in loaded.state_dict().items() if n in own or "inner_log_lr" not in n}
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as error:  # a shape differs: another LoRA rank or encoder
+        raise ArgumentError("init_from", f"{path} does not fit this run's model: {error}") from error
+    if unexpected:
+        message = f"{path} has tensors this run's model lacks (another encoder or LoRA layout?): {unexpected[:3]}"
+        raise ArgumentError("init_from", message)
+    logger.info("meta-parameters from %s; fresh: %s", path, ", ".join(missing) or "none")
+
+
+def starting_point(
+    args: TrainingArguments, device: str | torch.device
+) -> tuple[MetaLearner, CheckpointConfig, dict[str, Any] | None]:
+    """The model, config and training state a run starts from: a ``resume`` checkpoint (a 'last'
+    one, or a compact model with a fresh optimiser state; ``RESUME_OPTIONS`` still apply), else
+    a new model with the config :func:`meta.resolve.checkpoint_config` resolves, its
+    meta-parameters from ``init_from`` when given. Seeds torch with ``args.seed`` first (the
+    initial LoRA tensors are the same in every run of a seed).
+
+    Raises:
+        ArgumentError: naming the argument at fault.
+    """
+    new = checkpoint_config(args)  # checks the algorithm and the inner loop, also when resuming
+    torch.manual_seed(args.seed)
+    if args.resume is not None:
+        model, config = load_checkpoint(args.resume, device)
+        if config.training is not None:  # how long to go on and how often to validate may change
+            longer = {k: getattr(args, k) for k in RESUME_OPTIONS if k in args.model_fields_set}
+            config.training = config.training.model_copy(update=longer)
+        return model, config, load_training_state(args.resume)
+    model = MetaLearner.from_pretrained(new.encoder).prepare(new.inner_loop).to(device)
+    if args.init_from is not None:
+        init_from_checkpoint(model, args.init_from, device)
+    return model, new, None
+
+
+def run_tasks(args: TrainingArguments, config: CheckpointConfig) -> tuple[TaskRegistry, TaskRegistry]:
+    """The run's training tasks (``data`` and ``extra_data`` but the held-out and validation
+    domains, with a ``train`` split) and validation tasks (with the ``val_split``); a resumed
+    run keeps the domains it started with.
+
+    A validation domain of the extra data is held out of meta-training whole and validated on
+    (:func:`metasent.data.readers.validation_tasks`).
+
+    Raises:
+        ArgumentError: (``extra_data``) for a missing extra file or a domain also in ``data``;
+            (``val_domains``) for a validation domain found in neither.
+    """
+    training = config.training
+    held_out = training.exclude_domains if training else args.exclude_domains
+    val = training.val_domains if training else args.val_domains
+    train_tasks = read_tasks(args.data, exclude=held_out + val).select(require_split="train")
+    val_split = training.val_split if training else args.val_split
+    extra = args.extra_data or (training.extra_data if training else [])
+    try:
+        val_tasks = validation_tasks(args.data, extra, val, val_split) if val else TaskRegistry([])
+    except (FileNotFoundError, ValueError) as error:
+        raise ArgumentError("val_domains", str(error)) from error
+    if extra:
+        try:
+            train_tasks = TaskRegistry([*train_tasks, *read_table_folders(extra, exclude=held_out + val)])
+        except (FileNotFoundError, ValueError) as error:  # a missing file, or a domain of --data again
+            raise ArgumentError("extra_data", str(error)) from error
+    return train_tasks, val_tasks
+
+
+def train(args: TrainingArguments) -> dict[str, Any] | None:
+    """One ``metasent train`` run, in this process or as one rank of a torchrun launch.
+
+    Meta-trains ``args.algorithm`` (:class:`MetaTrainer`), or for an algorithm that is not
+    meta-trained writes the starting model as ``best`` and ``last`` under ``args.output``.
+
+    Args:
+        args (`TrainingArguments`): the run.
+
+    Returns:
+        `dict | None`: on rank 0, what ``metasent train`` prints: the final validation metrics
+        (without the curve), or the algorithm and checkpoint of a run that is not meta-trained;
+        ``None`` on the other ranks.
+
+    Raises:
+        ArgumentError: naming the argument at fault (``meta_batch_size`` when it does not divide
+            by the processes of a distributed run).
         ValueError: as :class:`MetaTrainer`.
     """
-    return MetaTrainer(model, train_tasks, val_tasks, config, output_dir, training_state, progress).train()
+    env = distributed.environment()
+    if env.world_size > 1:
+        try:
+            distributed.check_meta_batch(args.meta_batch_size, env.world_size)
+        except ValueError as error:
+            raise ArgumentError("meta_batch_size", str(error)) from error
+    _, device = distributed.setup(args.device)
+    try:
+        model, config, state = starting_point(args, device)
+        train_tasks, val_tasks = run_tasks(args, config)
+        if not get(config.algorithm).meta_trained:  # transfer learning: nothing to meta-train
+            config.training = None
+            if env.is_main:
+                for name in ("best", "last"):
+                    save_checkpoint(args.output / name, model, config)
+            return {"algorithm": config.algorithm, "checkpoint": str(args.output / "best")} if env.is_main else None
+        logger.info("training tasks: %s", ", ".join(t.name for t in train_tasks))
+        final = meta_train(model, list(train_tasks), list(val_tasks), config, args.output, state, args.progress)
+    finally:
+        distributed.teardown()
+    return {k: v for k, v in final.metrics.items() if k != "curve"} if env.is_main else None

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-lint_paths=(app meta data metasent/__init__.py metasent/cli.py bench tests)
+lint_paths=(app meta data metasent/*.py setup.py bench tests)
 .venv/bin/ruff check "${lint_paths[@]}"
 .venv/bin/ruff format --check "${lint_paths[@]}"
 .venv/bin/mypy -p metasent

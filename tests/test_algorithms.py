@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from metasent.data.episodes import EpisodeSampler
 from metasent.meta.adaptation import AdaptedState, MatchingHead, Predictor, PrototypeHead, inner_loop
-from metasent.meta.algorithms import MultitaskHead, multitask_step, reptile_step
+from metasent.meta.algorithms import MultitaskHead, default_inner_loop, multitask_step, reptile_step
+from metasent.meta.algorithms.fomaml import fomaml_query_loss
 from metasent.meta.checkpoint import load_checkpoint, load_model, save_checkpoint
-from metasent.meta.config import CheckpointConfig, InnerLoopConfig, TrainConfig, default_inner_loop
-from metasent.meta.fomaml import fomaml_query_loss
+from metasent.meta.config import CheckpointConfig, InnerLoopConfig, TrainConfig
 from metasent.meta.model import MetaLearner
 from metasent.meta.train import meta_train
 from tests.conftest import NEGATIVE, POSITIVE, make_task

@@ -21,6 +21,7 @@ ALLOWED = {
     "cli": {"app", "meta", "data", "bench"},
 }
 GENERIC = {"app", "meta", "data"}  # installed only as metasent.app, metasent.meta, metasent.data
+CLI_MODULES = sorted((ROOT / "metasent").glob("*.py"))  # cli.py and the command modules beside it
 
 
 def _imported_layers(path: Path, own: str) -> set[str]:
@@ -45,7 +46,7 @@ def _imported_layers(path: Path, own: str) -> set[str]:
 
 def _sources() -> list[tuple[str, Path]]:
     files = [(layer, path) for layer, folder in LAYERS.items() for path in sorted(folder.rglob("*.py"))]
-    return [*files, ("cli", ROOT / "metasent" / "cli.py")]
+    return [*files, *(("cli", path) for path in CLI_MODULES)]
 
 
 @pytest.mark.parametrize(("layer", "path"), _sources(), ids=lambda value: str(value).replace(str(ROOT), ""))
@@ -66,3 +67,56 @@ def test_the_check_catches_a_wrong_way_import(tmp_path: Path) -> None:
 def test_tests_import_the_installed_names() -> None:
     for path in sorted((ROOT / "tests").glob("*.py")):
         _imported_layers(path, "tests")  # no bare app/meta/data import anywhere in the tests
+
+
+def _meta_modules(path: Path, meta: Path = ROOT / "meta") -> set[str]:
+    """The ``meta`` modules ``path`` (a file under ``meta``) imports, relatively or as
+    ``metasent.meta.x``, dotted below ``meta``: ``algorithms``, ``algorithms.registry`` ..."""
+    package = path.parent.relative_to(meta).parts
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = list(package[: len(package) - node.level + 1])
+            found.add(".".join([*base, *(node.module or "").split(".")]).strip("."))
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        found |= {name.removeprefix("metasent.meta.") for name in names if name.startswith("metasent.meta.")}
+    return found
+
+
+def test_config_imports_no_algorithm() -> None:
+    # config.py is plain data: each algorithm's defaults live with its spec, and meta/resolve.py,
+    # above both, applies them (review of 1e3091a: config <-> algorithms/registry was a cycle)
+    imported = _meta_modules(ROOT / "meta" / "config.py")
+    assert not {m for m in imported if m.split(".")[0] in ("algorithms", "resolve")}, imported
+
+
+def test_the_config_check_catches_an_algorithm_import(tmp_path: Path) -> None:
+    (tmp_path / "algorithms").mkdir()
+    module = tmp_path / "config.py"
+    module.write_text("def f():\n    from .algorithms import get\n")  # a lazy import
+    assert _meta_modules(module, tmp_path) == {"algorithms"}
+    module.write_text("from metasent.meta.algorithms.registry import get\n")
+    assert _meta_modules(module, tmp_path) == {"algorithms.registry"}
+    inner = tmp_path / "algorithms" / "fomaml.py"
+    inner.write_text("from ..config import InnerLoopConfig\nfrom .registry import register\n")
+    assert _meta_modules(inner, tmp_path) == {"config", "algorithms.registry"}
+
+
+def _attributes(path: Path) -> set[str]:
+    """Every ``name.attribute`` read in ``path`` (``sys.path``, ``os.environ`` ...)."""
+    tree = ast.parse(path.read_text(), str(path))
+    return {
+        f"{n.value.id}.{n.attr}"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+    }
+
+
+def test_the_command_line_only_parses_and_calls() -> None:
+    # cli.py stays a thin command line (training, evaluation and export live in meta/), and no
+    # command module reaches the benchmarks through sys.path: bench imports as a package
+    assert len((ROOT / "metasent" / "cli.py").read_text().splitlines()) <= 400
+    assert {path.name for path in CLI_MODULES} >= {"cli.py", "cli_train.py", "cli_bench.py", "cli_client.py"}
+    for path in CLI_MODULES:
+        assert "sys.path" not in _attributes(path), f"{path.name} uses sys.path"

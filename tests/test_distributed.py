@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from metasent.cli import cli
 from metasent.meta import algorithms, distributed
-from metasent.meta.algorithms import AlgorithmSpec, OuterLoop
-from metasent.meta.config import CheckpointConfig, TrainConfig, default_inner_loop
+from metasent.meta.algorithms import AlgorithmSpec, OuterLoop, default_inner_loop
+from metasent.meta.config import CheckpointConfig, TrainConfig
 from metasent.meta.model import MetaLearner
 from metasent.meta.train import MetaTrainer, meta_train
 from tests.conftest import free_port, make_task, make_tiny_model, save_tiny_encoder, write_arsc_like

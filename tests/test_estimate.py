@@ -1,4 +1,4 @@
-"""The held-out accuracy estimate at adaptation (meta.adaptation.estimate_accuracy), the support
+"""The held-out accuracy estimate at adaptation (meta.estimate.estimate_accuracy), the support
 set warnings, and what to label next (meta.active, BADGE): unit tests on the tiny BERT and
 hand-written tensors."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from metasent.app.service import support_warnings
-from metasent.meta import adaptation as adaptation_module
+from metasent.meta import estimate as estimate_module
 from metasent.meta.active import gradient_embeddings, kmeans_pp, suggest
 from metasent.meta.adaptation import (
     Predictor,
@@ -93,7 +93,7 @@ def test_leave_one_out_reuses_the_adaptation_embeddings(tiny_model: MetaLearner,
     targets = encode_labels(labels, state.labels, z.device)
     head = init_head(tiny_model, z[1:], targets[1:], 2, predictor.inner_config)
     first = bool(head.logits(z[:1], tiny_model.logit_scale).argmax(-1).item() == targets[0].item())
-    per_example = adaptation_module._leave_one_out_hits(
+    per_example = estimate_module._leave_one_out_hits(
         tiny_model, state, targets, predictor.inner_config, held_out_folds(targets.tolist(), None)
     )
     assert per_example[0] == first
@@ -106,13 +106,13 @@ def test_k_fold_reruns_the_inner_loop_per_fold(tiny_model: MetaLearner, monkeypa
     texts, labels = texts + ["okay fine"], labels + ["neutral"]  # a singleton label: never held out
     state = predictor.adapt(texts, labels)
     supports: list[int] = []
-    original = adaptation_module.inner_loop
+    original = estimate_module.inner_loop
 
     def counting(model, support_texts, *args, **kwargs):
         supports.append(len(support_texts))
         return original(model, support_texts, *args, **kwargs)
 
-    monkeypatch.setattr(adaptation_module, "inner_loop", counting)
+    monkeypatch.setattr(estimate_module, "inner_loop", counting)
     estimate = estimate_accuracy(predictor, state, texts, labels, folds=5)
     assert estimate is not None
     assert estimate.method == "5-fold" and estimate.n == 10  # the 'neutral' example is not counted

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from metasent.data.episodes import EpisodeSampler
 from metasent.meta.adaptation import MatchingHead, Predictor, anchor_texts, inner_loop, straight_through
+from metasent.meta.algorithms.fomaml import fomaml_meta_batch_loss, fomaml_query_loss, fomaml_step
 from metasent.meta.checkpoint import (
     COMPACT_LIMIT_BYTES,
     CONFIG_FILE,
@@ -24,7 +25,13 @@ from metasent.meta.checkpoint import (
     shipped_checkpoint,
 )
 from metasent.meta.config import DEFAULT_ENCODER, CheckpointConfig, EncoderConfig, InnerLoopConfig
-from metasent.meta.fomaml import fomaml_meta_batch_loss, fomaml_query_loss, fomaml_step
+from metasent.meta.inner import (
+    detached_parameters,
+    encode_labels,
+    init_head,
+    support_embedder,
+    take_inner_steps,
+)
 from metasent.meta.model import HEAD_LR_KEY, MetaLearner, lr_key
 from tests.conftest import NEGATIVE, POSITIVE, make_task, save_tiny_encoder
 
@@ -247,12 +254,18 @@ def test_matching_with_inner_steps_adapts_the_encoder_and_re_embeds_the_support_
         embedded = model.embed({**base, **state.encoder}, model.tokenize([*TEXTS, *anchor_texts(state.labels)]))
     torch.testing.assert_close(state.head.support, embedded.float(), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(state.head.support, still.head.support)
-    # meta-training's way: the same adapted tensors, the head left at the start (no extra pass)
-    bare = inner_loop(model, TEXTS, LABELS, MATCHING, rebuild_head=False, score_support=False)
+    # meta-training's way (the FOMAML loss): the same steps from the start head, which they leave as it is
+    base = detached_parameters(model)
+    embed = support_embedder(model, base, [*TEXTS, *anchor_texts(state.labels)], MATCHING.adapted_layers)
+    targets = encode_labels(LABELS, state.labels, model.device)
+    with torch.no_grad():
+        start = init_head(model, embed({}), targets, len(state.labels), MATCHING)
+    encoder, head, _ = take_inner_steps(model, base, embed, targets, MATCHING, start)
+    assert head == {} and encoder.keys() == state.encoder.keys()
     for name, tensor in state.encoder.items():
-        torch.testing.assert_close(bare.encoder[name], tensor)
-    torch.testing.assert_close(bare.head.support, still.head.support)
-    assert bare.support_embeddings is None
+        torch.testing.assert_close(encoder[name].detach(), tensor)
+    torch.testing.assert_close(start.support, still.head.support)
+    assert inner_loop(model, TEXTS, LABELS, MATCHING, score_support=False).support_embeddings is not None  # rebuilt
     predictor = Predictor(model, MATCHING)
     torch.testing.assert_close(
         predictor.predict_proba(state, TEXTS),

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from metasent.data.episodes import EpisodeSampler, fixed_episode
 from metasent.data.registry import Task
 from metasent.meta.adaptation import AdaptedState, Predictor, PrototypeHead, encode_labels, inner_loop
+from metasent.meta.algorithms.fomaml import fomaml_query_loss
 from metasent.meta.checkpoint import is_checkpoint, load_checkpoint, load_training_state, save_checkpoint
 from metasent.meta.config import CheckpointConfig, InnerLoopConfig, TrainConfig
 from metasent.meta.evaluate import (
@@ -23,7 +24,7 @@ from metasent.meta.evaluate import (
     score_episode,
     summarize,
 )
-from metasent.meta.fomaml import fomaml_query_loss
+from metasent.meta.inner import detached_parameters, init_head, support_embedder, take_inner_steps
 from metasent.meta.model import MetaLearner
 from metasent.meta.train import meta_train
 from tests.conftest import NEGATIVE, POSITIVE, make_task
@@ -287,29 +288,35 @@ def test_embedding_cache_scores_as_the_uncached_evaluation_and_encodes_each_text
         EmbeddingCache(Predictor(tiny_model, inner)).predict_proba(adapted, texts)
 
 
+def _inner_steps(model: MetaLearner, config: InnerLoopConfig, cache_frozen: bool) -> dict[str, torch.Tensor]:
+    """The adapted encoder and head tensors of the inner steps on :func:`support`, the lower
+    layers run once (``cache_frozen``) or at every step."""
+    texts, labels = support()
+    names = ("negative", "positive")
+    targets = encode_labels(labels, names, model.device)
+    base = detached_parameters(model)
+    embed = support_embedder(model, base, texts, config.adapted_layers, cache_frozen=cache_frozen)
+    with torch.no_grad():
+        start = init_head(model, embed({}), targets, len(names), config)
+    encoder, head, losses = take_inner_steps(model, base, embed, targets, config, start)
+    assert len(losses) == config.steps
+    return {**encoder, **{"head." + name: t for name, t in head.items()}}
+
+
 @pytest.mark.parametrize("layers", [0, 1, 2])
 def test_cached_frozen_layers_give_the_uncached_adaptation(tiny_model: MetaLearner, layers: int) -> None:
-    texts, labels = support()
     config = InnerLoopConfig(steps=3, lr=0.05, adapted_layers=layers)
-    cached = inner_loop(tiny_model, texts, labels, config, cache_frozen=True)
-    uncached = inner_loop(tiny_model, texts, labels, config, cache_frozen=False)
-    assert cached.to_tensors().keys() == uncached.to_tensors().keys()
-    for name, tensor in cached.to_tensors().items():
-        torch.testing.assert_close(tensor, uncached.to_tensors()[name], atol=1e-5, rtol=1e-5)
-    queries = ["great coffee", "awful stale tea never again"]
-    torch.testing.assert_close(
-        predict_proba(tiny_model, cached, queries),
-        predict_proba(tiny_model, uncached, queries),
-        atol=1e-5,
-        rtol=1e-5,
-    )
-    batch = tiny_model.tokenize(texts)
-    frozen = tiny_model.frozen_features(batch, layers)
-    assert frozen is not None
-    base = dict(tiny_model.named_parameters())
-    torch.testing.assert_close(
-        tiny_model.embed_frozen(base, frozen), tiny_model.embed(base, batch), atol=1e-6, rtol=1e-5
-    )
+    cached = _inner_steps(tiny_model, config, cache_frozen=True)
+    uncached = _inner_steps(tiny_model, config, cache_frozen=False)
+    assert cached.keys() == uncached.keys() and len(cached) == len(tiny_model.adapted_parameter_names(layers)) + 2
+    for name, tensor in cached.items():
+        torch.testing.assert_close(tensor, uncached[name], atol=1e-5, rtol=1e-5)
+    # the serving inner loop runs the cached way: the same tensors
+    texts, labels = support()
+    served = inner_loop(tiny_model, texts, labels, config, label_names=("negative", "positive")).to_tensors()
+    assert served.keys() == cached.keys()
+    for name, tensor in served.items():
+        torch.testing.assert_close(tensor, cached[name].detach())
 
 
 @pytest.mark.parametrize("adapted_layers", [0, 1])
@@ -359,3 +366,27 @@ def test_meta_train_with_frozen_lower_layers_leaves_them_unchanged(tmp_path: Pat
         if name in frozen:
             assert torch.equal(param.detach(), start[name]), name
     assert any(not torch.equal(p.detach(), start[n]) for n, p in tiny_model.named_parameters() if ".layer.1." in n)
+
+
+def test_meta_trainer_from_arguments_builds_the_run_the_command_line_trains(tmp_path: Path) -> None:
+    from metasent.meta.config import TrainingArguments
+    from metasent.meta.resolve import ArgumentError, checkpoint_config
+    from metasent.meta.train import MetaTrainer
+    from tests.conftest import save_tiny_encoder, write_arsc_like
+
+    data, encoder = write_arsc_like(tmp_path / "arsc"), save_tiny_encoder(tmp_path / "encoder")
+    values = {"data": str(data), "output": tmp_path / "run", "encoder": str(encoder), "algorithm": "protonet"}
+    values |= {"exclude_domains": ["snacks"], "val_domains": ["drinks"], "outer_steps": 2}
+    values |= {"k_shot": 2, "val_q_query": 4}
+    args = TrainingArguments.model_validate(values)
+    trainer = MetaTrainer.from_arguments(args)
+    expected = checkpoint_config(args).model_dump(exclude={"metrics"})
+    assert trainer.config.model_dump(exclude={"metrics"}) == expected and trainer.config.inner_loop.steps == 0
+    assert [t.name for t in trainer.sampler.tasks] == ["food.t2"]  # snacks held out, drinks validates
+    assert trainer.val_set and {e.task for e in trainer.val_set} == {"drinks.t2"}
+    final = trainer.train()
+    assert final.step == 2 and (tmp_path / "run" / "best").is_dir()
+    for source, message in (("none", "give a checkpoint directory"), (str(tmp_path / "nowhere"), "not a metasent")):
+        with pytest.raises(ArgumentError, match=message) as info:
+            MetaTrainer.from_arguments(args.model_copy(update={"init_from": source}))
+        assert info.value.argument == "init_from"

@@ -40,8 +40,8 @@ def test_wheel_has_one_top_level_name(tmp_path: Path) -> None:
     for folder in SOURCE_PACKAGES:
         shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     (src / "metasent").mkdir()
-    for name in ("__init__.py", "cli.py"):
-        shutil.copy(ROOT / "metasent" / name, src / "metasent" / name)
+    for module in (ROOT / "metasent").glob("*.py"):  # __init__.py, cli.py and the command modules
+        shutil.copy(module, src / "metasent" / module.name)
     shutil.copytree(ROOT / "metasent" / "models", src / "metasent" / "models")  # the shipped default model
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
     subprocess.run([*command, str(src)], check=True, capture_output=True)
@@ -59,6 +59,7 @@ def test_wheel_has_one_top_level_name(tmp_path: Path) -> None:
     assert packages == _source_packages()
     assert not [n for n in names if n.startswith(("bench/", "tests/", "metasent/bench/"))]
     assert "metasent = metasent.cli:main" in scripts
+    assert {f"metasent/{p.name}" for p in (ROOT / "metasent").glob("*.py")} <= set(names)  # every command module
     shipped = {n for n in names if n.startswith("metasent/models/")}
     assert shipped == {"metasent/models/default/metasent.json", "metasent/models/default/model.safetensors"}
     page = {n for n in names if n.startswith("metasent/app/static/")}  # the playground at /

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from metasent.cli import cli
 from metasent.meta import algorithms
-from metasent.meta.algorithms import AlgorithmSpec, UnknownAlgorithmError, make_outer_loop
-from metasent.meta.checkpoint import load_checkpoint, load_model
-from metasent.meta.config import CheckpointConfig, InnerLoopConfig, TrainingArguments, default_inner_loop
+from metasent.meta.algorithms import AlgorithmSpec, UnknownAlgorithmError, default_inner_loop, make_outer_loop
+from metasent.meta.checkpoint import load_checkpoint, load_model, save_checkpoint
+from metasent.meta.config import CheckpointConfig, InnerLoopConfig, TrainingArguments
 from metasent.meta.model import MetaLearner
+from metasent.meta.resolve import ArgumentError, checkpoint_config, run_inner_loop, train_config
 from tests.conftest import NEGATIVE, POSITIVE, save_tiny_encoder, write_arsc_like
 
 BUILT_IN = ("fomaml", "reptile", "protonet", "matching", "multitask", "finetune", "none")
@@ -85,8 +85,9 @@ def test_checkpoints_name_a_registered_algorithm(tmp_path: Path, tiny_model: Met
     for name in BUILT_IN:  # a checkpoint written before the registry, with each of today's names
         old = {"format_version": 1, "algorithm": name, "inner_loop": OLD_INNER_LOOPS[name].model_dump()}
         assert CheckpointConfig.model_validate_json(json.dumps(old)).algorithm == name
-    with pytest.raises(ValidationError, match="unknown algorithm 'maml2'; choose from fomaml, reptile"):
-        CheckpointConfig(algorithm="maml2")
+    save_checkpoint(tmp_path / "maml2", tiny_model, CheckpointConfig(algorithm="maml2"))  # config is plain data
+    with pytest.raises(ValueError, match="unknown algorithm 'maml2'; choose from fomaml, reptile"):
+        load_checkpoint(tmp_path / "maml2")  # the name is checked against the registry on load
     with pytest.raises(ValueError, match="'fomaml' needs a meta-trained checkpoint; without one choose from finetune"):
         load_model(None, "tiny", algorithm="fomaml")
     with pytest.raises(ValueError, match="unknown algorithm 'maml2'"):
@@ -185,32 +186,38 @@ def test_a_method_in_one_file_is_trained_evaluated_and_served(tmp_path: Path) ->
 
 def test_training_arguments_take_the_algorithms_defaults_unless_given() -> None:
     matching = TrainingArguments(data="d", output=Path("o"))
-    assert matching.checkpoint_config().inner_loop.label_anchors
-    assert matching.train_config().query_sampling == "natural"
+    assert checkpoint_config(matching).inner_loop.label_anchors
+    assert train_config(matching).query_sampling == "natural"
     chosen = TrainingArguments(data="d", output=Path("o"), label_anchors=False, query_sampling="balanced")
-    assert not chosen.checkpoint_config().inner_loop.label_anchors
-    assert chosen.train_config().query_sampling == "balanced"
+    assert not checkpoint_config(chosen).inner_loop.label_anchors
+    assert train_config(chosen).query_sampling == "balanced"
     fomaml = TrainingArguments(
         data="d", output=Path("o"), algorithm="fomaml", inner_steps=2, adapted_layers=1, label_anchors=False
     )
-    config = fomaml.checkpoint_config()
+    config = checkpoint_config(fomaml)
     lora = {"adapter": "lora", "meta_sgd": True, "classifier": "matching"}
     assert config.inner_loop == InnerLoopConfig(steps=2, adapted_layers=1, **lora)
     assert config.training is not None and config.training.query_sampling == "natural"
     assert config.training.outer_lr == 1e-3  # the algorithm's, not TrainConfig's 2e-5
     plain = TrainingArguments(data="d", output=Path("o"), algorithm="fomaml", meta_sgd=False, lora_rank=4)
-    assert (plain.inner_loop().meta_sgd, plain.inner_loop().lora_rank) == (False, 4)
-    with pytest.raises(ValidationError, match="at most lora_layers"):
-        TrainingArguments(data="d", output=Path("o"), algorithm="fomaml", lora_layers=1).inner_loop()
-    assert TrainingArguments(data="d", output=Path("o"), algorithm="finetune").checkpoint_config().training is None
-    with pytest.raises(ValidationError, match="unknown algorithm 'maml2'"):
-        TrainingArguments(data="d", output=Path("o"), algorithm="maml2")
-    with pytest.raises(ValidationError, match="no tensors of its own"):
-        TrainingArguments(data="d", output=Path("o"), algorithm="matching", inner_steps=3).checkpoint_config()
+    assert (run_inner_loop(plain).meta_sgd, run_inner_loop(plain).lora_rank) == (False, 4)
+    with pytest.raises(ArgumentError, match="at most lora_layers") as info:
+        run_inner_loop(TrainingArguments(data="d", output=Path("o"), algorithm="fomaml", lora_layers=1))
+    assert info.value.argument == "lora_layers"  # the argument the command line names
+    assert checkpoint_config(TrainingArguments(data="d", output=Path("o"), algorithm="finetune")).training is None
+    unknown = TrainingArguments(data="d", output=Path("o"), algorithm="maml2")  # plain data: checked on resolving
+    with pytest.raises(ArgumentError, match="unknown algorithm 'maml2'; choose from fomaml, reptile") as info:
+        checkpoint_config(unknown)
+    assert info.value.argument == "algorithm"
+    with pytest.raises(ArgumentError, match="no tensors of its own") as info:
+        checkpoint_config(TrainingArguments(data="d", output=Path("o"), algorithm="matching", inner_steps=3))
+    assert info.value.argument == "inner_steps"
     # matching over LoRA adapters, stepping on the top layer's: the adapter and steps apply
-    lora = TrainingArguments(
-        data="d", output=Path("o"), algorithm="matching", adapter="lora", inner_steps=2, adapted_layers=1
-    ).inner_loop()
+    lora = run_inner_loop(
+        TrainingArguments(
+            data="d", output=Path("o"), algorithm="matching", adapter="lora", inner_steps=2, adapted_layers=1
+        )
+    )
     assert (lora.classifier, lora.adapter, lora.steps, lora.adapted_layers) == ("matching", "lora", 2, 1)
-    fomaml = TrainingArguments(data="d", output=Path("o"), algorithm="fomaml", classifier="prototype").inner_loop()
+    fomaml = run_inner_loop(TrainingArguments(data="d", output=Path("o"), algorithm="fomaml", classifier="prototype"))
     assert (fomaml.classifier, fomaml.adapter, fomaml.steps, fomaml.meta_sgd) == ("prototype", "lora", 3, True)

@@ -4,8 +4,9 @@ A query is classified by attention over every support example (cosine similarity
 meta-learned temperature); there is no gradient step. The outer step is the query cross-entropy
 (:func:`meta.algorithms.fomaml.query_loss_outer_loop` with the matching classifier).
 
-``metasent train``'s default: with label-name anchors and natural-proportion query sets it scored
-best on the dev tasks of the CPU ``metasent benchmark``, so those are its training defaults.
+With label-name anchors and natural-proportion query sets it scored best on the dev tasks of the
+CPU ``metasent benchmark`` when it was ``metasent train``'s default, so those are its training
+defaults. The default algorithm is now ``fomaml`` (:data:`meta.config.DEFAULT_ALGORITHM`).
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ from torch import Tensor, nn
 
 from metasent.data.episodes import Episode
 
-from ..adaptation import autocast, encode_labels
 from ..config import InnerLoopConfig
 from ..distributed import average_gradients
-from ..fomaml import clamp_meta_parameters
+from ..inner import autocast, encode_labels
 from ..model import MetaLearner
+from .common import clamp_meta_parameters
 from .registry import AlgorithmSpec, OuterLoop, OuterLoopContext, register
 
 

@@ -1,10 +1,10 @@
 """The algorithm registry: one :class:`AlgorithmSpec` per method, registered by its own module.
 
 Everything that depends on the method reads the registry: the inner loop a checkpoint is trained
-and served with (:func:`meta.config.default_inner_loop`), the outer step of meta-training
+and served with (:func:`default_inner_loop`, :func:`meta.resolve.resolve_inner_loop`), the outer step of meta-training
 (:func:`meta.algorithms.make_outer_loop`), which algorithms need a meta-trained checkpoint
-(:func:`meta.checkpoint.load_model`), the names a checkpoint may record
-(:class:`meta.config.CheckpointConfig`), ``metasent train``'s choices and help, and the methods
+(:func:`meta.checkpoint.load_model`), the names a checkpoint may record (checked by
+:func:`meta.checkpoint.load_checkpoint`), ``metasent train``'s choices and help, and the methods
 of ``metasent benchmark``.
 
 A new method is one module that builds a spec and calls :func:`register` when imported::
@@ -44,7 +44,7 @@ from torch import nn
 
 from metasent.data.episodes import Episode
 
-from ..config import CheckpointConfig, InnerLoopConfig
+from ..config import CheckpointConfig, InnerLoopConfig, TrainingArguments
 from ..feature_cache import LowerLayerCache
 from ..model import MetaLearner
 
@@ -163,8 +163,6 @@ def register(spec: AlgorithmSpec, *, replace: bool = False) -> AlgorithmSpec:
             ``training_defaults`` key that is not a training argument.
         TypeError: when ``default_inner_loop()`` does not build an ``InnerLoopConfig``.
     """
-    from ..config import TrainingArguments
-
     if not _NAME.match(spec.name):
         raise ValueError(f"algorithm name {spec.name!r} must match {_NAME.pattern}")
     if spec.name in _REGISTRY and not replace:
@@ -195,6 +193,19 @@ def get(name: str) -> AlgorithmSpec:
         return _REGISTRY[name]
     except KeyError:
         raise UnknownAlgorithmError(f"unknown algorithm {name!r}; choose from {', '.join(_REGISTRY)}") from None
+
+
+def default_inner_loop(name: str) -> InnerLoopConfig:
+    """The inner loop the method ``name`` is trained and served with (a fresh object): 3 Meta-SGD
+    steps on the top 2 layers' LoRA adapters under a matching head for ``fomaml``; head only with 5
+    SGD steps at 0.05 for ``multitask`` and ``none``; the top 2 layers too for ``reptile``; no step
+    for ``protonet`` and ``matching``; every tensor, 10 steps at 0.02, for ``finetune``. (Without
+    the spec's ``training_defaults``: :func:`meta.resolve.resolve_inner_loop` applies those.)
+
+    Raises:
+        UnknownAlgorithmError: (a ``ValueError``) naming the registered algorithms.
+    """
+    return get(name).default_inner_loop()
 
 
 def names() -> tuple[str, ...]:

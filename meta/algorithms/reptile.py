@@ -14,11 +14,11 @@ from torch import Tensor
 
 from metasent.data.episodes import Episode
 
-from ..adaptation import inner_loop
 from ..config import InnerLoopConfig
 from ..distributed import average_gradients
-from ..fomaml import clamp_meta_parameters
+from ..inner import inner_loop
 from ..model import MetaLearner
+from .common import clamp_meta_parameters
 from .registry import AlgorithmSpec, OuterLoop, OuterLoopContext, register
 
 
@@ -31,7 +31,7 @@ def reptile_step(
 ) -> tuple[float, float]:
     """One Reptile outer update (batched version, Nichol et al. 2018, Algorithm 2).
 
-    For each episode the inner loop (:func:`meta.adaptation.inner_loop`) runs on all of the
+    For each episode the inner loop (:func:`meta.inner.inner_loop`) runs on all of the
     episode's examples (support and query: Reptile has no query loss); the outer "gradient" of
     each adapted encoder tensor is ``theta - phi`` averaged over the meta-batch, applied by the
     optimizer (the Adam form of the Reptile step used in the paper's experiments; in a
