@@ -63,7 +63,7 @@ def run(url: str, arsc: Path, seed: int, n_query: int, repeats: int) -> dict[str
     gold = [q["label"] for q in query]
     correct = sum(p == g for p, g in zip(predictions, gold, strict=True))
     return {
-        "server": {k: health.get(k) for k in ("algorithm", "encoder", "checkpoint", "device")},
+        "server": {k: health.get(k) for k in ("model", "algorithm", "encoder", "checkpoint_hash", "device")},
         "support": len(support),
         "query": len(query),
         "query_positive_share": round(gold.count("positive") / len(gold), 3),

@@ -224,7 +224,7 @@ def summarize(
     adapt_count = sum(_metric(text, "metasent_adaptation_seconds_count") or 0.0 for text in metrics)
     adapt_sum = sum(_metric(text, "metasent_adaptation_seconds_sum") or 0.0 for text in metrics)
     return {
-        "server": {k: health.get(k) for k in ("algorithm", "encoder", "checkpoint", "device")},
+        "server": {k: health.get(k) for k in ("model", "algorithm", "encoder", "checkpoint_hash", "device")},
         "servers": len(metrics),
         "requests_per_server": dict(sorted(stats.servers.items())),
         "clients": args.clients,
