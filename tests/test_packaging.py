@@ -61,7 +61,9 @@ def test_wheel_has_one_top_level_name(tmp_path: Path) -> None:
     assert "metasent = metasent.cli:main" in scripts
     assert {f"metasent/{p.name}" for p in (ROOT / "metasent").glob("*.py")} <= set(names)  # every command module
     shipped = {n for n in names if n.startswith("metasent/models/")}
-    assert shipped == {"metasent/models/default/metasent.json", "metasent/models/default/model.safetensors"}
+    models = {p.parent.name for p in (ROOT / "metasent" / "models").glob("*/metasent.json")}
+    assert "default" in models  # every shipped model: its config and its compact weights, nothing else
+    assert shipped == {f"metasent/models/{m}/{f}" for m in models for f in ("metasent.json", "model.safetensors")}
     page = {n for n in names if n.startswith("metasent/app/static/")}  # the playground at /
     assert page == {f"metasent/app/static/{p.name}" for p in (ROOT / "app" / "static").iterdir()}
     assert {"metasent/app/static/index.html", "metasent/app/static/playground.js"} <= page
