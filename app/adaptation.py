@@ -20,7 +20,7 @@ from metasent.meta.adaptation import AdaptedState
 
 from .queue import AdaptationQueue
 from .service import ModelService
-from .store import DomainStore, Examples, StoredDomain, VersionConflictError
+from .storage import DomainNotFoundError, DomainStore, DomainWrite, Examples, StoredDomain, VersionConflictError
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def refresh(service: ModelService, store: DomainStore, domain: StoredDomain, att
         `StoredDomain`: the domain adapted with the loaded checkpoint.
 
     Raises:
-        KeyError: when the domain was deleted in the meantime.
+        DomainNotFoundError: when the domain was deleted in the meantime.
         VersionConflictError: when other writes won ``attempts`` times in a row.
     """
     if domain.checkpoint_hash == service.checkpoint_hash:
@@ -81,20 +81,15 @@ def refresh(service: ModelService, store: DomainStore, domain: StoredDomain, att
         for _ in range(attempts):
             current = store.get(domain.tenant, domain.domain_id, with_examples=True)
             if current is None:
-                raise KeyError(domain.domain_id)
+                raise DomainNotFoundError(domain.domain_id)
             if current.checkpoint_hash == service.checkpoint_hash:
                 return current
-            state = adapt(service, current.examples or [])
+            examples = current.examples or []
+            state = adapt(service, examples)
+            info = service.info(state, [label for _, label in examples])
+            write = DomainWrite(state.labels, state.to_tensors(), info, examples, service.checkpoint_hash)
             try:
-                stored = store.replace(
-                    current,
-                    state.labels,
-                    state.to_tensors(),
-                    service.info(state, [label for _, label in current.examples or []]),
-                    current.examples or [],
-                    service.checkpoint_hash,
-                    bump_version=False,
-                )
+                stored = store.replace(current, write, bump_version=False)
             except VersionConflictError as error:  # another write won: adapt what is stored now
                 latest = error.current
                 continue
@@ -129,7 +124,7 @@ async def refresh_queued(
 
     Raises:
         ApiError: 429 ``adaptation_queue_full`` (with ``Retry-After``) when the queue is full.
-        KeyError: when the domain was deleted in the meantime.
+        DomainNotFoundError: when the domain was deleted in the meantime.
         VersionConflictError: when other writes kept winning (see :func:`refresh`).
     """
     if domain.checkpoint_hash == service.checkpoint_hash:
@@ -152,7 +147,7 @@ def readapt_all(service: ModelService, store: DomainStore) -> int:
             try:
                 refresh(service, store, domain)
                 done += 1
-            except KeyError:  # deleted meanwhile
+            except DomainNotFoundError:  # deleted meanwhile
                 continue
     return done
 

@@ -236,6 +236,39 @@ class MetasentClient:
         """``GET /healthz``: the server's status and model (``checkpoint_hash`` names the weights)."""
         return self._request("GET", "/healthz")
 
+    def ready(self) -> dict[str, Any]:
+        """``GET /readyz``: ``{"status", "model_loaded", "store_reachable"}``, answered once, not
+        retried: a server that is not ready (503) returns its body too (``status: not_ready``).
+
+        Raises:
+            MetasentError: the server cannot be reached, or answers anything but 200/503 with a body.
+        """
+        try:
+            response = self._http.request("GET", "/readyz", headers=self._headers)
+        except httpx.HTTPError as error:
+            raise MetasentError(None, "connection_error", f"GET /readyz: {error}") from error
+        if response.status_code not in (200, 503):
+            raise MetasentError.from_response(response)
+        try:
+            return dict(response.json())
+        except (ValueError, TypeError):
+            raise MetasentError.from_response(response) from None
+
+    def metrics(self) -> str:
+        """``GET /metrics``: the Prometheus text exposition (needs the API key unless the server's
+        ``METASENT_OPS_ACCESS`` is ``open``; absent when it serves them on ``METASENT_METRICS_PORT``).
+
+        Raises:
+            MetasentError: e.g. 401, 404.
+        """
+        try:
+            response = self._http.request("GET", "/metrics", headers=self._headers)
+        except httpx.HTTPError as error:
+            raise MetasentError(None, "connection_error", f"GET /metrics: {error}") from error
+        if response.status_code >= 400:
+            raise MetasentError.from_response(response)
+        return response.text
+
     def list_domains(self) -> list[dict[str, Any]]:
         """Every domain's metadata."""
         return self._request("GET", "/v1/domains")["domains"]
@@ -271,6 +304,16 @@ class MetasentClient:
             MetasentError: 404 ``domain_not_found``, 422, 413.
         """
         return self._request("POST", f"/v1/domains/{domain_id}/classify", {"texts": list(texts)})
+
+    def suggest(self, domain_id: str, texts: Iterable[str], k: int = 5) -> dict[str, Any]:
+        """``POST /v1/domains/{id}/suggest``: the ``k`` texts among ``texts`` worth labelling next
+        (BADGE); returns ``{"domain_id", "method", "suggestions"}``, each suggestion with its
+        ``index`` in ``texts``, ``text``, predicted ``label``, ``scores`` and ``uncertainty``.
+
+        Raises:
+            MetasentError: e.g. 404 ``domain_not_found``, 422, 413, 429.
+        """
+        return self._request("POST", f"/v1/domains/{domain_id}/suggest", {"texts": list(texts), "k": k})
 
     def update_examples(
         self,

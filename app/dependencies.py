@@ -12,7 +12,7 @@ from .limits import CharBudget
 from .queue import AdaptationQueue
 from .service import ModelService
 from .settings import Settings
-from .store import DomainStore
+from .storage import DomainStore
 
 
 def request_settings(request: Request) -> Settings:

@@ -9,9 +9,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, InternalError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .storage import StoreUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,8 @@ STORE_RETRY_AFTER_S = 5
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     """A database that does not answer or takes no writes (connection lost, locked past its busy
     timeout, pool exhausted, read-only): 503, not an internal error; nothing was written (each
-    write is one transaction). The message carries no SQL parameters (``hide_parameters``)."""
+    write is one transaction). The store raises :class:`StoreUnavailableError` for it; the message
+    is the driver's, with no SQL parameters (``hide_parameters``)."""
     logger.error("domain store unavailable on %s %s: %s", request.method, request.url.path, exc)
     return error_response(
         ApiError(
@@ -144,8 +145,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Map :class:`ApiError`, validation errors, HTTP errors, an unreachable database (503) and
     anything unexpected to the JSON error body."""
     app.add_exception_handler(ApiError, _api_error)
-    for unreachable in (OperationalError, InterfaceError, InternalError, PoolTimeoutError):
-        app.add_exception_handler(unreachable, _store_unavailable)
+    app.add_exception_handler(StoreUnavailableError, _store_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -22,7 +22,8 @@ from .queue import AdaptationQueue
 from .routers import classify, docs, domains, health, ops, playground
 from .service import ModelService
 from .settings import Settings, get_settings
-from .store import DomainStore
+from .storage import DomainStore
+from .store import SqlDomainStore
 
 logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -62,8 +63,9 @@ def _load_service(settings: Settings) -> ModelService:
 
 
 def _open_store(settings: Settings, service: ModelService) -> DomainStore:
-    store = DomainStore(settings.database(), service.device, settings.cache_domains, settings.migrate_on_start)
-    logger.info("domain store: %s (%d domains)", store.engine.url.render_as_string(hide_password=True), len(store))
+    """The domain store (``METASENT_DATABASE_URL``): the one place that names its implementation."""
+    store = SqlDomainStore(settings.database(), service.device, settings.cache_domains, settings.migrate_on_start)
+    logger.info("domain store: %s (%d domains)", store.location, len(store))
     if settings.readapt_on_load:
         logger.info("re-adapted %d stale domains", readapt_all(service, store))
     return store

@@ -3,7 +3,8 @@
 A domain keeps only its adapted tensors (the head and the adapted encoder layers); the base
 model is loaded once and shared by every domain and request. Adaptation and prediction are
 :class:`meta.adaptation.Predictor`'s; this holder adds the lock that serialises torch work, the
-character limit on texts and token counts. Domains live in :class:`app.store.DomainStore`.
+character limit on texts and token counts. Domains live in :class:`app.storage.DomainStore`
+(SQL: :class:`app.store.SqlDomainStore`).
 """
 
 from __future__ import annotations

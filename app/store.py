@@ -8,6 +8,8 @@ the hot domains' tensors, keyed by domain, version and checkpoint hash, so a cha
 another replica is never served from a stale cache entry.
 
 Every method is blocking (database I/O): call it from a worker thread, not the event loop.
+:class:`SqlDomainStore` implements :class:`app.storage.DomainStore`; the SQLAlchemy errors that
+mean the database is unreachable or read-only leave it as :class:`app.storage.StoreUnavailableError`.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from dataclasses import replace as replace_fields
 from datetime import datetime, timezone
+from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -47,16 +49,27 @@ from sqlalchemy import (
 )
 from sqlalchemy import delete as delete_rows
 from sqlalchemy.engine import ExceptionContext
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, InternalError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, deferred, mapped_column, sessionmaker
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 from torch import Tensor
 
 from . import migrations
+from .storage import (
+    DomainKeys,
+    DomainLimitError,
+    DomainNotFoundError,
+    DomainWrite,
+    IdempotencyKey,
+    IdempotencyMismatchError,
+    IdempotentReplayError,
+    StoredDomain,
+    StoreUnavailableError,
+    VersionConflictError,
+)
 
 logger = logging.getLogger(__name__)
-Examples = list[tuple[str, str]]  # a support set, (text, label) pairs
-DomainKeys = list[tuple[str, str]]  # (tenant, domain_id) pairs
 
 
 class Base(DeclarativeBase):
@@ -82,40 +95,6 @@ class DomainRow(Base):
     updated_at: Mapped[str] = mapped_column(String(40))
 
 
-@dataclass
-class StoredDomain:
-    """A domain's metadata as stored (its tensors come from :meth:`DomainStore.params`)."""
-
-    domain_id: str
-    tenant: str
-    name: str
-    labels: tuple[str, ...]
-    num_examples: int
-    version: int
-    checkpoint_hash: str
-    adaptation: dict[str, Any]
-    created_at: str
-    updated_at: str
-    examples: list[tuple[str, str]] | None = field(default=None, repr=False)
-
-    def public(self, current_hash: str | None = None) -> dict[str, Any]:
-        """The fields the API shows; ``stale`` when ``current_hash`` differs from the domain's. The
-        support set's ``warnings`` are stored with the adaptation's figures and shown beside them."""
-        return {
-            "domain_id": self.domain_id,
-            "name": self.name,
-            "labels": list(self.labels),
-            "num_examples": self.num_examples,
-            "version": self.version,
-            "checkpoint_hash": self.checkpoint_hash,
-            "stale": current_hash is not None and current_hash != self.checkpoint_hash,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "adaptation": {k: v for k, v in self.adaptation.items() if k != "warnings"},
-            "warnings": list(self.adaptation.get("warnings", [])),  # kept with the adaptation's figures
-        }
-
-
 class IdempotencyRow(Base):
     """The answer to a write sent with an ``Idempotency-Key``, kept until ``expires_at``."""
 
@@ -130,45 +109,25 @@ class IdempotencyRow(Base):
     expires_at: Mapped[float] = mapped_column(Float, index=True)
 
 
-@dataclass(frozen=True)
-class IdempotencyKey:
-    """A write's ``Idempotency-Key``: its answer is stored with the write, in one transaction.
-
-    Args:
-        key (`str`): the client's key (unique per tenant).
-        request_hash (`str`): sha256 hex of the request (method, path, canonical body).
-        status (`int`): the HTTP status the write answers.
-        ttl_s (`float`): seconds the answer is kept.
-    """
-
-    key: str
-    request_hash: str
-    status: int
-    ttl_s: float
+# SQLAlchemy errors that mean the database does not answer or takes no writes (connection lost,
+# locked past its busy timeout, pool exhausted, read-only): StoreUnavailableError outside the store
+_UNAVAILABLE = (OperationalError, InterfaceError, InternalError, PoolTimeoutError)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-class IdempotencyMismatchError(Exception):
-    """The key was used before with another request (another hash)."""
+def _translated(method: Callable[P, R]) -> Callable[P, R]:
+    """``method`` with the database's unavailability raised as :class:`StoreUnavailableError`
+    (the SQLAlchemy error, whose message has no SQL parameters, is its cause and message)."""
 
+    @wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except _UNAVAILABLE as error:
+            raise StoreUnavailableError(str(error)) from error
 
-class IdempotentReplayError(Exception):
-    """The key's write is stored already: answer ``status`` and ``body`` again, write nothing."""
-
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        super().__init__(f"stored answer {status}")
-        self.status, self.body = status, body
-
-
-class DomainLimitError(Exception):
-    """The tenant already keeps its maximum number of domains."""
-
-
-class VersionConflictError(Exception):
-    """The domain's version is not the one the write was based on."""
-
-    def __init__(self, current: int) -> None:
-        super().__init__(f"the domain is at version {current}")
-        self.current = current
+    return wrapper
 
 
 def _now() -> str:
@@ -323,8 +282,9 @@ class _ParamsCache:
         return len(self._items)
 
 
-class DomainStore:
-    """Adapted domains of every tenant in a SQL database, with an LRU cache of their tensors.
+class SqlDomainStore:
+    """Adapted domains of every tenant in a SQL database, with an LRU cache of their tensors: the
+    :class:`app.storage.DomainStore` of the app.
 
     Args:
         url (`str`): SQLAlchemy database URL, e.g. ``sqlite:///metasent-data/metasent.db`` or
@@ -361,17 +321,23 @@ class DomainStore:
                 "(or start the server with METASENT_MIGRATE_ON_START=true)"
             )
 
+    @property
+    def location(self) -> str:
+        """The database URL, without its password."""
+        return self.engine.url.render_as_string(hide_password=True)
+
     def close(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
 
+    @_translated
     def ping(self) -> None:
         """Check that the database takes writes: a write transaction (``BEGIN IMMEDIATE`` on
         SQLite) with a write that matches no row, rolled back. A read-only database (file
         permissions, a PostgreSQL standby) fails it, not only an unreachable one.
 
         Raises:
-            sqlalchemy.exc.SQLAlchemyError: when the database is unreachable or read-only.
+            StoreUnavailableError: when the database is unreachable or read-only.
         """
         with self._sessions() as session:
             session.connection(execution_options={"sqlite_immediate": True})
@@ -385,11 +351,13 @@ class DomainStore:
             session.connection(execution_options={"sqlite_immediate": True})
             yield session
 
+    @_translated
     def __len__(self) -> int:
         """Domains of every tenant."""
         with self._sessions() as session:
             return int(session.scalar(select(func.count()).select_from(DomainRow)) or 0)
 
+    @_translated
     def count(self, tenant: str) -> int:
         """Domains of ``tenant``."""
         with self._sessions() as session:
@@ -400,15 +368,13 @@ class DomainStore:
         query = select(func.count()).select_from(DomainRow).where(DomainRow.tenant == tenant)
         return int(session.scalar(query) or 0)
 
+    @_translated
     def add(
         self,
         tenant: str,
         name: str,
-        labels: Sequence[str],
-        tensors: dict[str, Tensor],
-        info: dict[str, Any],
-        examples: Examples,
-        checkpoint_hash: str,
+        write: DomainWrite,
+        *,
         limit: int | None = None,
         idempotency: IdempotencyKey | None = None,
     ) -> StoredDomain:
@@ -418,12 +384,7 @@ class DomainStore:
         Args:
             tenant (`str`): owner.
             name (`str`): the domain's name.
-            labels (`Sequence[str]`): its class names, in class-id order.
-            tensors (`dict[str, Tensor]`): its adapted tensors by name (an adapted state's
-                ``to_tensors()``), from the inner loop on ``examples``.
-            info (`dict[str, Any]`): the adaptation's figures, shown in the domain's metadata.
-            examples (`list[tuple[str, str]]`): the support set, ``(text, label)``.
-            checkpoint_hash (`str`): hash of the model it was adapted with.
+            write (`DomainWrite`): its labels, adapted tensors, figures, support set and checkpoint hash.
             limit (`int`, *optional*): most domains ``tenant`` may keep.
             idempotency (`IdempotencyKey`, *optional*): the request's key; its answer (the
                 domain's :meth:`StoredDomain.public`) is stored in the same transaction.
@@ -437,17 +398,18 @@ class DomainStore:
             IdempotencyMismatchError: when the key was used with another request.
         """
         now = _now()
+        checkpoint_hash = write.checkpoint_hash
         row = DomainRow(
             domain_id=uuid.uuid4().hex,
             tenant=tenant,
             name=name,
-            labels=list(labels),
-            examples=[list(ex) for ex in examples],
-            num_examples=len(examples),
+            labels=list(write.labels),
+            examples=[list(ex) for ex in write.examples],
+            num_examples=len(write.examples),
             version=1,
             checkpoint_hash=checkpoint_hash,
-            adaptation=dict(info),
-            params=_serialise(tensors),
+            adaptation=dict(write.info),
+            params=_serialise(write.tensors),
             created_at=now,
             updated_at=now,
         )
@@ -456,7 +418,7 @@ class DomainStore:
             if limit is not None and self._count(session, tenant) >= limit:
                 raise DomainLimitError(f"{tenant} keeps {limit} domains")
             session.add(row)
-        self._cache.put(row.domain_id, (1, checkpoint_hash), tensors)
+        self._cache.put(row.domain_id, (1, checkpoint_hash), write.tensors)
         return stored
 
     @contextmanager
@@ -519,6 +481,7 @@ class DomainStore:
             return IdempotencyMismatchError(idempotency.key)
         return IdempotentReplayError(row.status, dict(row.body))
 
+    @_translated
     def answer(self, tenant: str, idempotency: IdempotencyKey) -> tuple[int, dict[str, Any]] | None:
         """The stored answer ``(status, body)`` of ``tenant``'s key, or ``None`` (never used, or
         expired).
@@ -535,6 +498,7 @@ class DomainStore:
             return replay.status, replay.body
         raise replay
 
+    @_translated
     def get(self, tenant: str, domain_id: str, with_examples: bool = False) -> StoredDomain | None:
         """``tenant``'s domain ``domain_id``, or ``None`` (also when another tenant owns it)."""
         with self._sessions() as session:
@@ -543,18 +507,21 @@ class DomainStore:
                 return None
             return _domain(row, with_examples)
 
+    @_translated
     def list(self, tenant: str) -> list[StoredDomain]:
         """``tenant``'s domains, oldest first."""
         with self._sessions() as session:
             query = select(DomainRow).where(DomainRow.tenant == tenant).order_by(DomainRow.created_at)
             return [_domain(row) for row in session.scalars(query)]
 
+    @_translated
     def stale(self, checkpoint_hash: str) -> DomainKeys:
         """``(tenant, domain_id)`` of every domain adapted with another checkpoint."""
         with self._sessions() as session:
             query = select(DomainRow.tenant, DomainRow.domain_id).where(DomainRow.checkpoint_hash != checkpoint_hash)
             return [(tenant, domain_id) for tenant, domain_id in session.execute(query)]
 
+    @_translated
     def delete(self, tenant: str, domain_id: str) -> bool:
         """Forget ``tenant``'s domain; ``False`` when there is none."""
         self._cache.drop(domain_id)
@@ -565,14 +532,12 @@ class DomainStore:
             session.delete(row)
         return True
 
+    @_translated
     def replace(
         self,
         domain: StoredDomain,
-        labels: Sequence[str],
-        tensors: dict[str, Tensor],
-        info: dict[str, Any],
-        examples: Examples,
-        checkpoint_hash: str,
+        write: DomainWrite,
+        *,
         bump_version: bool = True,
         idempotency: IdempotencyKey | None = None,
     ) -> StoredDomain:
@@ -580,12 +545,8 @@ class DomainStore:
 
         Args:
             domain (`StoredDomain`): the domain as read before adapting.
-            labels (`Sequence[str]`): the class names, in class-id order.
-            tensors (`dict[str, Tensor]`): the adapted tensors by name, from the inner loop on
-                ``examples``.
-            info (`dict[str, Any]`): the adaptation's figures.
-            examples (`list[tuple[str, str]]`): the (new) support set.
-            checkpoint_hash (`str`): hash of the model it was adapted with.
+            write (`DomainWrite`): the new adaptation: labels, tensors, figures, the (new) support
+                set and the checkpoint hash.
             bump_version (`bool`, defaults to `True`): add 1 to the version (a new support set);
                 `False` for a re-adaptation of the same support set with a new checkpoint.
             idempotency (`IdempotencyKey`, *optional*): the request's key; its answer is stored
@@ -596,10 +557,11 @@ class DomainStore:
 
         Raises:
             VersionConflictError: when another write changed the domain in the meantime.
-            KeyError: when the domain was deleted in the meantime.
+            DomainNotFoundError: when the domain was deleted in the meantime.
             IdempotentReplayError: when the key's write is stored already (nothing written).
             IdempotencyMismatchError: when the key was used with another request.
         """
+        labels, examples, checkpoint_hash = write.labels, write.examples, write.checkpoint_hash
         version = domain.version + (1 if bump_version else 0)
         values = {
             "labels": list(labels),
@@ -607,8 +569,8 @@ class DomainStore:
             "num_examples": len(examples),
             "version": version,
             "checkpoint_hash": checkpoint_hash,
-            "adaptation": dict(info),
-            "params": _serialise(tensors),
+            "adaptation": dict(write.info),
+            "params": _serialise(write.tensors),
             "updated_at": _now(),
         }
         query = (
@@ -625,7 +587,7 @@ class DomainStore:
             num_examples=len(examples),
             version=version,
             checkpoint_hash=checkpoint_hash,
-            adaptation=dict(info),
+            adaptation=dict(write.info),
             updated_at=str(values["updated_at"]),
             examples=list(examples),
         )
@@ -633,16 +595,17 @@ class DomainStore:
             if session.execute(query).rowcount != 1:  # type: ignore[attr-defined]
                 current = session.get(DomainRow, domain.domain_id)
                 if current is None or current.tenant != domain.tenant:
-                    raise KeyError(domain.domain_id)
+                    raise DomainNotFoundError(domain.domain_id)
                 raise VersionConflictError(current.version)
-        self._cache.put(domain.domain_id, (version, checkpoint_hash), tensors)
+        self._cache.put(domain.domain_id, (version, checkpoint_hash), write.tensors)
         return stored
 
+    @_translated
     def params(self, domain: StoredDomain) -> dict[str, Tensor]:
         """The adapted tensors of ``domain`` (as read), from the cache or the database.
 
         Raises:
-            KeyError: when the domain is gone or changed since ``domain`` was read.
+            DomainNotFoundError: when the domain is gone or changed since ``domain`` was read.
         """
         key = (domain.version, domain.checkpoint_hash)
         cached = self._cache.get(domain.domain_id, key)
@@ -656,7 +619,7 @@ class DomainStore:
             )
             blob = session.scalar(query)
         if blob is None:
-            raise KeyError(domain.domain_id)
+            raise DomainNotFoundError(domain.domain_id)
         params = {name: t.to(self.device) for name, t in load_tensors(blob).items()}
         self._cache.put(domain.domain_id, key, params)
         return params
@@ -664,12 +627,15 @@ class DomainStore:
 
 __all__ = [
     "DomainLimitError",
+    "DomainNotFoundError",
     "DomainRow",
-    "DomainStore",
+    "DomainWrite",
     "IdempotencyKey",
     "IdempotencyMismatchError",
     "IdempotencyRow",
     "IdempotentReplayError",
+    "SqlDomainStore",
+    "StoreUnavailableError",
     "StoredDomain",
     "VersionConflictError",
     "make_engine",

@@ -1,4 +1,7 @@
 """Imports flow one way: data <- meta <- app, bench beside app, the command line above them all.
+Inside app, only the SQL store (``app/store.py``) and its migrations import SQLAlchemy, and only
+the application factory (``app/main.py``) names the store's implementation: everything else
+uses the :class:`app.storage.DomainStore` protocol and its exceptions.
 
 Read statically from the source (every ``import`` and ``from ... import``, including the ones
 inside functions), so a lazy import cannot hide a wrong-way edge.
@@ -120,3 +123,50 @@ def test_the_command_line_only_parses_and_calls() -> None:
     assert {path.name for path in CLI_MODULES} >= {"cli.py", "cli_train.py", "cli_bench.py", "cli_client.py"}
     for path in CLI_MODULES:
         assert "sys.path" not in _attributes(path), f"{path.name} uses sys.path"
+
+
+APP = ROOT / "app"
+SQL_MODULES = {APP / "store.py"}  # with app/migrations/: the only app modules that import SQLAlchemy
+STORE_USERS = {APP / "main.py"}  # the one app module that names the store's implementation
+
+
+def _imported_modules(path: Path, source: str | None = None) -> set[str]:
+    """Absolute names of the modules (and imported names) ``path`` imports, relative ones resolved
+    inside its package; ``source`` instead of the file's text."""
+    package = path.relative_to(ROOT).with_suffix("").parts[:-1]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text() if source is None else source, str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return {name.removeprefix("metasent.") for name in names}
+
+
+def _app_modules() -> list[Path]:
+    return sorted(APP.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", _app_modules(), ids=lambda value: str(value.relative_to(ROOT)))
+def test_only_the_store_imports_sqlalchemy(path: Path) -> None:
+    if path in SQL_MODULES or (APP / "migrations") in path.parents:
+        return
+    sql = sorted(name for name in _imported_modules(path) if name.split(".")[0] == "sqlalchemy")
+    assert not sql, f"{path.relative_to(ROOT)} imports {sql}: raise or catch app.storage's exceptions instead"
+
+
+@pytest.mark.parametrize("path", _app_modules(), ids=lambda value: str(value.relative_to(ROOT)))
+def test_only_the_factory_names_the_store_implementation(path: Path) -> None:
+    if path in SQL_MODULES | STORE_USERS or (APP / "migrations") in path.parents:
+        return
+    store = sorted(name for name in _imported_modules(path) if name == "app.store" or name.startswith("app.store."))
+    assert not store, f"{path.relative_to(ROOT)} imports {store}: use app.storage (the DomainStore protocol)"
+
+
+def test_the_store_checks_catch_an_import() -> None:
+    source = "from sqlalchemy.exc import OperationalError\nfrom ..store import SqlDomainStore\nimport sqlalchemy\n"
+    names = _imported_modules(APP / "routers" / "example.py", source)
+    assert {"sqlalchemy.exc", "sqlalchemy", "app.store.SqlDomainStore"} <= names

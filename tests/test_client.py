@@ -67,6 +67,46 @@ def test_client_round_trip(client: MetasentClient) -> None:
     assert client.list_domains() == []
 
 
+# every REST operation of the app's OpenAPI document, and the client method that calls it
+CLIENT_METHODS = {
+    ("GET", "/healthz"): "health",
+    ("GET", "/readyz"): "ready",
+    ("GET", "/metrics"): "metrics",
+    ("POST", "/v1/domains"): "create_domain",
+    ("GET", "/v1/domains"): "list_domains",
+    ("GET", "/v1/domains/{domain_id}"): "get_domain",
+    ("DELETE", "/v1/domains/{domain_id}"): "delete_domain",
+    ("GET", "/v1/domains/{domain_id}/examples"): "get_examples",
+    ("PUT", "/v1/domains/{domain_id}/examples"): "update_examples",
+    ("POST", "/v1/domains/{domain_id}/classify"): "classify",
+    ("POST", "/v1/domains/{domain_id}/suggest"): "suggest",
+    ("POST", "/v1/classify"): "classify_stateless",
+}
+
+
+def test_every_rest_operation_has_a_client_method(test_client: TestClient) -> None:
+    """A new route without a client method (or a client method whose route went away) fails here."""
+    schema = test_client.get("/openapi.json").json()
+    operations = {(method.upper(), path) for path, item in schema["paths"].items() for method in item}
+    assert operations == set(CLIENT_METHODS), "add the new operation to MetasentClient and to CLIENT_METHODS"
+    for name in CLIENT_METHODS.values():
+        assert callable(getattr(MetasentClient, name, None)), f"MetasentClient has no method {name}"
+
+
+def test_client_suggest_ready_and_metrics_against_the_app(client: MetasentClient) -> None:
+    domain = client.create_domain("food", support())
+    candidates = ["a lovely meal", "awful soup", "a lovely meal", "fine bread", "cold and bland"]
+    answer = client.suggest(domain["domain_id"], candidates, k=2)
+    assert answer["domain_id"] == domain["domain_id"] and answer["method"] == "badge"
+    picked = answer["suggestions"]
+    assert len(picked) == 2 and all(candidates[s["index"]] == s["text"] for s in picked)
+    assert client.ready() == {"status": "ready", "model_loaded": True, "store_reachable": True}
+    assert metric(client.metrics(), "metasent_domains ") >= 1
+    with pytest.raises(MetasentError) as missing:
+        client.suggest("0" * 32, candidates)
+    assert missing.value.status == 404 and missing.value.code == "domain_not_found"
+
+
 def test_client_maps_errors(client: MetasentClient) -> None:
     with pytest.raises(MetasentError) as missing:
         client.get_domain("nope")

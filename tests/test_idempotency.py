@@ -18,7 +18,13 @@ from fastapi.testclient import TestClient
 
 from metasent.app.main import create_app
 from metasent.app.settings import Settings
-from metasent.app.store import DomainStore, IdempotencyKey, IdempotencyMismatchError, IdempotentReplayError
+from metasent.app.store import (
+    DomainWrite,
+    IdempotencyKey,
+    IdempotencyMismatchError,
+    IdempotentReplayError,
+    SqlDomainStore,
+)
 from tests.conftest import AdaptationGate, assert_error, request_timeout, running, support, wait_until
 
 
@@ -122,19 +128,20 @@ def test_concurrent_requests_with_one_key_make_one_domain(tiny_checkpoint: Path,
     asyncio.run(scenario())
 
 
-def _add(store: DomainStore, key: IdempotencyKey | None, tenant: str = "t1", limit: int | None = None):
+def _add(store: SqlDomainStore, key: IdempotencyKey | None, tenant: str = "t1", limit: int | None = None):
     tensors = {"head.weight": torch.ones(2, 3), "head.bias": torch.zeros(2)}
-    return store.add(tenant, "x", ("a", "b"), tensors, {}, [("good", "a"), ("bad", "b")], "h", limit, key)
+    write = DomainWrite(("a", "b"), tensors, {}, [("good", "a"), ("bad", "b")], "h")
+    return store.add(tenant, "x", write, limit=limit, idempotency=key)
 
 
 def test_two_stores_one_key_one_domain(database_url: str) -> None:
     """Two stores (two replicas) on one database, 8 threads each writing with one key."""
-    stores = [DomainStore(database_url), DomainStore(database_url)]
+    stores = [SqlDomainStore(database_url), SqlDomainStore(database_url)]
     key = IdempotencyKey("k-1", "a" * 64, 201, 3600)
     results: list[str] = []
     errors: list[BaseException] = []
 
-    def write(store: DomainStore) -> None:
+    def write(store: SqlDomainStore) -> None:
         try:
             results.append(_add(store, key).domain_id)
         except IdempotentReplayError as replay:
@@ -158,7 +165,7 @@ def test_two_stores_one_key_one_domain(database_url: str) -> None:
 
 
 def test_keys_expire(database_url: str) -> None:
-    store = DomainStore(database_url)
+    store = SqlDomainStore(database_url)
     expired = IdempotencyKey("k-2", "a" * 64, 201, 0)  # kept 0 s: expired once written
     first = _add(store, expired)
     assert store.answer("t1", expired) is None
@@ -176,11 +183,11 @@ def test_quota_holds_under_concurrent_creates(database_url: str) -> None:
     5 are stored, the rest refused (the count and the insert run under the tenant's lock)."""
     from metasent.app.store import DomainLimitError
 
-    stores = [DomainStore(database_url), DomainStore(database_url)]
+    stores = [SqlDomainStore(database_url), SqlDomainStore(database_url)]
     outcomes: list[str] = []
     start = threading.Barrier(24)
 
-    def create(store: DomainStore) -> None:
+    def create(store: SqlDomainStore) -> None:
         start.wait(timeout=30)
         try:
             _add(store, None, tenant="quota", limit=5)

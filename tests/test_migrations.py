@@ -19,7 +19,7 @@ from sqlalchemy import insert, inspect
 from typer.testing import CliRunner
 
 from metasent.app import migrations
-from metasent.app.store import Base, DomainRow, DomainStore, make_engine
+from metasent.app.store import Base, DomainRow, DomainWrite, SqlDomainStore, make_engine
 from metasent.cli import cli
 
 
@@ -53,7 +53,7 @@ def _legacy_database(url: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _assert_intact(store: DomainStore, rows: list[dict[str, Any]]) -> None:
+def _assert_intact(store: SqlDomainStore, rows: list[dict[str, Any]]) -> None:
     assert len(store) == len(rows)
     for row in rows:
         domain = store.get(row["tenant"], row["domain_id"], with_examples=True)
@@ -66,7 +66,7 @@ def _assert_intact(store: DomainStore, rows: list[dict[str, Any]]) -> None:
         assert torch.equal(tensors["head.bias"], torch.arange(2.0))
 
 
-def _revision(store: DomainStore) -> str | None:
+def _revision(store: SqlDomainStore) -> str | None:
     with store.engine.connect() as connection:
         return migrations.current(connection)
 
@@ -74,15 +74,16 @@ def _revision(store: DomainStore) -> str | None:
 def test_store_upgrades_a_database_written_before_migrations(database_url: str) -> None:
     rows = _legacy_database(database_url)
     with pytest.raises(RuntimeError, match="metasent db upgrade"):  # the server refuses an old schema
-        DomainStore(database_url, migrate=False)
-    store = DomainStore(database_url)  # stamps 0001, upgrades to head
+        SqlDomainStore(database_url, migrate=False)
+    store = SqlDomainStore(database_url)  # stamps 0001, upgrades to head
     assert _revision(store) == migrations.head() != migrations.LEGACY_REVISION
     _assert_intact(store, rows)
-    added = store.add("t1", "new", ("a", "b"), {"head.bias": torch.zeros(2)}, {}, [("x", "a"), ("y", "b")], "h")
+    write = DomainWrite(("a", "b"), {"head.bias": torch.zeros(2)}, {}, [("x", "a"), ("y", "b")], "h")
+    added = store.add("t1", "new", write)
     assert store.count("t1") == 3 and added.version == 1
     assert store.delete("t1", added.domain_id)
     store.close()
-    reopened = DomainStore(database_url, migrate=False)  # at head: opens without migrating
+    reopened = SqlDomainStore(database_url, migrate=False)  # at head: opens without migrating
     _assert_intact(reopened, rows)
     reopened.close()
 
@@ -95,7 +96,7 @@ def test_db_upgrade_command(database_url: str) -> None:
     assert f"schema revision {migrations.LEGACY_REVISION} -> {migrations.head()}" in result.output
     again = runner.invoke(cli, ["db", "upgrade", "--database-url", database_url])
     assert again.exit_code == 0 and f"{migrations.head()} -> {migrations.head()}" in again.output
-    store = DomainStore(database_url, migrate=False)
+    store = SqlDomainStore(database_url, migrate=False)
     _assert_intact(store, rows)
     store.close()
 
@@ -108,7 +109,7 @@ def test_db_upgrade_creates_an_empty_database(tmp_path: Path) -> None:
 
 
 def test_models_match_the_migrations(database_url: str) -> None:
-    store = DomainStore(database_url)
+    store = SqlDomainStore(database_url)
     with store.engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
         assert set(inspect(connection).get_table_names()) == {*Base.metadata.tables, "alembic_version"}
@@ -121,7 +122,7 @@ def test_replicas_starting_together_migrate_once(database_url: str) -> None:
 
     def open_store() -> None:
         try:
-            DomainStore(database_url).close()
+            SqlDomainStore(database_url).close()
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
@@ -131,7 +132,7 @@ def test_replicas_starting_together_migrate_once(database_url: str) -> None:
     for thread in threads:
         thread.join(timeout=60)
     assert not errors, errors
-    store = DomainStore(database_url, migrate=False)
+    store = SqlDomainStore(database_url, migrate=False)
     assert _revision(store) == migrations.head() != migrations.LEGACY_REVISION
     store.close()
 

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from metasent.app.main import create_app
 from metasent.app.settings import Settings
-from metasent.app.store import DomainStore
+from metasent.app.store import SqlDomainStore
 from tests.conftest import (
     NEGATIVE,
     POSITIVE,
@@ -158,7 +158,7 @@ def test_readyz_and_gauges_when_the_real_store_is_down(tiny_checkpoint: Path, tm
         async with running(app) as client:
             await client.post("/v1/domains", json={"name": "food", "examples": support()})
             assert (await client.get("/readyz")).status_code == 200
-            store: DomainStore = app.state.store
+            store: SqlDomainStore = app.state.store
             store.engine.dispose()
             shutil.move(tmp_path / "data", tmp_path / "moved")  # the database file is gone
             ready = await client.get("/readyz")

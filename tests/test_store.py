@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 
 from metasent.app.adaptation import refresh
 from metasent.app.main import create_app
 from metasent.app.settings import Settings
-from metasent.app.store import DomainStore, VersionConflictError
+from metasent.app.store import DomainWrite, SqlDomainStore, StoreUnavailableError, VersionConflictError
 from metasent.meta.checkpoint import model_fingerprint
 from metasent.meta.config import CheckpointConfig
 from tests.conftest import TEXTS, assert_error, assert_same_scores, stored_domains, support
@@ -188,17 +189,22 @@ def _adaptation(value: float) -> tuple[tuple[str, ...], dict[str, torch.Tensor],
     return ("a", "b"), tensors, {"steps": 1, "seconds": 0.1, "device": "cpu"}
 
 
+def _write(value: float, examples: list[tuple[str, str]], checkpoint_hash: str) -> DomainWrite:
+    """:func:`_adaptation` of ``value`` on ``examples``, adapted with ``checkpoint_hash``."""
+    return DomainWrite(*_adaptation(value), examples, checkpoint_hash)
+
+
 def test_store_cache_versions_and_ping(database_url: str) -> None:
-    store = DomainStore(database_url, cache_size=1)
+    store = SqlDomainStore(database_url, cache_size=1)
     examples = [("good", "a"), ("bad", "b")]
-    domain = store.add("t1", "x", *_adaptation(1.0), examples, "hash1")
-    other = store.add("t1", "y", *_adaptation(2.0), examples, "hash1")
+    domain = store.add("t1", "x", _write(1.0, examples, "hash1"))
+    other = store.add("t1", "y", _write(2.0, examples, "hash1"))
     assert float(store.params(domain)["head.weight"][0, 0]) == 1.0  # evicted from the cache: read back
     assert store.get("t2", domain.domain_id) is None and store.list("t2") == [] and store.count("t1") == 2
-    updated = store.replace(domain, *_adaptation(3.0), examples[:1] * 2 + examples, "hash1")
+    updated = store.replace(domain, _write(3.0, examples[:1] * 2 + examples, "hash1"))
     assert updated.version == 2 and updated.num_examples == 4
     with pytest.raises(VersionConflictError):
-        store.replace(domain, *_adaptation(4.0), examples, "hash1")  # based on version 1
+        store.replace(domain, _write(4.0, examples, "hash1"))  # based on version 1
     with pytest.raises(KeyError):
         store.params(domain)  # version 1 is gone
     assert float(store.params(updated)["head.weight"][0, 0]) == 3.0
@@ -208,7 +214,7 @@ def test_store_cache_versions_and_ping(database_url: str) -> None:
     assert len(store) == 1
     store.ping()
     store.close()
-    reopened = DomainStore(database_url)
+    reopened = SqlDomainStore(database_url)
     assert float(reopened.params(updated)["head.weight"][0, 0]) == 3.0
     if reopened.engine.dialect.name != "sqlite":
         return
@@ -217,13 +223,24 @@ def test_store_cache_versions_and_ping(database_url: str) -> None:
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
 
 
-def test_ping_raises_when_the_database_is_unreachable(tmp_path: Path) -> None:
-    store = DomainStore(f"sqlite:///{tmp_path / 'gone' / 'db.sqlite'}")
+def test_an_unreachable_database_raises_store_unavailable(tmp_path: Path) -> None:
+    """The store's own exception, with SQLAlchemy's error as its cause: nothing outside the store
+    catches SQLAlchemy's (app.errors maps StoreUnavailableError to 503)."""
+    store = SqlDomainStore(f"sqlite:///{tmp_path / 'gone' / 'db.sqlite'}")
     store.ping()
     store.engine.dispose()
     shutil.rmtree(tmp_path / "gone")
-    with pytest.raises(Exception, match="unable to open database"):
-        store.ping()
+    calls = [
+        store.ping,
+        lambda: len(store),
+        lambda: store.count("t1"),
+        lambda: store.list("t1"),
+        lambda: store.stale("h"),
+    ]
+    for call in calls:
+        with pytest.raises(StoreUnavailableError, match="unable to open database") as raised:
+            call()
+        assert isinstance(raised.value.__cause__, OperationalError)
 
 
 def test_model_fingerprint(tiny_checkpoint: Path, modified_checkpoint: Path, tmp_path: Path) -> None:
@@ -242,13 +259,13 @@ def test_concurrent_writers_never_fail(database_url: str) -> None:
     """Writers that read first (count, get) must not hit 'database is locked' (SQLite) or deadlock."""
     from concurrent.futures import ThreadPoolExecutor
 
-    store = DomainStore(database_url)
+    store = SqlDomainStore(database_url)
     examples = [("good", "a"), ("bad", "b")]
 
     def work(i: int) -> None:
         for _ in range(15):
-            domain = store.add(f"t{i % 2}", "x", *_adaptation(float(i)), examples, "h", limit=1000)
-            store.replace(domain, *_adaptation(1.0), examples, "h")
+            domain = store.add(f"t{i % 2}", "x", _write(float(i), examples, "h"), limit=1000)
+            store.replace(domain, _write(1.0, examples, "h"))
             assert store.delete(domain.tenant, domain.domain_id)
 
     with ThreadPoolExecutor(8) as pool:
@@ -280,14 +297,14 @@ def test_readaptation_never_returns_another_checkpoints_tensors(database_url: st
     """Two replicas on different checkpoints share a store: a write of replica A (on checkpoint
     hash-a) that lands while replica B re-adapts makes B read the domain again and re-adapt it
     on its own checkpoint; B never returns a domain whose stored tensors A adapted."""
-    store = DomainStore(database_url)
+    store = SqlDomainStore(database_url)
     examples = [("good", "a"), ("bad", "b")]
-    domain = store.add("t1", "x", *_adaptation(1.0), examples, "hash-a")
+    domain = store.add("t1", "x", _write(1.0, examples, "hash-a"))
 
     def put_on_a() -> bool:  # replica A stores a new support set (version 2) on its checkpoint
         current = store.get("t1", domain.domain_id)
         assert current is not None
-        store.replace(current, *_adaptation(5.0), [*examples, ("fine", "a")], "hash-a")
+        store.replace(current, _write(5.0, [*examples, ("fine", "a")], "hash-a"))
         return False
 
     replica_b = _Checkpoint("hash-b", 2.0, during=put_on_a)
@@ -304,12 +321,12 @@ def test_readaptation_never_returns_another_checkpoints_tensors(database_url: st
         current = store.get("t1", domain.domain_id)
         assert current is not None
         other = "hash-a" if current.checkpoint_hash != "hash-a" else "hash-c"
-        store.replace(current, *_adaptation(1.0), [*examples, ("fine", "a")], other, bump_version=False)
+        store.replace(current, _write(1.0, [*examples, ("fine", "a")], other), bump_version=False)
         return True
 
     stale = store.get("t1", domain.domain_id)
     assert stale is not None
-    store.replace(stale, *_adaptation(1.0), [*examples, ("fine", "a")], "hash-a", bump_version=False)
+    store.replace(stale, _write(1.0, [*examples, ("fine", "a")], "hash-a"), bump_version=False)
     busy_b = _Checkpoint("hash-b", 2.0, during=readapt_on_a)
     with pytest.raises(VersionConflictError):
         refresh(busy_b, store, store.get("t1", domain.domain_id))  # type: ignore[arg-type]

@@ -7,14 +7,17 @@ import asyncio
 import hashlib
 import json
 import re
-from typing import Annotated, Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from ..adaptation import Examples, adapt_queued, predictions, refresh_queued
+from .. import domains as domain_writes
+from ..adaptation import Examples, predictions, refresh_queued
 from ..auth import require_tenant
 from ..dependencies import AdaptQueueDep, BatcherDep, CharBudgetDep, ServiceDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
@@ -35,12 +38,12 @@ from ..schemas import (
 )
 from ..service import AdaptedState, ModelService
 from ..settings import Settings
-from ..store import (
+from ..storage import (
     DomainLimitError,
+    DomainNotFoundError,
     DomainStore,
     IdempotencyKey,
     IdempotencyMismatchError,
-    IdempotentReplayError,
     StoredDomain,
     VersionConflictError,
 )
@@ -86,7 +89,6 @@ def _too_many_domains(limit: int) -> ApiError:
     )
 
 
-_DOMAIN_ID = re.compile(r"[0-9a-f]{32}")  # every id is uuid4().hex
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as an HTTP token
 IdempotencyHeader = Annotated[
@@ -130,12 +132,12 @@ def _key_reused() -> ApiError:
     )
 
 
-def _replayed(answer_status: int, body: dict[str, Any]) -> JSONResponse:
+def _replayed(replay: domain_writes.Replay) -> JSONResponse:
     """The stored answer of an idempotent write, again."""
     headers = {"Idempotent-Replayed": "true"}
-    if answer_status == status.HTTP_201_CREATED:
-        headers["Location"] = f"/v1/domains/{body['domain_id']}"
-    return JSONResponse(body, status_code=answer_status, headers=headers)
+    if replay.status == status.HTTP_201_CREATED:
+        headers["Location"] = f"/v1/domains/{replay.body['domain_id']}"
+    return JSONResponse(replay.body, status_code=replay.status, headers=headers)
 
 
 def _answered_domain_deleted(domain_id: str) -> ApiError:
@@ -148,34 +150,26 @@ def _answered_domain_deleted(domain_id: str) -> ApiError:
     )
 
 
-async def _stored_answer(store: DomainStore, tenant: str, key: IdempotencyKey | None) -> JSONResponse | None:
-    """The stored answer of ``key``'s earlier write, or ``None`` (no key, or not used yet).
-
-    Raises:
-        ApiError: 422 when the key was used with another request; 409 when the domain the answer
-            names was deleted since (a replay never hands out a deleted domain's id).
-    """
-    if key is None:
-        return None
+@contextmanager
+def _store_errors(domain_id: str | None = None, expected: int | None = None, limit: int = 0) -> Iterator[None]:
+    """The store's and the domain writes' (:mod:`app.domains`) exceptions as HTTP answers."""
     try:
-        answer = await run_in_threadpool(store.answer, tenant, key)
+        yield
+    except DomainNotFoundError:
+        raise _not_found(domain_id or "") from None
+    except VersionConflictError as error:
+        raise _conflict(domain_id or "", error.current, expected) from None
+    except DomainLimitError:
+        raise _too_many_domains(limit) from None
     except IdempotencyMismatchError:
         raise _key_reused() from None
-    if answer is None:
-        return None
-    domain_id = answer[1].get("domain_id")
-    if isinstance(domain_id, str) and await run_in_threadpool(store.get, tenant, domain_id) is None:
-        raise _answered_domain_deleted(domain_id)
-    return _replayed(*answer)
+    except domain_writes.AnsweredDomainDeletedError as error:
+        raise _answered_domain_deleted(error.domain_id) from None
 
 
 async def _require(store: DomainStore, tenant: str, domain_id: str, with_examples: bool = False) -> StoredDomain:
-    if not _DOMAIN_ID.fullmatch(domain_id):  # never sent to the database
-        raise _not_found(domain_id)
-    domain = await run_in_threadpool(store.get, tenant, domain_id, with_examples)
-    if domain is None:
-        raise _not_found(domain_id)
-    return domain
+    with _store_errors(domain_id):
+        return await domain_writes.require(store, tenant, domain_id, with_examples)
 
 
 async def _fresh(
@@ -192,7 +186,7 @@ async def _fresh(
     domain = await _require(store, tenant, domain_id, with_examples)
     try:
         return await refresh_queued(queue, service, store, domain)
-    except KeyError:
+    except DomainNotFoundError:
         raise _not_found(domain_id) from None
     except VersionConflictError as error:
         raise _conflict(domain_id, error.current, None) from None
@@ -212,7 +206,7 @@ async def _with_state(
         domain = await _fresh(service, store, queue, tenant, domain_id, with_examples)
         try:
             tensors = await run_in_threadpool(store.params, domain)
-        except KeyError:
+        except DomainNotFoundError:
             continue
         return domain, service.state(tensors, domain.labels)
     raise _conflict(domain_id, domain.version, None)
@@ -238,34 +232,19 @@ async def create_domain(
     ``adaptation.steps`` says how many ran), and store the domain with its support set. With an
     ``Idempotency-Key``, a retry gets the first answer and creates nothing."""
     key = _idempotency(idempotency_key, "POST", "/v1/domains", body, status.HTTP_201_CREATED, settings)
-    if (replay := await _stored_answer(store, tenant, key)) is not None:
-        return replay
-    check_limit(len(body.examples), settings.max_examples, "examples", "MAX_EXAMPLES")
-    check_text_lengths(body.examples, settings.max_text_chars)
+
+    def support_set() -> Examples:
+        check_limit(len(body.examples), settings.max_examples, "examples", "MAX_EXAMPLES")
+        check_text_lengths(body.examples, settings.max_text_chars)
+        return pairs(body.examples)
+
     limit = settings.max_domains_per_tenant
-    if await run_in_threadpool(store.count, tenant) >= limit:
-        raise _too_many_domains(limit)
-    examples = pairs(body.examples)
-    state = await adapt_queued(adapt_queue, service, examples)  # 429 when the queue is full
-    try:
-        domain = await run_in_threadpool(
-            store.add,
-            tenant,
-            body.name,
-            state.labels,
-            state.to_tensors(),
-            service.info(state, [label for _, label in examples]),
-            examples,
-            service.checkpoint_hash,
-            limit,
-            key,
-        )
-    except DomainLimitError:
-        raise _too_many_domains(limit) from None
-    except IdempotentReplayError as stored:  # a concurrent request with the same key won
-        return _replayed(stored.status, stored.body)
-    except IdempotencyMismatchError:
-        raise _key_reused() from None
+    with _store_errors(limit=limit):
+        domain = await domain_writes.create(
+            service, store, adapt_queue, tenant, body.name, support_set, limit=limit, key=key
+        )  # 429 when the adaptation queue is full
+    if isinstance(domain, domain_writes.Replay):
+        return _replayed(domain)
     response.headers["Location"] = f"/v1/domains/{domain.domain_id}"
     return _public(domain, service)
 
@@ -329,40 +308,26 @@ async def update_examples(
     ``Idempotency-Key``, a retry gets the first answer and changes nothing."""
     path = f"/v1/domains/{domain_id}/examples"
     key = _idempotency(idempotency_key, "PUT", path, body, status.HTTP_200_OK, settings)
-    if (replay := await _stored_answer(store, tenant, key)) is not None:
-        return replay
-    domain = await _require(store, tenant, domain_id, with_examples=True)
-    if body.expected_version is not None and body.expected_version != domain.version:
-        raise _conflict(domain_id, domain.version, body.expected_version)
-    examples = _merged(domain, body, settings)
-    state = await adapt_queued(adapt_queue, service, examples)  # 429 when the queue is full
-    try:
-        stored = await run_in_threadpool(
-            store.replace,
-            domain,
-            state.labels,
-            state.to_tensors(),
-            service.info(state, [label for _, label in examples]),
-            examples,
-            service.checkpoint_hash,
-            True,
-            key,
-        )
-    except IdempotentReplayError as stored_answer:  # a concurrent request with the same key won
-        return _replayed(stored_answer.status, stored_answer.body)
-    except IdempotencyMismatchError:
-        raise _key_reused() from None
-    except VersionConflictError as error:
-        raise _conflict(domain_id, error.current, body.expected_version) from None
-    except KeyError:
-        raise _not_found(domain_id) from None
+    with _store_errors(domain_id, body.expected_version):
+        stored = await domain_writes.update(
+            service,
+            store,
+            adapt_queue,
+            tenant,
+            domain_id,
+            lambda domain: _merged(domain, body, settings),
+            expected_version=body.expected_version,
+            key=key,
+        )  # 429 when the adaptation queue is full
+    if isinstance(stored, domain_writes.Replay):
+        return _replayed(stored)
     return _public(stored, service)
 
 
 @router.delete("/{domain_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_NOT_FOUND)
 async def delete_domain(domain_id: str, store: StoreDep, tenant: TenantDep) -> Response:
     """Forget a domain, its support set and its adapted parameters."""
-    if not _DOMAIN_ID.fullmatch(domain_id) or not await run_in_threadpool(store.delete, tenant, domain_id):
+    if not domain_writes.DOMAIN_ID.fullmatch(domain_id) or not await run_in_threadpool(store.delete, tenant, domain_id):
         raise _not_found(domain_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

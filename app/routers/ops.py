@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from ..schemas import Readiness
-from ..store import DomainStore
+from ..storage import DomainStore
 
 router = APIRouter(tags=["operations"])
 logger = logging.getLogger(__name__)

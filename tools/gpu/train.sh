@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Meta-train the shipped model's recipe on a lent GPU in one call, and measure it there.
 #
-# Runs on the device machine from the repository root, with the folder that scripts/gpu/prepare.sh
+# Runs on the device machine from the repository root, with the folder that tools/gpu/prepare.sh
 # built carried along (device tool: carry [".gpu"], timeout_s 590):
-#   bash scripts/gpu/train.sh
+#   bash tools/gpu/train.sh
 # It installs the carried wheels (no network there), unpacks the data, then runs the model card's
 # two stages with longer budgets than this 2-core CPU allows:
 #   1. matching networks over LoRA adapters (FOMAML's query loss with no inner step),

@@ -6,7 +6,7 @@ failure's stderr is kept in ``--output``/failure_<i>.log (with ``PYTHONFAULTHAND
 rank that aborts prints its Python stack). It is the reproduction behind the README's "Known
 issue" under "Distributed meta-training" (pytorch/gloo#155).
 
-    .venv/bin/python scripts/torchrun_exit_loop.py --runs 200 --load 2 --output runs/torchrun_exit
+    .venv/bin/python tools/torchrun_exit_loop.py --runs 200 --load 2 --output runs/torchrun_exit
 """
 
 from __future__ import annotations

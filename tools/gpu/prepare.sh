@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the folder a lent GPU machine needs to meta-train the shipped model (scripts/gpu/train.sh):
+# Build the folder a lent GPU machine needs to meta-train the shipped model (tools/gpu/train.sh):
 # that machine reaches no network and gets the repository's working tree plus at most 64 MiB of
 # carried, git-ignored paths. Into .gpu/ (or $1) this writes:
 #   arsc.tar.xz     the ARSC files training, validation and `metasent speed` read (no test
@@ -11,7 +11,7 @@
 #                   and typer and peft, at the versions installed here (the tested ones),
 #                   built for CPython 3.12 on x86-64 Linux, the image's Python (metasent itself runs
 #                   from the checkout that travels)
-# Usage, from the repository root: bash scripts/gpu/prepare.sh [DIR]   (DATA=../shared/data)
+# Usage, from the repository root: bash tools/gpu/prepare.sh [DIR]   (DATA=../shared/data)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dest=${1:-.gpu}
