@@ -421,14 +421,26 @@ def test_benchmark_names_an_unknown_budget_or_method() -> None:
         assert result.exit_code == 2 and message in flat(result.output), result.output
 
 
-def test_train_adds_the_extra_data_domains_to_meta_training_only(monkeypatch, tmp_path: Path) -> None:
+@pytest.fixture
+def seen_tasks(monkeypatch) -> list:
+    """The (training, validation) tasks each ``metasent train`` run hands to meta-training, which
+    is replaced by a recorder."""
     import metasent.meta.train
 
     seen: list = []
     monkeypatch.setattr(
         metasent.meta.train, "meta_train", lambda model, tr, va, config, *rest: seen.append((tr, va)) or config
     )
+    return seen
+
+
+def _train_args(tmp_path: Path) -> list[str]:
     data, encoder = write_arsc_like(tmp_path / "arsc"), save_tiny_encoder(tmp_path / "encoder")
+    return ["train", "--data", str(data), "--encoder", str(encoder), "--device", "cpu", "--output", str(tmp_path / "r")]
+
+
+def test_train_adds_the_extra_data_domains_to_meta_training_only(seen_tasks: list, tmp_path: Path) -> None:
+    seen = seen_tasks
     extra = tmp_path / "reviews"
     extra.mkdir()
     rows = [{"text": t, "label": "positive", "domain": "tea"} for t in POSITIVE[:4]]
@@ -436,7 +448,7 @@ def test_train_adds_the_extra_data_domains_to_meta_training_only(monkeypatch, tm
     rows += [{"text": t, "label": "negative", "domain": "snacks"} for t in NEGATIVE[4:6]]  # a held-out domain
     rows += [{"text": t, "label": "positive", "domain": "snacks"} for t in POSITIVE[4:6]]
     (extra / "tea.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    args = ["train", "--data", str(data), "--encoder", str(encoder), "--device", "cpu", "--output", str(tmp_path / "r")]
+    args = _train_args(tmp_path)
     args += ["--exclude-domains", "snacks", "--val-domains", "drinks"]
     result = runner.invoke(cli, [*args, "--extra-data", str(extra)])
     assert result.exit_code == 0, result.output
@@ -447,14 +459,8 @@ def test_train_adds_the_extra_data_domains_to_meta_training_only(monkeypatch, tm
     assert missing.exit_code == 2 and "--extra-data" in flat(missing.output) and "nowhere" in flat(missing.output)
 
 
-def test_a_domain_of_the_extra_data_can_be_held_out_whole_as_validation(monkeypatch, tmp_path: Path) -> None:
-    import metasent.meta.train
-
-    seen: list = []
-    monkeypatch.setattr(
-        metasent.meta.train, "meta_train", lambda model, tr, va, config, *rest: seen.append((tr, va)) or config
-    )
-    data, encoder = write_arsc_like(tmp_path / "arsc"), save_tiny_encoder(tmp_path / "encoder")
+def test_a_domain_of_the_extra_data_can_be_held_out_whole_as_validation(seen_tasks: list, tmp_path: Path) -> None:
+    seen = seen_tasks
     extra = tmp_path / "reviews_zh"
     extra.mkdir()
     for domain, texts in (("tea_zh", ["好喝", "难喝", "很香", "太苦"]), ("hotels_zh", ["干净", "很脏", "舒适"])):
@@ -463,7 +469,7 @@ def test_a_domain_of_the_extra_data_can_be_held_out_whole_as_validation(monkeypa
             for i, t in enumerate(texts)
         ]
         (extra / f"{domain}.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
-    args = ["train", "--data", str(data), "--encoder", str(encoder), "--device", "cpu", "--output", str(tmp_path / "r")]
+    args = _train_args(tmp_path)
     result = runner.invoke(cli, [*args, "--extra-data", str(extra), "--val-domains", "drinks,hotels_zh"])
     assert result.exit_code == 0, result.output
     ((train_tasks, val_tasks),) = seen
